@@ -1,0 +1,63 @@
+"""What differs between model families, as data: where each part of the network lives.
+
+The method code (fuse, calibrate, rotate) only ever asks an adapter for module paths; it never tests a
+model type. A family is one `ModelAdapter` value in its own file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One residual connection of a block: `x + f(norm(x))`.
+
+    `reads` maps each norm that reads the connection's input to the linear layers that read that norm's
+    output (paths relative to the block). `writes` lists the linear layers whose outputs are added to
+    the residual stream; the first one carries the shortcut matrix. A sequential block (attention,
+    then MLP) has two connections; a parallel block (Phi-2, GPT-NeoX) has one, read by all its norms.
+    """
+
+    reads: dict[str, tuple[str, ...]]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Where the parts of one model family are, by `transformers` attribute path.
+
+    `embeddings` are the modules whose outputs are summed into the residual stream before the first
+    block (token and learned position embeddings); `norm_kind` is "rms", "layer" (LayerNorm: the stream
+    is mean-centred before fusing) or "rms_plus_one" (Gemma: the scale is 1 + weight).
+    `unsupported` returns why a particular config of the family cannot be sliced, or None.
+    """
+
+    family: str
+    architectures: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    blocks: str
+    residuals: tuple[Residual, ...]
+    final_norm: str
+    head: str
+    norm_kind: str = "rms"
+    unsupported: Callable[[Any], str | None] = field(default=lambda config: None)
+
+    @property
+    def parallel(self) -> bool:
+        return len(self.residuals) == 1
+
+    def module_map(self) -> dict[str, Any]:
+        """The paths, in the JSON form stored in a sliced model's config."""
+        return {
+            "embeddings": list(self.embeddings),
+            "blocks": self.blocks,
+            "residuals": [
+                {"reads": {norm: list(readers) for norm, readers in r.reads.items()}, "writes": list(r.writes)}
+                for r in self.residuals
+            ],
+            "final_norm": self.final_norm,
+            "head": self.head,
+        }

@@ -1,0 +1,161 @@
+"""Step 2 of the method: the calibration signal entering each norm, and its principal components.
+
+The stream entering block 0 is captured once; each block is then run on the stream that the already
+sliced blocks before it produce, so its PCA sees what the sliced model will really feed it. Blocks run
+with their fused, not yet rotated, weights on the stream mapped back to original coordinates (the
+same function as the rotated block on sliced coordinates); where a block has an inner residual
+connection, the stream there is projected onto the kept components in place, as slicing will do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmslice.adapters import ModelAdapter
+from lmslice.modeling import get_module
+
+
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+@dataclass
+class BlockInput:
+    """One calibration batch as the blocks receive it."""
+
+    hidden: torch.Tensor  # (batch, tokens, width), coordinates in the current basis
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    mask: torch.Tensor  # (batch, tokens), True for real tokens
+
+
+class Covariance:
+    """C = Σ xᵀx over non-padding tokens, accumulated in float64 with one matmul per batch."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.matrix = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        rows = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).to(hidden.device)].to(torch.float64)
+        self.matrix.addmm_(rows.T, rows)
+        self.tokens += rows.shape[0]
+
+    def principal_components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending, per token) and the matching eigenvectors as columns."""
+        matrix = self.matrix / max(self.tokens, 1)
+        damping = 0.01 * matrix.diagonal().mean()
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix + damping * torch.eye(len(matrix), dtype=matrix.dtype,
+                                                                                  device=matrix.device))
+        order = torch.argsort(eigenvalues, descending=True)
+        return eigenvalues[order] - damping, eigenvectors[:, order]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, adapter: ModelAdapter,
+                         batches: Iterable[dict[str, torch.Tensor]]) -> list[BlockInput]:
+    """Runs the model up to its first block on every batch and keeps what that block receives."""
+    first_block = get_module(model, adapter.blocks)[0]
+    device = next(model.parameters()).device
+    captured: list[BlockInput] = []
+    mask_of_batch: list[torch.Tensor] = []
+
+    def keep_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(BlockInput(hidden, tuple(args[1:]), kwargs, mask_of_batch[-1]))
+        raise StopForward
+
+    handle = first_block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    try:
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask", torch.ones_like(input_ids)).to(device)
+            mask_of_batch.append(mask.bool())
+            try:
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, stream: BlockInput, hidden: torch.Tensor) -> torch.Tensor:
+    out = block(hidden, *stream.args, **stream.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockSignals:
+    """The principal bases of one block: one per residual connection inside it, and of its output."""
+
+    inner: list[tuple[torch.Tensor, torch.Tensor]]  # (eigenvalues, eigenvectors) per inner connection
+    output: tuple[torch.Tensor, torch.Tensor]
+    outputs: list[torch.Tensor]  # block outputs in original coordinates, one per batch
+
+
+@torch.no_grad()
+def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockInput], basis_in: torch.Tensor,
+                  width: int, progress: Callable[[], None] = lambda: None) -> BlockSignals:
+    """PCA of the signals of one block fed the sliced stream.
+
+    `basis_in` (D x width) maps the stream's coordinates back to original ones. Connection k > 0 of a
+    sequential block is fed by connection k - 1 whose output is already sliced: its PCA is taken with
+    the stream at the earlier norms projected onto their kept components.
+    """
+    dim = basis_in.shape[0]
+    device, dtype = basis_in.device, streams[0].hidden.dtype
+    up = basis_in.T.to(dtype)
+    norms = [get_module(block, next(iter(residual.reads))) for residual in adapter.residuals[1:]]
+    projections: list[torch.Tensor] = []
+    inner: list[tuple[torch.Tensor, torch.Tensor]] = []
+    mask = streams[0].mask
+
+    def project(module: nn.Module, args: tuple[Any, ...]) -> None:
+        hidden = args[0]
+        projection = projections[norms.index(module)]
+        hidden.copy_(hidden @ projection)
+
+    def accumulate_and_stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+        covariance.add(args[0], mask)
+        raise StopForward
+
+    for norm in norms:
+        covariance = Covariance(dim, device)
+        handles = [n.register_forward_pre_hook(project) for n in norms[: len(projections)]]
+        handles.append(norm.register_forward_pre_hook(accumulate_and_stop))
+        try:
+            for stream in streams:
+                mask = stream.mask
+                try:
+                    run_block(block, stream, stream.hidden @ up)
+                except StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        eigenvalues, eigenvectors = covariance.principal_components()
+        inner.append((eigenvalues, eigenvectors))
+        kept = eigenvectors[:, :width].to(dtype)
+        projections.append(kept @ kept.T)
+        progress()
+
+    covariance = Covariance(dim, device)
+    outputs = []
+    handles = [n.register_forward_pre_hook(project) for n in norms]
+    try:
+        for stream in streams:
+            out = run_block(block, stream, stream.hidden @ up)
+            covariance.add(out, stream.mask)
+            outputs.append(out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    progress()
+    return BlockSignals(inner, covariance.principal_components(), outputs)

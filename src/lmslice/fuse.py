@@ -1,0 +1,110 @@
+"""Step 1 of the method: make the network computationally invariant to rotations of its residual stream.
+
+Untie the embeddings from the head (they will get different rotations), fold each norm's scale and
+shift into the linear layers that read it, and, for LayerNorm families, mean-centre everything written
+to the residual stream so each LayerNorm becomes an RMSNorm. The model computes the same function
+afterwards; `tests/test_invariance.py` holds it to that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmslice.adapters import ModelAdapter
+from lmslice.modeling import SlicedRMSNorm, get_module, set_module
+
+
+def untie_embeddings(model: nn.Module, adapter: ModelAdapter) -> None:
+    head = get_module(model, adapter.head)
+    for path in adapter.embeddings:
+        if get_module(model, path).weight is head.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_config = model.config.get_text_config()
+    if text_config is not model.config:
+        text_config.tie_word_embeddings = False
+
+
+def norm_eps(norm: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise TypeError(f"cannot find the epsilon of {type(norm).__name__}")
+
+
+def norm_affine(norm: nn.Module, norm_kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The norm's elementwise scale and shift (None where the norm has none)."""
+    scale = getattr(norm, "weight", None)
+    shift = getattr(norm, "bias", None)
+    if scale is not None and norm_kind == "rms_plus_one":
+        scale = 1 + scale
+    return scale, shift
+
+
+@torch.no_grad()
+def absorb_affine(linear: nn.Linear, scale: torch.Tensor | None, shift: torch.Tensor | None) -> bool:
+    """Rewrites `linear(norm(x) * scale + shift)` as `linear'(norm(x))`. Returns True if a bias was added."""
+    weight = linear.weight.data.double()
+    added_bias = False
+    if shift is not None:
+        bias_update = weight @ shift.double()
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros_like(bias_update, dtype=linear.weight.dtype))
+            added_bias = True
+        linear.bias.data = (linear.bias.data.double() + bias_update).to(linear.bias.dtype)
+    if scale is not None:
+        linear.weight.data = (weight * scale.double()).to(linear.weight.dtype)
+    return added_bias
+
+
+@torch.no_grad()
+def centre_output(module: nn.Module) -> None:
+    """Makes the module's contribution to the residual stream zero-mean over the hidden dimension."""
+    if isinstance(module, nn.Embedding):
+        weight = module.weight.data.double()
+        module.weight.data = (weight - weight.mean(dim=1, keepdim=True)).to(module.weight.dtype)
+        return
+    weight = module.weight.data.double()
+    module.weight.data = (weight - weight.mean(dim=0, keepdim=True)).to(module.weight.dtype)
+    if module.bias is not None:
+        bias = module.bias.data.double()
+        module.bias.data = (bias - bias.mean()).to(module.bias.dtype)
+
+
+def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> tuple[float, list[str]]:
+    """Folds every norm into its readers and replaces it by a weightless RMSNorm.
+
+    Returns the norm epsilon and the paths of linear layers that gained a bias (LayerNorm shifts read
+    by bias-free layers), which a reloaded model must recreate.
+    """
+    untie_embeddings(model, adapter)
+    blocks = get_module(model, adapter.blocks)
+    if adapter.norm_kind == "layer":
+        for path in adapter.embeddings:
+            centre_output(get_module(model, path))
+        for block in blocks:
+            for residual in adapter.residuals:
+                for path in residual.writes:
+                    centre_output(get_module(block, path))
+
+    final_norm = get_module(model, adapter.final_norm)
+    eps = norm_eps(final_norm)
+    hidden = final_norm.weight.shape[0] if getattr(final_norm, "weight", None) is not None else None
+    added_biases: list[str] = []
+
+    def fold(root: nn.Module, prefix: str, norm_path: str, readers: tuple[str, ...]) -> None:
+        norm = get_module(root, norm_path)
+        scale, shift = norm_affine(norm, adapter.norm_kind)
+        for reader in readers:
+            if absorb_affine(get_module(root, reader), scale, shift):
+                added_biases.append(prefix + reader)
+        width = hidden if hidden is not None else get_module(root, readers[0]).in_features
+        set_module(root, norm_path, SlicedRMSNorm(width, norm_eps(norm), width))
+
+    for index, block in enumerate(blocks):
+        for residual in adapter.residuals:
+            for norm_path, readers in residual.reads.items():
+                fold(block, f"{adapter.blocks}.{index}.", norm_path, readers)
+    fold(model, "", adapter.final_norm, (adapter.head,))
+    return eps, added_biases

@@ -1,0 +1,225 @@
+"""The structure of a sliced model, in terms any `transformers` model already has.
+
+A sliced model is its base architecture (say `LlamaForCausalLM`) with three changes:
+
+* every norm is a weightless RMSNorm (its scale and shift were fused into the linear layers that read
+  it) that still divides by the *original* width, so deleting small principal components does not
+  rescale the signal;
+* every matrix that reads or writes the residual stream is narrower: D' instead of D on that side;
+* each residual connection carries a D'xD' matrix S = Q_inᵀ Q_out (the paper's shortcut), because the
+  blocks on either side of it are rotated by different Q.
+
+The base block's `forward` computes `residual + sublayer(norm(residual))`. Rather than copying that
+forward to insert `residual @ S`, the norm hands its input to the sublayer's output projection through a
+`ResidualChannel`, and the projection adds `residual @ (S - I)`; the block's own `+ residual` completes
+`residual @ S`. The forward code of `transformers` is used unchanged, so this keeps working as it
+evolves.
+
+This file imports only torch and transformers: it is copied next to every saved model as
+`modeling_lmslice.py`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads
+sliced models without lmslice installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualChannel:
+    """Carries the residual stream from a norm to the projection that closes its residual connection.
+
+    Not a module: it holds no weights and must not appear twice in the module tree.
+    """
+
+    def __init__(self) -> None:
+        self.residual: torch.Tensor | None = None
+        self.tail: torch.Tensor | None = None
+
+    def take_residual(self) -> torch.Tensor:
+        residual, self.residual = self.residual, None
+        if residual is None:
+            raise RuntimeError("shortcut projection called before the norm that feeds it")
+        return residual
+
+    def take_tail(self) -> torch.Tensor | None:
+        tail, self.tail = self.tail, None
+        return tail
+
+
+class SlicedRMSNorm(nn.Module):
+    """Weightless RMSNorm over `width` features that normalises as if the signal had `norm_dim`."""
+
+    def __init__(self, width: int, eps: float, norm_dim: int) -> None:
+        super().__init__()
+        self.width = width
+        self.eps = eps
+        self.norm_dim = norm_dim
+        self.channel: ResidualChannel | None = None
+        self.widening: ResidualChannel | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.channel is not None:
+            self.channel.residual = hidden_states
+        if self.widening is not None:
+            tail = self.widening.take_tail()
+            if tail is not None:
+                hidden_states = torch.cat([hidden_states, tail.to(hidden_states.device)], dim=-1)
+        compute_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        x = hidden_states.to(compute_dtype)
+        mean_square = x.pow(2).sum(-1, keepdim=True) / self.norm_dim
+        return (x * torch.rsqrt(mean_square + self.eps)).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, eps={self.eps}, norm_dim={self.norm_dim}"
+
+
+class ShortcutLinear(nn.Linear):
+    """A block's output projection that also applies the residual connection's rotation.
+
+    Returns `linear(h) + residual @ (S - I)`; the block then adds `residual`. When this projection
+    writes more features than the residual stream has (the last block when the head keeps its full
+    width), the surplus goes to the final norm through `widening`. A subclass of `nn.Linear`, so
+    tools that adapt linear layers (PEFT's LoRA) treat it as one.
+    """
+
+    def __init__(self, linear: nn.Linear, residual_width: int, channel: ResidualChannel) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.residual_width = residual_width
+        self.channel = channel
+        self.widening: ResidualChannel | None = None
+        self.shortcut_minus_identity = nn.Parameter(
+            linear.weight.new_zeros(residual_width, linear.out_features), requires_grad=linear.weight.requires_grad
+        )
+
+    def set_shortcut(self, shortcut: torch.Tensor) -> None:
+        """Stores S (residual_width x out_features) as S - [I 0]."""
+        delta = shortcut.to(self.shortcut_minus_identity).clone()
+        delta.diagonal().sub_(1)
+        self.shortcut_minus_identity.data = delta
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = self.channel.take_residual()
+        out = F.linear(hidden_states, self.weight, self.bias)
+        out = out + residual @ self.shortcut_minus_identity
+        if self.widening is None:
+            return out
+        self.widening.tail = out[..., self.residual_width:]
+        return out[..., : self.residual_width]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, residual_width={self.residual_width}"
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(root, parent_path), name, module)
+
+
+def resize_linear(linear: nn.Module, in_features: int | None = None, out_features: int | None = None) -> None:
+    """Gives `linear` new, uninitialised sizes in place, keeping its class (works on meta tensors too)."""
+    weight = linear.weight
+    rows = out_features if out_features is not None else weight.shape[0]
+    cols = in_features if in_features is not None else weight.shape[1]
+    if (rows, cols) == tuple(weight.shape):
+        return
+    linear.weight = nn.Parameter(weight.new_empty(rows, cols), requires_grad=weight.requires_grad)
+    if getattr(linear, "bias", None) is not None and linear.bias.shape[0] != rows:
+        linear.bias = nn.Parameter(linear.bias.new_empty(rows), requires_grad=linear.bias.requires_grad)
+    if hasattr(linear, "in_features"):
+        linear.in_features, linear.out_features = cols, rows
+
+
+def resize_embedding(embedding: nn.Embedding, width: int) -> None:
+    weight = embedding.weight
+    if weight.shape[1] == width:
+        return
+    embedding.weight = nn.Parameter(weight.new_empty(weight.shape[0], width), requires_grad=weight.requires_grad)
+    embedding.embedding_dim = width
+
+
+def apply_layout(model: nn.Module, layout: dict[str, Any]) -> None:
+    """Turns a freshly built base model into the sliced structure described by `layout`.
+
+    `layout` is what `lmslice` writes under `"lmslice"` in `config.json`: where the parts are
+    (`"modules"`), the original width (`"hidden_size"`), the residual width (`"width"`), the width the
+    head reads (`"head_width"`), the norm epsilon (`"eps"`) and the linear layers that gained a bias
+    when LayerNorm shifts were folded into them (`"added_biases"`). The weights are left uninitialised:
+    they come from the checkpoint.
+    """
+    modules = layout["modules"]
+    hidden, width, head_width, eps = layout["hidden_size"], layout["width"], layout["head_width"], layout["eps"]
+    for path in layout.get("added_biases", []):
+        linear = get_module(model, path)
+        linear.bias = nn.Parameter(linear.weight.new_empty(linear.weight.shape[0]))
+    for path in modules["embeddings"]:
+        resize_embedding(get_module(model, path), width)
+    blocks = get_module(model, modules["blocks"])
+    for index, block in enumerate(blocks):
+        out_width = head_width if index == len(blocks) - 1 else width
+        install_block(block, modules, width, out_width, hidden, eps)
+    resize_linear(get_module(model, modules["head"]), in_features=head_width)
+    install_final_norm(model, modules, width, head_width, hidden, eps)
+
+
+def install_final_norm(model: nn.Module, modules: dict[str, Any], width: int, head_width: int, hidden: int,
+                       eps: float) -> None:
+    """The head's norm; when the head reads more than the stream's width, it also takes the last
+    block's surplus output."""
+    final_norm = SlicedRMSNorm(head_width, eps, hidden)
+    set_module(model, modules["final_norm"], final_norm)
+    if head_width != width:
+        blocks = get_module(model, modules["blocks"])
+        last_projection = get_module(blocks[len(blocks) - 1], modules["residuals"][-1]["writes"][0])
+        final_norm.widening = last_projection.widening = ResidualChannel()
+
+
+def install_block(block: nn.Module, modules: dict[str, Any], width: int, out_width: int, hidden: int,
+                  eps: float) -> None:
+    """Norms become weightless taps, reading/writing matrices narrow, and shortcuts are added.
+
+    Each entry of `modules["residuals"]` is one residual connection: `reads` maps each norm that reads
+    its input to the matrices that read that norm, `writes` lists the matrices that write its output.
+    The first writer carries the shortcut.
+    """
+    residuals = modules["residuals"]
+    for position, residual in enumerate(residuals):
+        residual_out = out_width if position == len(residuals) - 1 else width
+        channel = ResidualChannel()
+        for norm_index, (norm_path, readers) in enumerate(residual["reads"].items()):
+            norm = SlicedRMSNorm(width, eps, hidden)
+            if norm_index == 0:
+                norm.channel = channel
+            set_module(block, norm_path, norm)
+            for path in readers:
+                resize_linear(get_module(block, path), in_features=width)
+        for path in residual["writes"]:
+            resize_linear(get_module(block, path), out_features=residual_out)
+        shortcut_path = residual["writes"][0]
+        set_module(block, shortcut_path, ShortcutLinear(get_module(block, shortcut_path), width, channel))
+
+
+def sliced_class(base: type) -> type:
+    """`base` (a `transformers` *ForCausalLM class) whose constructor builds the sliced structure."""
+
+    class Sliced(base):
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            apply_layout(self, config.lmslice)
+
+        def _init_weights(self, module: nn.Module) -> None:
+            if not isinstance(module, (SlicedRMSNorm, ShortcutLinear)):
+                super()._init_weights(module)
+
+    Sliced.__name__ = Sliced.__qualname__ = "LmsliceForCausalLM"
+    return Sliced

@@ -1,0 +1,122 @@
+"""SliceGPT end to end on a loaded model: fuse → (calibrate → rotate → slice) block by block."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmslice import __version__
+from lmslice.adapters import find_adapter
+from lmslice.calibration import Covariance, block_signals, capture_block_inputs
+from lmslice.errors import LmsliceError
+from lmslice.fuse import fuse_norms
+from lmslice.modeling import get_module, install_final_norm
+from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
+
+
+def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
+    """D' = (1 - s)·D rounded down to a multiple of `round_to` (at least `round_to`)."""
+    if not 0 <= sparsity < 1:
+        raise LmsliceError(f"sparsity must be in [0, 1), got {sparsity}")
+    if round_to < 1:
+        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+    if sparsity == 0:
+        return hidden
+    width = int((1 - sparsity) * hidden) // round_to * round_to
+    return max(width, round_to)
+
+
+@dataclass
+class SliceResult:
+    """What slicing did: widths, the eigenvalue spectra of every signal, and the time it took."""
+
+    family: str
+    hidden_size: int
+    width: int
+    head_width: int
+    seconds: float
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sparsity: float, *,
+                round_to: int = 8, slice_head: bool = False, progress: bool = True,
+                metadata: dict[str, Any] | None = None) -> SliceResult:
+    """Slices `model` in place and records what was done in `model.config.lmslice`.
+
+    `batches` are calibration batches (`input_ids`, optional `attention_mask`). The head keeps its full
+    input width unless `slice_head` (as in the reference implementation); the last block then writes
+    the full width.
+    """
+    start = time.perf_counter()
+    adapter = find_adapter(model)
+    model.eval()
+    hidden = get_module(model, adapter.embeddings[0]).weight.shape[1]
+    width = sliced_width(hidden, sparsity, round_to)
+    head_width = width if slice_head else hidden
+    batches = list(batches)
+    if not batches:
+        raise LmsliceError("no calibration batches: give at least one calibration sample")
+
+    eps, added_biases = fuse_norms(model, adapter)
+    streams = capture_block_inputs(model, adapter, batches)
+    device = streams[0].hidden.device
+    covariance = Covariance(hidden, device)
+    for stream in streams:
+        covariance.add(stream.hidden, stream.mask)
+    eigenvalues, eigenvectors = covariance.principal_components()
+    spectra = {"embeddings": eigenvalues.tolist()}
+    basis = eigenvectors[:, :width]
+    for path in adapter.embeddings:
+        rotate_writer(get_module(model, path), basis)
+    for stream in streams:
+        stream.hidden = stream.hidden @ basis.to(stream.hidden.dtype)
+
+    blocks = get_module(model, adapter.blocks)
+    steps_per_block = len(adapter.residuals)
+    with tqdm(total=len(blocks) * steps_per_block, desc="slicing", unit="signal", disable=not progress) as bar:
+        for index, block in enumerate(blocks):
+            out_width = head_width if index == len(blocks) - 1 else width
+            signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update())
+            bases = [basis] + [vectors[:, :width] for _, vectors in signals.inner]
+            bases.append(signals.output[1][:, :out_width])
+            for position, (values, _) in enumerate(signals.inner, start=1):
+                spectra[f"block{index}.residual{position}"] = values.tolist()
+            spectra[f"block{index}.output"] = signals.output[0].tolist()
+            rotate_block(block, adapter, bases, hidden, eps)
+            basis = bases[-1]
+            down = basis.to(streams[0].hidden.dtype)
+            for stream, out in zip(streams, signals.outputs):
+                stream.hidden = out @ down
+            bar.set_postfix(block=index)
+
+    rotate_reader(get_module(model, adapter.head), basis)
+    install_final_norm(model, adapter.module_map(), width, head_width, hidden, eps)
+
+    layout = {
+        "format": 1,
+        "version": __version__,
+        "family": adapter.family,
+        "base_architecture": type(model).__name__,
+        "sparsity": sparsity,
+        "round_to": round_to,
+        "hidden_size": hidden,
+        "width": width,
+        "head_width": head_width,
+        "eps": eps,
+        "added_biases": added_biases,
+        "modules": adapter.module_map(),
+        **(metadata or {}),
+    }
+    model.config.lmslice = layout
+    return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra)
