@@ -67,7 +67,8 @@ class SlicedRMSNorm(nn.Module):
         if self.widening is not None:
             tail = self.widening.take_tail()
             if tail is not None:
-                hidden_states = torch.cat([hidden_states, tail.to(hidden_states.device)], dim=-1)
+                tail = tail.to(hidden_states.device).reshape(*hidden_states.shape[:-1], -1)
+                hidden_states = torch.cat([hidden_states, tail], dim=-1)
         compute_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         x = hidden_states.to(compute_dtype)
         mean_square = x.pow(2).sum(-1, keepdim=True) / self.norm_dim

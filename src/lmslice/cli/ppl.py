@@ -1,0 +1,45 @@
+"""`lmslice ppl`: perplexity of a dense or sliced model on a text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmslice.cli.common import add_model_options, check_device, context_length
+from lmslice.errors import LmsliceError
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.io.data import describe_sources, load_text, tokenize
+from lmslice.io.models import load_with_tokenizer
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ppl", help="perplexity of a model on a text",
+        description="Perplexity on non-overlapping windows of the joined test text, exp(mean token NLL). "
+                    "'wikitext2' is the test split joined by blank lines, as in the paper.")
+    parser.add_argument("model", help="model directory (dense or sliced), .gguf file or hub id")
+    parser.add_argument("--data", required=True, help=f"text source: {describe_sources()}")
+    parser.add_argument("--seqlen", type=int, default=2048, help="window length, capped by the model context "
+                        "(default: 2048)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument("--max-windows", type=int, default=None,
+                        help="evaluate only the first N windows (default: all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    add_model_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if tokenizer is None:
+        raise LmsliceError(f"{args.model} has no tokenizer; save one next to the model")
+    seqlen = context_length(model, args.seqlen)
+    result = perplexity(model, tokenize(tokenizer, load_text(args.data, split="test")), seqlen,
+                        batch_size=args.batch_size, max_windows=args.max_windows, progress=not args.json)
+    if args.json:
+        print(json.dumps({**result.as_dict(), "model": str(args.model), "data": args.data}))
+    else:
+        print(f"perplexity {result.perplexity:.3f} on {result.tokens} tokens of {args.data} "
+              f"({result.windows} windows of {result.seqlen})")
+    return 0

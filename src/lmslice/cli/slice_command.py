@@ -1,0 +1,124 @@
+"""`lmslice slice`: slice a model, save it, and say what was done."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lmslice.cli.common import add_model_options, check_device, context_length, peak_memory_gib
+from lmslice.errors import LmsliceError
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
+from lmslice.io.models import check_output_dir, load_with_tokenizer, save_sliced
+from lmslice.slicing import count_parameters, slice_model, sliced_width
+
+REPORT_FILE = "lmslice_report.json"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "slice", help="slice a model and save it",
+        description="Fuse norms, rotate every block into the principal components of its calibration "
+                    "signal and delete the trailing ones (SliceGPT). Prints a summary and writes a model "
+                    "directory loadable with lmslice.load or transformers (trust_remote_code=True).")
+    parser.add_argument("model", help="model directory, .gguf file or hub id")
+    parser.add_argument("--sparsity", type=float, required=True,
+                        help="fraction of the hidden width to delete, in [0, 1); 0 keeps the dense model")
+    parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
+    parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048,
+                        help="tokens per calibration window, capped by the model context (default: 2048)")
+    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
+    parser.add_argument("--round-to", type=int, default=8,
+                        help="round the kept width down to a multiple of this (default: 8)")
+    parser.add_argument("--slice-head", action="store_true",
+                        help="also slice the head's input (smaller model; by default the head keeps its "
+                             "full width, as in the reference implementation)")
+    parser.add_argument("--eval-data", help="also report dense and sliced perplexity on this text's test split")
+    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
+    parser.add_argument("--eval-max-windows", type=int, default=None,
+                        help="evaluate only the first N windows (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_model_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    check_device(args.device)
+    output = check_output_dir(args.output, args.overwrite)
+    sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
+    model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if tokenizer is None:
+        raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
+
+    calib_seqlen = context_length(model, args.calib_seqlen)
+    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
+                                  calib_seqlen, args.calib_batch_size, args.seed)
+    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test")) if args.eval_data else None
+    eval_seqlen = context_length(model, args.eval_seqlen)
+
+    def evaluate() -> dict | None:
+        if eval_tokens is None:
+            return None
+        return perplexity(model, eval_tokens, eval_seqlen, max_windows=args.eval_max_windows,
+                          progress=not args.json).as_dict()
+
+    dense_parameters = count_parameters(model)
+    dense_ppl = evaluate()
+    calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
+                   "batch_size": args.calib_batch_size, "seed": args.seed}
+    result = slice_model(model, batches, args.sparsity, round_to=args.round_to, slice_head=args.slice_head,
+                         progress=not args.json,
+                         metadata={"calibration": calibration, "source_model": str(args.model)})
+    sliced_ppl = evaluate()
+    summary = {
+        "model": str(args.model),
+        "family": result.family,
+        "sparsity": args.sparsity,
+        "hidden_size": result.hidden_size,
+        "width": result.width,
+        "head_width": result.head_width,
+        "parameters_dense": dense_parameters,
+        "parameters_sliced": count_parameters(model),
+        "calibration": calibration,
+        "slicing_seconds": round(result.seconds, 2),
+        "perplexity_dense": dense_ppl,
+        "perplexity_sliced": sliced_ppl,
+        "eval_data": args.eval_data,
+        "output": str(output),
+    }
+    save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+    summary["total_seconds"] = round(time.perf_counter() - started, 2)
+    summary["peak_memory_gib"] = round(peak_memory_gib(args.device), 3)
+    (Path(output) / REPORT_FILE).write_text(json.dumps({**summary, "spectra": result.spectra}) + "\n")
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    dense, sliced = summary["parameters_dense"], summary["parameters_sliced"]
+    calibration = summary["calibration"]
+    head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
+    lines = [
+        f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}",
+        f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
+        f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
+    ]
+    if summary["perplexity_dense"]:
+        before, after = summary["perplexity_dense"], summary["perplexity_sliced"]
+        lines.append(f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on "
+                     f"{summary['eval_data']} ({after['tokens']} tokens, windows of {after['seqlen']})")
+    lines += [
+        f"  calibration    {calibration['source']}, {calibration['samples']} x {calibration['seqlen']} tokens, "
+        f"seed {calibration['seed']}",
+        f"  time           slicing {summary['slicing_seconds']:.1f} s, total {summary['total_seconds']:.1f} s",
+        f"  peak memory    {summary['peak_memory_gib']:.2f} GiB",
+        f"  saved to       {summary['output']}",
+    ]
+    return "\n".join(lines)

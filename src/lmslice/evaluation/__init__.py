@@ -1,0 +1,1 @@
+"""Measuring models: perplexity here; zero-shot tasks through lm-evaluation-harness."""

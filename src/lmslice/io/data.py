@@ -1,0 +1,113 @@
+"""Text for calibration and evaluation: the paper's hub datasets by name, or local files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmslice.errors import LmsliceError
+
+# name -> (dataset, config, field, separator per split); the paper's sources, read from the hub.
+HUB_SOURCES = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n\n"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence", "\n\n"),
+    "c4": ("allenai/c4", None, "text", "\n\n"),
+    "alpaca": ("tatsu-lab/alpaca", None, "text", "\n\n"),
+}
+C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+BUILTIN_SOURCES = ("pydoc",)
+
+
+def describe_sources() -> str:
+    return f"{', '.join(HUB_SOURCES)} (Hugging Face hub), pydoc (Python's documentation, offline), or a .txt/.jsonl path"
+
+
+def load_text(source: str, split: str = "train") -> str:
+    """The whole corpus as one string. `split` is "train" for calibration, "test" for evaluation."""
+    path = Path(source)
+    if path.is_file():
+        return _read_local(path)
+    if source == "pydoc":
+        return _pydoc_text(split)
+    if source in HUB_SOURCES:
+        return _read_hub(source, split)
+    raise LmsliceError(f"unknown text source {source!r}: give {describe_sources()}")
+
+
+def _read_local(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise LmsliceError(f"{path}:{number}: each line must be a JSON object with a \"text\" field") from error
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _pydoc_text(split: str) -> str:
+    """Python's own documentation topics: ~450 KB of English prose that ships with every Python.
+
+    The topics are split in two fixed halves so calibration ("train") and evaluation ("test") never
+    share text.
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    half = names[::2] if split == "train" else names[1::2]
+    return "\n\n".join(topics[name] for name in half)
+
+
+def _read_hub(source: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError as error:
+        raise LmsliceError(f"reading {source!r} needs the datasets package: pip install 'lmslice[data]'") from error
+    name, config, field, separator = HUB_SOURCES[source]
+    if source == "alpaca":
+        split = "train"  # alpaca has no held-out split
+    try:
+        if source == "c4":
+            hub_split = "validation" if split != "train" else "train"
+            data = datasets.load_dataset(name, data_files={hub_split: C4_FILES[hub_split]}, split=hub_split)
+        else:
+            data = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # noqa: BLE001 - network and hub errors come in many types
+        raise LmsliceError(
+            f"cannot download {source!r} from the Hugging Face hub ({type(error).__name__}); "
+            "without network access give a local .txt or .jsonl file instead"
+        ) from error
+    return separator.join(data[field])
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """The corpus as one long row of token ids."""
+    if not text.strip():
+        raise LmsliceError("the text source is empty")
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    return ids
+
+
+def calibration_batches(tokens: torch.Tensor, samples: int, seqlen: int, batch_size: int, seed: int,
+                        ) -> list[dict[str, torch.Tensor]]:
+    """`samples` random windows of `seqlen` tokens, grouped into batches, as in the paper."""
+    if samples < 1 or seqlen < 2 or batch_size < 1:
+        raise LmsliceError("calibration samples, batch size must be >= 1 and sequence length >= 2")
+    starts = len(tokens) - seqlen + 1
+    if starts < samples:
+        raise LmsliceError(
+            f"calibration text too short: {len(tokens)} tokens cannot give {samples} distinct windows of "
+            f"{seqlen} tokens; give more text, fewer --calib-samples or a shorter --calib-seqlen"
+        )
+    generator = random.Random(seed)
+    chosen = generator.sample(range(starts), samples)
+    windows = torch.stack([tokens[start:start + seqlen] for start in chosen])
+    return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
+            for i in range(0, samples, batch_size)]

@@ -1,0 +1,142 @@
+"""Load dense or sliced causal LMs from a directory, a GGUF file or the hub; save sliced ones."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from lmslice import modeling
+from lmslice.errors import LmsliceError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+MODELING_FILE = "modeling_lmslice.py"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LmsliceError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def is_sliced(path: str | os.PathLike[str]) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "lmslice" in json.loads(config.read_text())
+
+
+def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
+         device: str | torch.device = "cpu") -> nn.Module:
+    """A causal LM from a local directory (dense or sliced), a `.gguf` file or a hub id."""
+    return load_with_tokenizer(source, dtype=dtype, device=device)[0]
+
+
+def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
+                        device: str | torch.device = "cpu",
+                        ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+    torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LmsliceError(f"GGUF file not found: {path}")
+        model = _from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch_dtype)
+        _dequantised_to_plain_float(model)
+        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
+        if is_sliced(path):
+            config = AutoConfig.from_pretrained(path)
+            base = getattr(transformers, config.lmslice["base_architecture"], None)
+            if base is None:
+                raise LmsliceError(f"this transformers has no {config.lmslice['base_architecture']}; upgrade it")
+            model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype)
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype)
+        tokenizer = _tokenizer(path)
+    elif _looks_like_hub_id(str(source)):
+        model = _from_pretrained(AutoModelForCausalLM, str(source), dtype=torch_dtype)
+        tokenizer = _tokenizer(str(source))
+    else:
+        raise LmsliceError(f"model not found: {source} (give a directory, a .gguf file or a hub id like org/name)")
+    return model.to(device).eval(), tokenizer
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) <= 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+
+
+def _from_pretrained(cls: Any, source: str | Path, **kwargs: Any) -> nn.Module:
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LmsliceError(f"cannot load model from {source}: {first_line}") from error
+
+
+def _tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase | None:
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _dequantised_to_plain_float(model: nn.Module) -> None:
+    """GGUF weights arrive dequantised; drop the quantisation marks so the model saves as plain float."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for name in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, name):
+            setattr(model, name, None)
+    model.is_quantized = False
+
+
+def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Fails early, before any work, if saving to `out_dir` would clobber something."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise LmsliceError(f"output directory {out} already exists; choose another or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise LmsliceError(f"output path {out} exists and is not a directory")
+    return out
+
+
+def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike[str], *,
+                overwrite: bool = False) -> Path:
+    """Writes safetensors weights, a config that records the slicing, the tokenizer and the modeling
+    code, into a temporary directory renamed into place only when complete."""
+    out = check_output_dir(out_dir, overwrite)
+    layout = model.config.lmslice
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / MODELING_FILE).write_text(
+            inspect.getsource(modeling)
+            + f"\n\nimport transformers  # noqa: E402\n\n"
+            + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
+        )
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = [layout["base_architecture"]]
+        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

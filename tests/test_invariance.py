@@ -1,0 +1,80 @@
+"""Fusion + rotation at sparsity 0 must not change what the model computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny_models
+from lmslice.adapters import find_adapter
+from lmslice.fuse import fuse_norms
+from lmslice.slicing import slice_model
+
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def exact_rms_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' RMSNorms round through float32 even in a float64 model, which would make the float64
+    reference itself inexact at 1e-8; give the dense reference exact arithmetic."""
+
+    def exact(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * (hidden_states * scale)
+
+    import transformers.models.llama.modeling_llama as llama
+
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", exact)
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+def test_fusion_keeps_logits(family: str, dtype: torch.dtype) -> None:
+    dense = tiny_models.build(family, dtype)
+    ids, mask = tiny_models.padded_inputs()
+    fused = copy.deepcopy(dense)
+    fuse_norms(fused, find_adapter(fused))
+    assert (logits(fused, ids, mask) - logits(dense, ids, mask)).abs().max() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("slice_head", [False, True], ids=["full-head", "sliced-head"])
+def test_rotation_at_sparsity_zero_keeps_logits(family: str, dtype: torch.dtype, slice_head: bool) -> None:
+    dense = tiny_models.build(family, dtype)
+    ids, mask = tiny_models.padded_inputs()
+    rotated = copy.deepcopy(dense)
+    slice_model(rotated, tiny_models.random_batches(), 0.0, slice_head=slice_head, progress=False)
+    difference = (logits(rotated, ids, mask) - logits(dense, ids, mask)).abs().max()
+    assert difference <= TOLERANCE[dtype], f"max |Δlogit| = {difference:.3g}"
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+def test_rotation_is_not_the_identity(family: str) -> None:
+    """Guards the test above: the rotated model's weights really differ from the dense ones."""
+    dense = tiny_models.build(family)
+    rotated = copy.deepcopy(dense)
+    slice_model(rotated, tiny_models.random_batches(), 0.0, progress=False)
+    dense_embedding = dense.get_input_embeddings().weight
+    rotated_embedding = rotated.get_input_embeddings().weight
+    assert dense_embedding.shape == rotated_embedding.shape
+    assert (dense_embedding - rotated_embedding).abs().max() > 1e-2
+
+
+def test_slicing_changes_the_model_by_a_bounded_amount() -> None:
+    """At 25% the tiny model still predicts much like the dense one, unlike a random model would."""
+    dense = tiny_models.build("llama")
+    ids, mask = tiny_models.padded_inputs()
+    sliced = copy.deepcopy(dense)
+    slice_model(sliced, tiny_models.random_batches(count=4), 0.25, progress=False)
+    reference = logits(dense, ids, mask)
+    error = (logits(sliced, ids, mask) - reference).norm() / reference.norm()
+    unrelated = tiny_models.build("llama", seed=5)
+    assert error < 0.5 * ((logits(unrelated, ids, mask) - reference).norm() / reference.norm())

@@ -1,0 +1,66 @@
+"""Tiny randomly initialised models of every supported family, built from configs (no downloads).
+
+Norm scales and shifts and all biases are randomised so that fusing them is really exercised.
+Add a family: add a factory to FACTORIES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import transformers
+from torch import nn
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=128)
+
+
+def llama() -> nn.Module:
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def opt() -> nn.Module:
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    ffn_dim=112, max_position_embeddings=128, word_embed_proj_dim=64,
+                                    dropout=0.0, attention_dropout=0.0)
+    return transformers.OPTForCausalLM(config)
+
+
+FACTORIES: dict[str, Callable[[], nn.Module]] = {
+    "llama": llama,
+    "opt": opt,
+}
+
+
+@torch.no_grad()
+def build(family: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = FACTORIES[family]().to(dtype).eval()
+    for name, parameter in model.named_parameters():
+        if parameter.dim() == 1:  # norm scales, norm shifts and biases
+            base = 1.0 if name.endswith("weight") else 0.0
+            parameter.copy_(base + 0.2 * torch.randn_like(parameter))
+        else:
+            parameter.normal_(0, 0.08)
+    return model
+
+
+def random_batches(count: int = 3, batch_size: int = 2, seqlen: int = 24, seed: int = 1) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (batch_size, seqlen), generator=generator)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def padded_inputs(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of two rows, the second left-padded by five tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    return ids, mask
