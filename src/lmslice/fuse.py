@@ -72,39 +72,52 @@ def centre_output(module: nn.Module) -> None:
         module.bias.data = (bias - bias.mean()).to(module.bias.dtype)
 
 
-def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> tuple[float, list[str]]:
-    """Folds every norm into its readers and replaces it by a weightless RMSNorm.
-
-    Returns the norm epsilon and the paths of linear layers that gained a bias (LayerNorm shifts read
-    by bias-free layers), which a reloaded model must recreate.
-    """
+def fuse_embeddings(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Unties the head; for LayerNorm families, mean-centres what the embeddings write."""
     untie_embeddings(model, adapter)
-    blocks = get_module(model, adapter.blocks)
     if adapter.norm_kind == "layer":
         for path in adapter.embeddings:
             centre_output(get_module(model, path))
-        for block in blocks:
-            for residual in adapter.residuals:
-                for path in residual.writes:
-                    centre_output(get_module(block, path))
 
-    final_norm = get_module(model, adapter.final_norm)
-    eps = norm_eps(final_norm)
-    hidden = final_norm.weight.shape[0] if getattr(final_norm, "weight", None) is not None else None
-    added_biases: list[str] = []
 
-    def fold(root: nn.Module, prefix: str, norm_path: str, readers: tuple[str, ...]) -> None:
-        norm = get_module(root, norm_path)
-        scale, shift = norm_affine(norm, adapter.norm_kind)
-        for reader in readers:
-            if absorb_affine(get_module(root, reader), scale, shift):
-                added_biases.append(prefix + reader)
-        width = hidden if hidden is not None else get_module(root, readers[0]).in_features
-        set_module(root, norm_path, SlicedRMSNorm(width, norm_eps(norm), width))
+def fold_norm(root: nn.Module, norm_path: str, readers: tuple[str, ...], norm_kind: str) -> list[str]:
+    """Folds one norm into the layers reading it and replaces it by a weightless RMSNorm of the same
+    width. Returns the readers that gained a bias (a LayerNorm shift read by a bias-free layer)."""
+    norm = get_module(root, norm_path)
+    scale, shift = norm_affine(norm, norm_kind)
+    added = [reader for reader in readers if absorb_affine(get_module(root, reader), scale, shift)]
+    width = get_module(root, readers[0]).in_features
+    set_module(root, norm_path, SlicedRMSNorm(width, norm_eps(norm), width))
+    return added
 
-    for index, block in enumerate(blocks):
-        for residual in adapter.residuals:
-            for norm_path, readers in residual.reads.items():
-                fold(block, f"{adapter.blocks}.{index}.", norm_path, readers)
-    fold(model, "", adapter.final_norm, (adapter.head,))
-    return eps, added_biases
+
+def fuse_block(block: nn.Module, adapter: ModelAdapter) -> list[str]:
+    """Folds the block's norms into its readers (and mean-centres its writers for LayerNorm families).
+    Returns the block-relative paths of readers that gained a bias."""
+    added: list[str] = []
+    for residual in adapter.residuals:
+        if adapter.norm_kind == "layer":
+            for path in residual.writes:
+                centre_output(get_module(block, path))
+        for norm_path, readers in residual.reads.items():
+            added += fold_norm(block, norm_path, readers, adapter.norm_kind)
+    return added
+
+
+def fuse_head(model: nn.Module, adapter: ModelAdapter) -> list[str]:
+    """Folds the final norm into the head."""
+    return fold_norm(model, adapter.final_norm, (adapter.head,), adapter.norm_kind)
+
+
+def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> tuple[float, list[str]]:
+    """All of the above on a whole model: it then computes the same function with weightless norms.
+
+    Returns the norm epsilon and the paths of linear layers that gained a bias, which a reloaded
+    model must recreate.
+    """
+    eps = norm_eps(get_module(model, adapter.final_norm))
+    fuse_embeddings(model, adapter)
+    added_biases = []
+    for index, block in enumerate(get_module(model, adapter.blocks)):
+        added_biases += [f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter)]
+    return eps, added_biases + fuse_head(model, adapter)

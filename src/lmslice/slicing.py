@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from lmslice import __version__
 from lmslice.adapters import find_adapter
 from lmslice.calibration import Covariance, block_signals, capture_block_inputs
 from lmslice.errors import LmsliceError
-from lmslice.fuse import fuse_norms
+from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
 from lmslice.modeling import get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
 
@@ -48,30 +48,51 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+class BlockStorage(Protocol):
+    """Where block weights live between uses; the in-memory default keeps them all resident."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Makes the block's weights available before it is calibrated."""
+
+    def store(self, index: int, block: nn.Module) -> None:
+        """Takes the finished (sliced) block; may write it out and free its memory."""
+
+
+class InMemory:
+    def load(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def store(self, index: int, block: nn.Module) -> None:
+        pass
+
+
 @torch.no_grad()
 def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sparsity: float, *,
                 round_to: int = 8, slice_head: bool = False, progress: bool = True,
-                metadata: dict[str, Any] | None = None) -> SliceResult:
+                metadata: dict[str, Any] | None = None, storage: BlockStorage | None = None) -> SliceResult:
     """Slices `model` in place and records what was done in `model.config.lmslice`.
 
     `batches` are calibration batches (`input_ids`, optional `attention_mask`). The head keeps its full
     input width unless `slice_head` (as in the reference implementation); the last block then writes
-    the full width.
+    the full width. Blocks are fused, calibrated, rotated and sliced one at a time, so `storage` can
+    keep all but one of them on disk.
     """
     start = time.perf_counter()
     adapter = find_adapter(model)
+    storage = storage or InMemory()
     model.eval()
-    hidden = get_module(model, adapter.embeddings[0]).weight.shape[1]
+    embedding = get_module(model, adapter.embeddings[0]).weight
+    hidden = embedding.shape[1]
     width = sliced_width(hidden, sparsity, round_to)
     head_width = width if slice_head else hidden
     batches = list(batches)
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")
 
-    eps, added_biases = fuse_norms(model, adapter)
+    eps = norm_eps(get_module(model, adapter.final_norm))
+    fuse_embeddings(model, adapter)
     streams = capture_block_inputs(model, adapter, batches)
-    device = streams[0].hidden.device
-    covariance = Covariance(hidden, device)
+    covariance = Covariance(hidden, embedding.device)
     for stream in streams:
         covariance.add(stream.hidden, stream.mask)
     eigenvalues, eigenvectors = covariance.principal_components()
@@ -83,9 +104,12 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         stream.hidden = stream.hidden @ basis.to(stream.hidden.dtype)
 
     blocks = get_module(model, adapter.blocks)
+    added_biases: list[str] = []
     steps_per_block = len(adapter.residuals)
     with tqdm(total=len(blocks) * steps_per_block, desc="slicing", unit="signal", disable=not progress) as bar:
         for index, block in enumerate(blocks):
+            storage.load(index, block)
+            added_biases += [f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter)]
             out_width = head_width if index == len(blocks) - 1 else width
             signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update())
             bases = [basis] + [vectors[:, :width] for _, vectors in signals.inner]
@@ -94,12 +118,14 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
                 spectra[f"block{index}.residual{position}"] = values.tolist()
             spectra[f"block{index}.output"] = signals.output[0].tolist()
             rotate_block(block, adapter, bases, hidden, eps)
+            storage.store(index, block)
             basis = bases[-1]
             down = basis.to(streams[0].hidden.dtype)
             for stream, out in zip(streams, signals.outputs):
                 stream.hidden = out @ down
             bar.set_postfix(block=index)
 
+    added_biases += fuse_head(model, adapter)
     rotate_reader(get_module(model, adapter.head), basis)
     install_final_norm(model, adapter.module_map(), width, head_width, hidden, eps)
 

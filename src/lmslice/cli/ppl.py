@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ppl", help="perplexity of a model on a text",
         description="Perplexity on non-overlapping windows of the joined test text, exp(mean token NLL). "
                     "'wikitext2' is the test split joined by blank lines, as in the paper.")
-    parser.add_argument("model", help="model directory (dense or sliced), .gguf file or hub id")
+    parser.add_argument("model", help="model directory (dense or sliced), .gguf file, hub id, or smollm2-135m")
     parser.add_argument("--data", required=True, help=f"text source: {describe_sources()}")
     parser.add_argument("--seqlen", type=int, default=2048, help="window length, capped by the model context "
                         "(default: 2048)")

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from lmslice.adapters import find_adapter
 from lmslice.cli.common import add_model_options, check_device, context_length, peak_memory_gib
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
@@ -23,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Fuse norms, rotate every block into the principal components of its calibration "
                     "signal and delete the trailing ones (SliceGPT). Prints a summary and writes a model "
                     "directory loadable with lmslice.load or transformers (trust_remote_code=True).")
-    parser.add_argument("model", help="model directory, .gguf file or hub id")
+    parser.add_argument("model", help="model directory, .gguf file, hub id, or smollm2-135m (built in)")
     parser.add_argument("--sparsity", type=float, required=True,
                         help="fraction of the hidden width to delete, in [0, 1); 0 keeps the dense model")
     parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_dir(args.output, args.overwrite)
     sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    find_adapter(model)  # an unsupported model fails before the slow work
     if tokenizer is None:
         raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
 

