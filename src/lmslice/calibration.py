@@ -61,7 +61,7 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter,
                          batches: Iterable[dict[str, torch.Tensor]]) -> list[BlockInput]:
     """Runs the model up to its first block on every batch and keeps what that block receives."""
     first_block = get_module(model, adapter.blocks)[0]
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     captured: list[BlockInput] = []
     mask_of_batch: list[torch.Tensor] = []
 

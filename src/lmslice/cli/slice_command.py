@@ -12,7 +12,8 @@ from lmslice.cli.common import add_model_options, check_device, context_length, 
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_with_tokenizer, save_sliced
+from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
+from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.slicing import count_parameters, slice_model, sliced_width
 
 REPORT_FILE = "lmslice_report.json"
@@ -44,6 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
     parser.add_argument("--eval-max-windows", type=int, default=None,
                         help="evaluate only the first N windows (default: all)")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep blocks on disk: read each from the safetensors checkpoint, slice it, write "
+                             "it out, free it (peak memory about one block plus calibration activations; "
+                             "needs a local model directory; perplexity then via `lmslice ppl OUTPUT`)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -54,7 +59,16 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     output = check_output_dir(args.output, args.overwrite)
     sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
-    model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if args.offload:
+        if args.eval_data:
+            raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
+                               "with `lmslice ppl OUTPUT`")
+        model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
+                                        overwrite=args.overwrite)
+        tokenizer = load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        storage = None
     find_adapter(model)  # an unsupported model fails before the slow work
     if tokenizer is None:
         raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
@@ -75,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     dense_ppl = evaluate()
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                    "batch_size": args.calib_batch_size, "seed": args.seed}
-    result = slice_model(model, batches, args.sparsity, round_to=args.round_to, slice_head=args.slice_head,
-                         progress=not args.json,
-                         metadata={"calibration": calibration, "source_model": str(args.model)})
+    options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
+                   metadata={"calibration": calibration, "source_model": str(args.model)})
+    if storage is None:
+        result = slice_model(model, batches, args.sparsity, **options)
+    else:
+        result = slice_with_storage(model, storage, batches, args.sparsity, **options)
     sliced_ppl = evaluate()
     summary = {
         "model": str(args.model),
@@ -95,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
         "eval_data": args.eval_data,
         "output": str(output),
     }
-    save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+    if storage is None:
+        save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+    else:
+        save_offloaded(model, storage, tokenizer, output, args.overwrite)
     summary["total_seconds"] = round(time.perf_counter() - started, 2)
     summary["peak_memory_gib"] = round(peak_memory_gib(args.device), 3)
     (Path(output) / REPORT_FILE).write_text(json.dumps({**summary, "spectra": result.spectra}) + "\n")

@@ -64,7 +64,7 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
             raise LmsliceError(f"GGUF file not found: {path}")
         model = _from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch_dtype)
         _dequantised_to_plain_float(model)
-        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+        tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
@@ -76,10 +76,10 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
             model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype)
         else:
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype)
-        tokenizer = _tokenizer(path)
+        tokenizer = load_tokenizer(path)
     elif _looks_like_hub_id(str(source)):
         model = _from_pretrained(AutoModelForCausalLM, str(source), dtype=torch_dtype)
-        tokenizer = _tokenizer(str(source))
+        tokenizer = load_tokenizer(str(source))
     else:
         raise LmsliceError(f"model not found: {source} (give a directory, a .gguf file or a hub id like org/name)")
     return model.to(device).eval(), tokenizer
@@ -101,7 +101,7 @@ def _from_pretrained(cls: Any, source: str | Path, **kwargs: Any) -> nn.Module:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase | None:
+def load_tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase | None:
     """The tokenizer saved with the model, or None if there is none."""
     if Path(source).is_dir() and "gguf_file" not in kwargs and not any(
             (Path(source) / name).is_file() for name in TOKENIZER_FILES):
@@ -137,14 +137,30 @@ def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out
     """Writes safetensors weights, a config that records the slicing, the tokenizer and the modeling
     code, into a temporary directory renamed into place only when complete."""
     out = check_output_dir(out_dir, overwrite)
-    layout = model.config.lmslice
+    staging = staging_dir(out)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return finish_output(model, tokenizer, staging, out, overwrite)
+
+
+def staging_dir(out: Path) -> Path:
+    """An empty directory beside `out` that becomes `out` once everything is written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, staging: Path, out: Path,
+                  overwrite: bool) -> Path:
+    """Adds the tokenizer and modeling code to the weights and config in `staging`, then renames it to
+    `out`. On any failure the staging directory is removed."""
+    layout = model.config.lmslice
     try:
-        # Keep the in-memory parameter names: the sliced class is custom code, which transformers loads
-        # without the base class's legacy renamings (GPT-NeoX would save lm_head as embed_out).
-        model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MODELING_FILE).write_text(
@@ -158,6 +174,8 @@ def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if out.exists():
+            if not overwrite:
+                raise LmsliceError(f"output directory {out} appeared while slicing; not replacing it")
             shutil.rmtree(out)
         staging.rename(out)
     except BaseException:

@@ -1,0 +1,170 @@
+"""Slicing a model larger than memory: blocks stay in the safetensors checkpoint until their turn.
+
+The model is built with its blocks on the meta device (no memory); everything else (embeddings, final
+norm, head, rotary buffers) is loaded. Slicing reads one block from the checkpoint, slices it, writes
+it to its own shard of the output and frees it, so peak memory is about one block plus the calibration
+activations and the embeddings/head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from lmslice.errors import LmsliceError
+from lmslice.adapters import find_adapter
+from lmslice.io.models import check_output_dir, finish_output, staging_dir
+from lmslice.slicing import SliceResult, slice_model
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """Tensor names → files of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(directory / "model.safetensors", framework="pt") as handle:
+                self.files = {name: directory / "model.safetensors" for name in handle.keys()}
+        else:
+            raise LmsliceError(f"--offload reads safetensors checkpoints; {directory} has none "
+                               "(convert it with save_pretrained, or slice without --offload)")
+
+    def read(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        if name not in self.files:
+            raise LmsliceError(f"the checkpoint has no tensor {name}; it does not match its config")
+        with safe_open(self.files[name], framework="pt", device=str(device)) as handle:
+            return handle.get_tensor(name).to(dtype)
+
+
+def materialise(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype,
+                device: torch.device | str, skip: nn.Module | None = None, tied: dict[str, str] | None = None,
+                ) -> None:
+    """Replaces the meta parameters under `module` (except under `skip`) by the checkpoint's tensors.
+    `tied` maps a tensor name missing from the checkpoint to the name it is tied to."""
+    if module is skip:
+        return
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        if parameter.device.type == "meta":
+            full_name = prefix + name
+            if full_name not in checkpoint.files and tied:
+                full_name = tied.get(full_name, full_name)
+            setattr(module, name, nn.Parameter(checkpoint.read(full_name, dtype, device), requires_grad=False))
+    for name, child in module.named_children():
+        materialise(child, f"{prefix}{name}.", checkpoint, dtype, device, skip, tied)
+
+
+class OffloadedBlocks:
+    """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard."""
+
+    def __init__(self, checkpoint: Checkpoint, blocks_path: str, staging: Path, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.checkpoint = checkpoint
+        self.blocks_path = blocks_path
+        self.staging = staging
+        self.dtype = dtype
+        self.device = device
+        self.weight_map: dict[str, str] = {}
+
+    def load(self, index: int, block: nn.Module) -> None:
+        materialise(block, f"{self.blocks_path}.{index}.", self.checkpoint, self.dtype, self.device)
+
+    def store(self, index: int, block: nn.Module) -> None:
+        self.write_shard(f"block-{index:05d}.safetensors",
+                         {f"{self.blocks_path}.{index}.{name}": tensor for name, tensor in block.state_dict().items()})
+        block.to("meta")
+
+    def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, self.staging / filename,
+                  metadata={"format": "pt"})
+        self.weight_map.update({name: filename for name in tensors})
+
+
+def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: torch.device | str,
+                  blocks_path_of: Callable[[nn.Module], str]) -> tuple[nn.Module, Checkpoint]:
+    """The model with every block on the meta device and the rest loaded from the checkpoint."""
+    directory = Path(source)
+    if not (directory / "config.json").is_file():
+        raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
+    checkpoint = Checkpoint(directory)
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks = model.get_submodule(blocks_path_of(model))
+    tied = {}
+    if getattr(config, "tie_word_embeddings", False):
+        input_name = _parameter_name(model, model.get_input_embeddings().weight)
+        output_name = _parameter_name(model, model.get_output_embeddings().weight)
+        tied = {output_name: input_name}
+    materialise(model, "", checkpoint, dtype, device, skip=blocks, tied=tied)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model.eval(), checkpoint
+
+
+def _parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
+    return next(name for name, candidate in model.named_parameters(remove_duplicate=False)
+                if candidate is parameter)
+
+
+def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTrainedTokenizerBase | None,
+                   out: Path, overwrite: bool) -> Path:
+    """Writes what is not a block, the shard index and the side files, then moves the output in place."""
+    blocks = model.get_submodule(storage.blocks_path)
+    block_names = {f"{storage.blocks_path}.{name}" for name in blocks.state_dict()}
+    rest = {name: tensor for name, tensor in model.state_dict().items() if name not in block_names}
+    storage.write_shard("model-rest.safetensors", rest)
+    total = sum(os.path.getsize(storage.staging / file) for file in set(storage.weight_map.values()))
+    (storage.staging / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
+    model.config.save_pretrained(storage.staging)
+    return finish_output(model, tokenizer, storage.staging, out, overwrite)
+
+
+
+
+def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype,
+                   device: torch.device | str, overwrite: bool = False) -> tuple[nn.Module, OffloadedBlocks]:
+    """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`."""
+    output = check_output_dir(out, overwrite)
+    model, checkpoint = load_skeleton(source, dtype, device, lambda skeleton: find_adapter(skeleton).blocks)
+    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, staging_dir(output), dtype, device)
+
+
+def slice_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str],
+                    batches: list[dict[str, torch.Tensor]], sparsity: float, *,
+                    tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", overwrite: bool = False, **slice_options: Any,
+                    ) -> tuple[nn.Module, SliceResult]:
+    """Slices the checkpoint in `source` into `out` holding one block in memory at a time.
+
+    Returns the model skeleton (blocks on the meta device) and what slicing did."""
+    model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite)
+    result = slice_with_storage(model, storage, batches, sparsity, **slice_options)
+    save_offloaded(model, storage, tokenizer, Path(out), overwrite)
+    return model, result
+
+
+def slice_with_storage(model: nn.Module, storage: OffloadedBlocks, batches: list[dict[str, torch.Tensor]],
+                       sparsity: float, **slice_options: Any) -> SliceResult:
+    """`slice_model` that removes the partial output if it fails."""
+    try:
+        return slice_model(model, batches, sparsity, storage=storage, **slice_options)
+    except BaseException:
+        shutil.rmtree(storage.staging, ignore_errors=True)
+        raise
