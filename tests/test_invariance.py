@@ -24,9 +24,19 @@ def exact_rms_norms(monkeypatch: pytest.MonkeyPatch) -> None:
         scale = torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * (hidden_states * scale)
 
-    import transformers.models.llama.modeling_llama as llama
+    def exact_plus_one(self, hidden_states: torch.Tensor) -> torch.Tensor:  # Gemma: scale is 1 + weight
+        scale = torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (1 + self.weight) * (hidden_states * scale)
 
-    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", exact)
+    import transformers.models.gemma.modeling_gemma as gemma
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.mistral.modeling_mistral as mistral
+    import transformers.models.phi3.modeling_phi3 as phi3
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    for norm_class in (llama.LlamaRMSNorm, mistral.MistralRMSNorm, qwen2.Qwen2RMSNorm, phi3.Phi3RMSNorm):
+        monkeypatch.setattr(norm_class, "forward", exact)
+    monkeypatch.setattr(gemma.GemmaRMSNorm, "forward", exact_plus_one)
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,45 @@ def opt() -> nn.Module:
     return transformers.OPTForCausalLM(config)
 
 
+def mistral() -> nn.Module:
+    return transformers.MistralForCausalLM(transformers.MistralConfig(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, sliding_window=8))
+
+
+def qwen2() -> nn.Module:
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def gemma() -> nn.Module:
+    return transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        **COMMON, intermediate_size=112, num_key_value_heads=1, head_dim=16))
+
+
+def phi() -> nn.Module:
+    return transformers.PhiForCausalLM(transformers.PhiConfig(**COMMON, intermediate_size=112))
+
+
+def phi3() -> nn.Module:
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+
+
+def gpt_neox(parallel: bool = True) -> nn.Module:
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        **COMMON, intermediate_size=112, use_parallel_residual=parallel))
+
+
 FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "llama": llama,
+    "mistral": mistral,
+    "qwen2": qwen2,
+    "gemma": gemma,
     "opt": opt,
+    "phi": phi,
+    "phi3": phi3,
+    "gpt_neox": gpt_neox,
+    "gpt_neox_sequential": lambda: gpt_neox(parallel=False),
 }
 
 

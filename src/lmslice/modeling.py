@@ -45,6 +45,10 @@ class ResidualChannel:
             raise RuntimeError("shortcut projection called before the norm that feeds it")
         return residual
 
+    def add_tail(self, tail: torch.Tensor) -> None:
+        """Adds one writer's surplus features (a parallel block's last connection has several writers)."""
+        self.tail = tail if self.tail is None else self.tail + tail
+
     def take_tail(self) -> torch.Tensor | None:
         tail, self.tail = self.tail, None
         return tail
@@ -111,7 +115,28 @@ class ShortcutLinear(nn.Linear):
         out = out + residual @ self.shortcut_minus_identity
         if self.widening is None:
             return out
-        self.widening.tail = out[..., self.residual_width:]
+        self.widening.add_tail(out[..., self.residual_width:])
+        return out[..., : self.residual_width]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, residual_width={self.residual_width}"
+
+
+class WideningLinear(nn.Linear):
+    """A further writer of the last block's last connection (parallel blocks have several) when the head
+    reads more features than the stream has: keeps the stream's width, hands its surplus to the final norm."""
+
+    def __init__(self, linear: nn.Linear, residual_width: int, widening: ResidualChannel) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.residual_width = residual_width
+        self.widening = widening
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden_states, self.weight, self.bias)
+        self.widening.add_tail(out[..., self.residual_width:])
         return out[..., : self.residual_width]
 
     def extra_repr(self) -> str:
@@ -176,13 +201,16 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> None:
 def install_final_norm(model: nn.Module, modules: dict[str, Any], width: int, head_width: int, hidden: int,
                        eps: float) -> None:
     """The head's norm; when the head reads more than the stream's width, it also takes the last
-    block's surplus output."""
+    block's surplus output (the sum of the surpluses of the last connection's writers)."""
     final_norm = SlicedRMSNorm(head_width, eps, hidden)
     set_module(model, modules["final_norm"], final_norm)
     if head_width != width:
         blocks = get_module(model, modules["blocks"])
-        last_projection = get_module(blocks[len(blocks) - 1], modules["residuals"][-1]["writes"][0])
-        final_norm.widening = last_projection.widening = ResidualChannel()
+        last_block = blocks[len(blocks) - 1]
+        shortcut_path, *other_writers = modules["residuals"][-1]["writes"]
+        final_norm.widening = get_module(last_block, shortcut_path).widening = ResidualChannel()
+        for path in other_writers:
+            set_module(last_block, path, WideningLinear(get_module(last_block, path), width, final_norm.widening))
 
 
 def install_block(block: nn.Module, modules: dict[str, Any], width: int, out_width: int, hidden: int,
@@ -210,6 +238,23 @@ def install_block(block: nn.Module, modules: dict[str, Any], width: int, out_wid
         set_module(block, shortcut_path, ShortcutLinear(get_module(block, shortcut_path), width, channel))
 
 
+def base_key_mapping(base: type) -> dict[str, str]:
+    """The parameter renamings `transformers` applies when it loads `base` checkpoints.
+
+    `save_pretrained` writes a `base` model in its original on-disk names (GPT-NeoX's `lm_head` as
+    `embed_out`) and renames them back on load, but not for a custom class like the sliced one.
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers save names as they are
+        return {}
+    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    transforms = get_checkpoint_conversion_mapping(base.__name__) or (
+        get_checkpoint_conversion_mapping(model_type) if model_type else None) or []
+    return {source: target for transform in transforms if type(transform).__name__ == "WeightRenaming"
+            for source, target in zip(transform.source_patterns, transform.target_patterns)}
+
+
 def sliced_class(base: type) -> type:
     """`base` (a `transformers` *ForCausalLM class) whose constructor builds the sliced structure."""
 
@@ -218,8 +263,14 @@ def sliced_class(base: type) -> type:
             super().__init__(config, *args, **kwargs)
             apply_layout(self, config.lmslice)
 
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+            if "key_mapping" not in kwargs and base_key_mapping(base):
+                kwargs["key_mapping"] = base_key_mapping(base)
+            return super().from_pretrained(*args, **kwargs)
+
         def _init_weights(self, module: nn.Module) -> None:
-            if not isinstance(module, (SlicedRMSNorm, ShortcutLinear)):
+            if not isinstance(module, (SlicedRMSNorm, ShortcutLinear, WideningLinear)):
                 super()._init_weights(module)
 
     Sliced.__name__ = Sliced.__qualname__ = "LmsliceForCausalLM"

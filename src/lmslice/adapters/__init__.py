@@ -1,38 +1,56 @@
-"""The registry of model families. Adding one: write `adapters/<family>.py`, list it here."""
+"""The registry of model families. Adding one: write `adapters/<family>.py`, list it here.
+
+One architecture may have several adapters (GPT-NeoX: parallel or sequential blocks); a model gets the
+first one whose `unsupported(config)` accepts its config.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.gemma import GEMMA
+from lmslice.adapters.gpt_neox import GPT_NEOX, GPT_NEOX_SEQUENTIAL
 from lmslice.adapters.llama import LLAMA
+from lmslice.adapters.mistral import MISTRAL
 from lmslice.adapters.opt import OPT
+from lmslice.adapters.phi import PHI
+from lmslice.adapters.phi3 import PHI3
+from lmslice.adapters.qwen2 import QWEN2
 from lmslice.errors import LmsliceError
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, OPT)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, GEMMA, OPT, PHI, PHI3, GPT_NEOX,
+                                      GPT_NEOX_SEQUENTIAL)
 
 
 def supported_architectures() -> list[str]:
-    return sorted(arch for adapter in ADAPTERS for arch in adapter.architectures)
+    return sorted({arch for adapter in ADAPTERS for arch in adapter.architectures})
+
+
+def adapters_for_architecture(architecture: str) -> list[ModelAdapter]:
+    candidates = [adapter for adapter in ADAPTERS if architecture in adapter.architectures]
+    if not candidates:
+        raise LmsliceError(
+            f"unsupported architecture {architecture}; lmslice supports {', '.join(supported_architectures())}"
+        )
+    return candidates
 
 
 def adapter_for_architecture(architecture: str) -> ModelAdapter:
-    for adapter in ADAPTERS:
-        if architecture in adapter.architectures:
-            return adapter
-    raise LmsliceError(
-        f"unsupported architecture {architecture}; lmslice supports {', '.join(supported_architectures())}"
-    )
+    return adapters_for_architecture(architecture)[0]
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for a loaded model, checked against its config (some variants of a family differ)."""
-    adapter = adapter_for_architecture(type(model).__name__)
-    reason = adapter.unsupported(model.config)
-    if reason:
-        raise LmsliceError(f"{reason} (architecture {type(model).__name__})")
-    return adapter
+    architecture = type(model).__name__
+    reasons = []
+    for adapter in adapters_for_architecture(architecture):
+        reason = adapter.unsupported(model.config)
+        if not reason:
+            return adapter
+        reasons.append(reason)
+    raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "Residual", "adapter_for_architecture", "find_adapter",
-           "supported_architectures"]
+__all__ = ["ADAPTERS", "ModelAdapter", "Residual", "adapter_for_architecture", "adapters_for_architecture",
+           "find_adapter", "supported_architectures"]

@@ -1,0 +1,16 @@
+"""Phi-3: Llama's layout with fused qkv_proj and gate_up_proj, which are ordinary readers."""
+
+from lmslice.adapters.base import ModelAdapter, Residual
+
+PHI3 = ModelAdapter(
+    family="phi3",
+    architectures=("Phi3ForCausalLM",),
+    embeddings=("model.embed_tokens",),
+    blocks="model.layers",
+    residuals=(
+        Residual(reads={"input_layernorm": ("self_attn.qkv_proj",)}, writes=("self_attn.o_proj",)),
+        Residual(reads={"post_attention_layernorm": ("mlp.gate_up_proj",)}, writes=("mlp.down_proj",)),
+    ),
+    final_norm="model.norm",
+    head="lm_head",
+)
