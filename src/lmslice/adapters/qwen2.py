@@ -1,8 +1,9 @@
 """Qwen2 / Qwen2.5: Llama's layout with q/k/v biases; layers may differ in attention type (refused)."""
 
+from dataclasses import replace
 from typing import Any
 
-from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.llama import LLAMA
 
 
 def _unsupported(config: Any) -> str | None:
@@ -14,22 +15,4 @@ def _unsupported(config: Any) -> str | None:
     return None
 
 
-QWEN2 = ModelAdapter(
-    family="qwen2",
-    architectures=("Qwen2ForCausalLM",),
-    embeddings=("model.embed_tokens",),
-    blocks="model.layers",
-    residuals=(
-        Residual(
-            reads={"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")},
-            writes=("self_attn.o_proj",),
-        ),
-        Residual(
-            reads={"post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")},
-            writes=("mlp.down_proj",),
-        ),
-    ),
-    final_norm="model.norm",
-    head="lm_head",
-    unsupported=_unsupported,
-)
+QWEN2 = replace(LLAMA, family="qwen2", architectures=("Qwen2ForCausalLM",), unsupported=_unsupported)
