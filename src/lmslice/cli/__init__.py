@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from lmslice import __version__
-from lmslice.cli import ppl, slice_command
+from lmslice.cli import bench_command, eval_command, finetune_command, ppl, report_command, slice_command
 from lmslice.errors import LmsliceError
 
-SUBCOMMANDS = (slice_command, ppl)
+SUBCOMMANDS = (slice_command, ppl, eval_command, finetune_command, report_command, bench_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lmslice.errors import LmsliceError
+from lmslice.evaluation.zeroshot import PAPER_TASKS
 from lmslice.io.models import DTYPES
 
 
@@ -36,3 +37,21 @@ def peak_memory_gib(device: str) -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def add_zero_shot_options(parser: argparse.ArgumentParser, optional: bool) -> None:
+    """The lm-eval options of `eval` (tasks default to the paper's) and `report` (no tasks by default)."""
+    paper = ",".join(PAPER_TASKS)
+    parser.add_argument("--tasks", default=None if optional else paper,
+                        help="comma-separated lm-eval task names (default: " + ("none" if optional else "the paper's")
+                             + f"; the paper's are {paper})")
+    parser.add_argument("--include-path", help="directory of extra lm-eval task YAML files (local data, offline)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+
+
+def task_list(tasks: str) -> list[str]:
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise LmsliceError("--tasks is empty; give comma-separated lm-eval task names")
+    return names

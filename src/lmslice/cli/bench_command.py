@@ -1,0 +1,72 @@
+"""`lmslice bench`: speed of a dense and a sliced model side by side, against their FLOP ratio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from lmslice.bench import benchmark
+from lmslice.cli.common import add_model_options, check_device, context_length
+from lmslice.errors import LmsliceError
+from lmslice.io.models import load
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="throughput, decode latency and FLOPs of a dense and a sliced model",
+        description="Measures a dense model and its sliced version side by side, alternating between them: "
+                    "(1) forward-pass throughput in tokens/s over --seqlen-token sequences, the batch size "
+                    "doubled from 1 until memory runs out, throughput stops rising or --max-batch, best batch "
+                    "reported (the SliceGPT paper's protocol); (2) decode latency in ms per generated token at "
+                    "batch 1 with the KV cache, prefill excluded, median of --repeats; (3) FLOPs per token "
+                    "counted from the models (linear layers, shortcut matrices, head, attention products), "
+                    "whose ratio bounds the speed-up, and the achieved speed-ups as a share of it.")
+    parser.add_argument("dense", help="the dense model: directory, .gguf file or hub id")
+    parser.add_argument("sliced", help="the sliced model directory (written by lmslice slice)")
+    parser.add_argument("--seqlen", type=int, default=128,
+                        help="tokens per sequence for throughput, capped by the model context (default: 128)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="largest batch size to try for throughput (default: no limit; doubling stops when "
+                             "throughput stops rising or, on a GPU, when memory runs out)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per measurement; the median is reported (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default: 1)")
+    parser.add_argument("--prompt-len", type=int, default=32,
+                        help="prompt tokens prefilled before the timed decode steps (default: 32)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="decode steps timed per latency run (default: 32)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (torch.set_num_threads); default: torch's current setting")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random input tokens (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_model_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    for name in ("seqlen", "repeats", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise LmsliceError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmsliceError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)  # also for loading
+    dense = load(args.dense, dtype=args.dtype, device=args.device)
+    sliced = load(args.sliced, dtype=args.dtype, device=args.device)
+    if dense.config.vocab_size != sliced.config.vocab_size:
+        raise LmsliceError(f"the models have different vocabularies ({dense.config.vocab_size} and "
+                           f"{sliced.config.vocab_size}): give a dense model and a slice of it")
+    seqlen = min(context_length(dense, args.seqlen), context_length(sliced, args.seqlen))
+    limit = min(context_length(dense, 1 << 30), context_length(sliced, 1 << 30))
+    if args.prompt_len + args.new_tokens > limit:
+        raise LmsliceError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed the models' "
+                           f"context of {limit} tokens")
+    report = benchmark(dense, sliced, seqlen=seqlen, max_batch=args.max_batch, repeats=args.repeats,
+                       warmup=args.warmup, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       threads=args.threads, seed=args.seed,
+                       labels={"dense": str(args.dense), "sliced": str(args.sliced)})
+    print(json.dumps(report.as_dict()) if args.json else report.table())
+    return 0

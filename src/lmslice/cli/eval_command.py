@@ -1,0 +1,42 @@
+"""`lmslice eval`: zero-shot accuracy of a dense or sliced model, through lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmslice.cli.common import add_model_options, add_zero_shot_options, check_device, task_list
+from lmslice.errors import LmsliceError
+from lmslice.evaluation.zeroshot import format_table, task_manager, zero_shot
+from lmslice.io.models import load_with_tokenizer
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="zero-shot accuracy on lm-eval tasks",
+        description="Runs lm-evaluation-harness tasks zero-shot on the loaded model and prints acc and acc_norm "
+                    "per task and their average (acc_norm where the task defines it, else acc, as in the paper). "
+                    "Task data comes from the Hugging Face hub; offline, define tasks in YAML files that read "
+                    "local data (dataset_path: json, dataset_kwargs: {data_files: {test: /abs/path.jsonl}}) and "
+                    "pass their directory with --include-path.")
+    parser.add_argument("model", help="model directory (dense or sliced), .gguf file or hub id")
+    add_zero_shot_options(parser, optional=False)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_model_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    tasks = task_list(args.tasks)
+    manager = task_manager(tasks, args.include_path)  # before the model: a wrong task name fails fast
+    model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if tokenizer is None:
+        raise LmsliceError(f"{args.model} has no tokenizer; save one next to the model")
+    result = zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                       manager=manager)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "limit": args.limit, **result.as_dict()}))
+    else:
+        print(format_table(result))
+    return 0

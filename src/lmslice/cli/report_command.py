@@ -1,0 +1,123 @@
+"""`lmslice report`: slice one model at several sparsities and tabulate and plot what each costs."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from typing import Any
+
+from lmslice.cli.common import (add_model_options, add_zero_shot_options, check_device, context_length,
+                                task_list)
+from lmslice.errors import LmsliceError
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.evaluation.zeroshot import task_manager, zero_shot
+from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
+from lmslice.io.models import check_output_dir, load_with_tokenizer
+from lmslice.report import format_markdown, write_report
+from lmslice.slicing import count_parameters, slice_model, sliced_width
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report", help="slice at several sparsities; table and plots",
+        description="Slices a fresh copy of the model at each sparsity and measures parameters and perplexity "
+                    "(and the zero-shot average with --tasks). The dense model is always measured as sparsity 0. "
+                    "Writes report.json, report.md, perplexity.png (perplexity against the fraction of "
+                    "parameters kept) and spectra.png (eigenvalue spectra of the block outputs, from the "
+                    "smallest sparsity above 0) into the output directory.")
+    parser.add_argument("model", help="dense model directory, .gguf file or hub id")
+    parser.add_argument("--sparsities", default="0,0.1,0.2,0.25,0.3",
+                        help="comma-separated sparsities, at least one above 0 (default: 0,0.1,0.2,0.25,0.3)")
+    parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
+    parser.add_argument("--eval-data", required=True, help="perplexity text (its test split)")
+    parser.add_argument("-o", "--output", required=True, help="directory to write the report to")
+    parser.add_argument("--overwrite", action="store_true", help="write into the output directory if it exists")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048,
+                        help="tokens per calibration window, capped by the model context (default: 2048)")
+    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
+    parser.add_argument("--round-to", type=int, default=8,
+                        help="round the kept width down to a multiple of this (default: 8)")
+    parser.add_argument("--slice-head", action="store_true", help="also slice the head's input")
+    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
+    parser.add_argument("--eval-max-windows", type=int, default=None,
+                        help="evaluate only the first N windows (default: all)")
+    add_zero_shot_options(parser, optional=True)
+    parser.add_argument("--json", action="store_true", help="print the report's rows as one JSON object")
+    add_model_options(parser)
+    parser.set_defaults(run=run)
+
+
+def parse_sparsities(text: str, round_to: int) -> list[float]:
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError as error:
+        raise LmsliceError(f"--sparsities must be comma-separated numbers, got {text!r}") from error
+    for value in values:
+        sliced_width(1024, value, round_to)  # validates the value and --round-to
+    if not values or values[-1] == 0:
+        raise LmsliceError("--sparsities needs at least one sparsity above 0")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    check_device(args.device)
+    output = check_output_dir(args.output, args.overwrite)
+    sparsities = parse_sparsities(args.sparsities, args.round_to)
+    tasks = task_list(args.tasks) if args.tasks else None
+    # checked before the slow work, so a wrong task name fails fast
+    manager = task_manager(tasks, args.include_path) if tasks else None
+    dense, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if tokenizer is None:
+        raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
+    calib_seqlen = context_length(dense, args.calib_seqlen)
+    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
+                                  calib_seqlen, args.calib_batch_size, args.seed)
+    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test"))
+    eval_seqlen = context_length(dense, args.eval_seqlen)
+    dense_parameters = count_parameters(dense)
+    progress = not args.json
+
+    def measure(model: Any, sparsity: float, width: int) -> dict[str, Any]:
+        parameters = count_parameters(model)
+        row = {"sparsity": sparsity, "width": width, "parameters": parameters,
+               "parameters_fraction": parameters / dense_parameters,
+               "perplexity": perplexity(model, eval_tokens, eval_seqlen, max_windows=args.eval_max_windows,
+                                        progress=progress).perplexity,
+               "zero_shot_average": None, "zero_shot": None}
+        if tasks:
+            result = zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                               manager=manager)
+            row["zero_shot_average"], row["zero_shot"] = result.average, result.as_dict()["tasks"]
+        return row
+
+    rows = [measure(dense, 0.0, dense.config.hidden_size)]
+    spectra = None
+    for sparsity in (value for value in sparsities if value > 0):
+        # each sparsity slices its own copy: slicing works in place and must start from the dense model
+        model = copy.deepcopy(dense)
+        result = slice_model(model, batches, sparsity, round_to=args.round_to, slice_head=args.slice_head,
+                             progress=progress)
+        row = measure(model, sparsity, result.width)
+        rows.append({**row, "slicing_seconds": round(result.seconds, 2)})
+        spectra = spectra or {"sparsity": sparsity, "values": result.spectra}
+    report = {
+        "model": str(args.model), "eval_data": args.eval_data, "eval_seqlen": eval_seqlen,
+        "eval_max_windows": args.eval_max_windows, "tasks": tasks, "limit": args.limit,
+        "calibration": {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
+                        "batch_size": args.calib_batch_size, "seed": args.seed},
+        "round_to": args.round_to, "slice_head": args.slice_head, "parameters_dense": dense_parameters,
+        "rows": rows, "total_seconds": round(time.perf_counter() - started, 2), "spectra": spectra,
+    }
+    paths = write_report(report, output)
+    if args.json:
+        print(json.dumps({**{key: value for key, value in report.items() if key != "spectra"},
+                          "files": [str(path) for path in paths.values()]}))
+    else:
+        print(format_markdown(report))
+        print(f"\nwrote {', '.join(path.name for path in paths.values())} to {output}")
+    return 0

@@ -1,0 +1,89 @@
+"""Recovery fine-tuning: LoRA training lowers the loss, merges into a sliced model that saves and reloads
+with the same structure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmslice
+import tiny_models
+from lmslice.cli import main
+from lmslice.errors import LmsliceError
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.finetune import finetune, lora_targets
+from lmslice.io.data import load_text, tokenize
+from lmslice.modeling import ShortcutLinear
+from lmslice.slicing import slice_model
+
+
+@pytest.fixture(scope="module")
+def sliced_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    model = tiny_models.build("llama", torch.float32)
+    slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    return lmslice.save_sliced(model, tiny_tokenizer, tmp_path_factory.mktemp("finetune") / "sliced")
+
+
+def mean_loss(model: torch.nn.Module, batches: list[dict]) -> float:
+    with torch.no_grad():
+        losses = []
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1)))
+    return torch.stack(losses).mean().item()
+
+
+def test_training_lowers_the_loss_and_keeps_the_structure(sliced_dir: Path) -> None:
+    model = lmslice.load(sliced_dir)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    batches = tiny_models.random_batches(count=2, seed=3)
+    before = mean_loss(model, batches)
+    model, result = finetune(model, batches * 4, lr=1e-2, r=4, seed=0, progress=False)
+    assert result.steps == 8 and result.stopped_by == "data" and len(result.losses) == 8
+    assert mean_loss(model, batches) < before
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes
+    assert not [name for name, _ in model.named_modules() if "lora" in name]
+    assert isinstance(model.model.layers[0].self_attn.o_proj, ShortcutLinear)
+    assert "self_attn.o_proj" in result.target_modules and "mlp.down_proj" in result.target_modules
+
+
+def test_steps_and_time_budget_stop_training(sliced_dir: Path) -> None:
+    batches = tiny_models.random_batches(count=4)
+    _, by_steps = finetune(lmslice.load(sliced_dir), batches, max_steps=2, progress=False)
+    assert (by_steps.steps, by_steps.stopped_by) == (2, "max_steps")
+    _, by_time = finetune(lmslice.load(sliced_dir), batches, time_budget=0, progress=False)
+    assert (by_time.steps, by_time.stopped_by) == (0, "time_budget")
+
+
+def test_dense_models_are_refused() -> None:
+    with pytest.raises(LmsliceError, match="sliced model"):
+        lora_targets(tiny_models.build("llama", torch.float32))
+
+
+def test_cli_saves_a_merged_model_that_reloads(sliced_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "recovered"
+    code = main(["finetune", str(sliced_dir), "--data", str(text_file), "-o", str(out), "--samples", "6",
+                 "--seqlen", "32", "--batch-size", "2", "--lr", "5e-3", "--lora-r", "4", "--eval-seqlen", "64",
+                 "--eval-max-windows", "2", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["perplexity_after"]["perplexity"] > 0
+
+    original, recovered = lmslice.load(sliced_dir), lmslice.load(out)
+    assert ({name: p.shape for name, p in recovered.named_parameters()}
+            == {name: p.shape for name, p in original.named_parameters()})
+    record = json.loads((out / "config.json").read_text())["lmslice"]
+    assert record["width"] == original.config.lmslice["width"]
+    assert record["finetune"]["lora"]["r"] == 4 and record["finetune"]["steps"] == 3
+    changed = [name for name, p in recovered.named_parameters()
+               if not torch.equal(p, original.get_parameter(name))]
+    assert changed and all(name.startswith("model.layers.") for name in changed)
+    # the reloaded model measures what the merged model measured before saving
+    _, tokenizer = lmslice.load_with_tokenizer(out)
+    tokens = tokenize(tokenizer, load_text(str(text_file), split="test"))
+    reloaded = perplexity(recovered, tokens, 64, max_windows=2, progress=False).perplexity
+    assert reloaded == pytest.approx(summary["perplexity_after"]["perplexity"], rel=1e-5)
