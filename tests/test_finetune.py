@@ -53,9 +53,9 @@ def test_training_lowers_the_loss_and_keeps_the_structure(sliced_dir: Path) -> N
 
 def test_steps_and_time_budget_stop_training(sliced_dir: Path) -> None:
     batches = tiny_models.random_batches(count=4)
-    _, by_steps = finetune(lmslice.load(sliced_dir), batches, max_steps=2, progress=False)
+    model, by_steps = finetune(lmslice.load(sliced_dir), batches, max_steps=2, progress=False)
     assert (by_steps.steps, by_steps.stopped_by) == (2, "max_steps")
-    _, by_time = finetune(lmslice.load(sliced_dir), batches, time_budget=0, progress=False)
+    _, by_time = finetune(model, batches, time_budget=0, progress=False)  # LoRA can wrap a merged model again
     assert (by_time.steps, by_time.stopped_by) == (0, "time_budget")
 
 
@@ -73,7 +73,7 @@ def test_cli_saves_a_merged_model_that_reloads(sliced_dir: Path, text_file: Path
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["perplexity_after"]["perplexity"] > 0
 
-    original, recovered = lmslice.load(sliced_dir), lmslice.load(out)
+    original, (recovered, tokenizer) = lmslice.load(sliced_dir), lmslice.load_with_tokenizer(out)
     assert ({name: p.shape for name, p in recovered.named_parameters()}
             == {name: p.shape for name, p in original.named_parameters()})
     record = json.loads((out / "config.json").read_text())["lmslice"]
@@ -83,7 +83,6 @@ def test_cli_saves_a_merged_model_that_reloads(sliced_dir: Path, text_file: Path
                if not torch.equal(p, original.get_parameter(name))]
     assert changed and all(name.startswith("model.layers.") for name in changed)
     # the reloaded model measures what the merged model measured before saving
-    _, tokenizer = lmslice.load_with_tokenizer(out)
     tokens = tokenize(tokenizer, load_text(str(text_file), split="test"))
     reloaded = perplexity(recovered, tokens, 64, max_windows=2, progress=False).perplexity
     assert reloaded == pytest.approx(summary["perplexity_after"]["perplexity"], rel=1e-5)

@@ -3,8 +3,8 @@
 Three measurements, taken side by side on the same inputs, device, dtype and thread count:
 
 * **throughput**: tokens per second of the forward pass over `seqlen`-token sequences, the batch size
-  doubled from 1 until memory runs out, throughput stops rising, or `max_batch` (the SliceGPT paper's
-  protocol); the best batch of each model is reported;
+  doubled from 1 until memory runs out, throughput stops rising (two doublings without a new best), or
+  `max_batch` (the SliceGPT paper's protocol); the best batch of each model is reported;
 * **decode latency**: milliseconds per generated token at batch 1, prefill excluded: a prompt is
   prefilled (timed separately), then `new_tokens` greedy decode steps run with the KV cache;
 * **FLOPs per token**, counted from the loaded model: every `nn.Linear` (attention projections, MLP,
@@ -166,13 +166,18 @@ def _interleaved(names: list[str], repeat: int) -> list[str]:
 
 @torch.inference_mode()
 def measure_throughput(models: Mapping[str, nn.Module], *, seqlen: int = 128, max_batch: int | None = None,
-                       repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Throughput]:
+                       repeats: int = 3, warmup: int = 1, patience: int = 1, seed: int = 0,
+                       ) -> dict[str, Throughput]:
     """Tokens/s of each model's forward pass, batch 1, 2, 4, ... until it runs out of memory, stops
-    getting faster, or would exceed `max_batch`. The models are timed alternately at each batch size."""
+    getting faster, or would exceed `max_batch`. The models are timed alternately at each batch size.
+
+    "Stops getting faster" means `patience + 1` doublings in a row without a new best, so one noisy
+    measurement does not end the search early."""
     names = list(models)
     device = _device_of(models[names[0]])
     vocab = min(model.config.vocab_size for model in models.values())
     results = {name: Throughput(seqlen) for name in names}
+    misses = dict.fromkeys(names, 0)
     active = set(names)
     batch = 1
     while active:
@@ -202,9 +207,10 @@ def measure_throughput(models: Mapping[str, nn.Module], *, seqlen: int = 128, ma
             speed = batch * seqlen / statistics.median(times[name])
             previous_best = result.tokens_per_s if result.by_batch else 0.0
             result.by_batch[batch] = speed
-            if speed <= previous_best:
+            misses[name] = misses[name] + 1 if speed <= previous_best else 0
+            if misses[name] > patience:
                 active.discard(name)
-                result.stopped = f"throughput stopped rising at batch {batch}"
+                result.stopped = f"throughput stopped rising (batch {batch})"
             elif max_batch is not None and 2 * batch > max_batch:
                 active.discard(name)
                 result.stopped = f"reached --max-batch {max_batch}"

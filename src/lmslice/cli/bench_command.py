@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="throughput, decode latency and FLOPs of a dense and a sliced model",
         description="Measures a dense model and its sliced version side by side, alternating between them: "
                     "(1) forward-pass throughput in tokens/s over --seqlen-token sequences, the batch size "
-                    "doubled from 1 until memory runs out, throughput stops rising or --max-batch, best batch "
+                    "doubled from 1 until memory runs out, throughput stops rising (two doublings without a new "
+                    "best) or --max-batch, best batch "
                     "reported (the SliceGPT paper's protocol); (2) decode latency in ms per generated token at "
                     "batch 1 with the KV cache, prefill excluded, median of --repeats; (3) FLOPs per token "
                     "counted from the models (linear layers, shortcut matrices, head, attention products), "

@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (default: one "
                                                                     "pass over the windows)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="stop training after this many seconds (default: no limit)")
+                        help="start no new step after this many seconds of training (default: no limit)")
     parser.add_argument("--seed", type=int, default=42, help="seed for the windows and LoRA (default: 42)")
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
     parser.add_argument("--eval-max-windows", type=int, default=None,
