@@ -112,7 +112,8 @@ class ShortcutLinear(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = self.channel.take_residual()
         out = F.linear(hidden_states, self.weight, self.bias)
-        out = out + residual @ self.shortcut_minus_identity
+        # In place: no second activation-sized buffer (F.linear does not keep its output for backward).
+        out.view(-1, self.out_features).addmm_(residual.reshape(-1, self.residual_width), self.shortcut_minus_identity)
         if self.widening is None:
             return out
         self.widening.add_tail(out[..., self.residual_width:])
