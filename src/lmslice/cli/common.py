@@ -11,6 +11,7 @@ from torch import nn
 
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.zeroshot import PAPER_TASKS
+from lmslice.io.data import describe_sources
 from lmslice.io.models import DTYPES
 
 
@@ -18,6 +19,27 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                         help="dtype to load and run the model in (default: float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def add_slicing_options(parser: argparse.ArgumentParser) -> None:
+    """Calibration and width options of `slice` and `report`."""
+    parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048,
+                        help="tokens per calibration window, capped by the model context (default: 2048)")
+    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
+    parser.add_argument("--round-to", type=int, default=8,
+                        help="round the kept width down to a multiple of this (default: 8)")
+    parser.add_argument("--slice-head", action="store_true",
+                        help="also slice the head's input (smaller model; by default the head keeps its "
+                             "full width, as in the reference implementation)")
+
+
+def add_eval_window_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
+    parser.add_argument("--eval-max-windows", type=int, default=None,
+                        help="evaluate only the first N windows (default: all)")
 
 
 def check_device(device: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmslice.cli.common import add_model_options, check_device, context_length
+from lmslice.cli.common import add_eval_window_options, add_model_options, check_device, context_length
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.finetune import LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, finetune
@@ -42,9 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="start no new step after this many seconds of training (default: no limit)")
     parser.add_argument("--seed", type=int, default=42, help="seed for the windows and LoRA (default: 42)")
-    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
-    parser.add_argument("--eval-max-windows", type=int, default=None,
-                        help="evaluate only the first N windows (default: all)")
+    add_eval_window_options(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)

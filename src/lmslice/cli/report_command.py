@@ -8,12 +8,12 @@ import json
 import time
 from typing import Any
 
-from lmslice.cli.common import (add_model_options, add_zero_shot_options, check_device, context_length,
-                                task_list)
+from lmslice.cli.common import (add_eval_window_options, add_model_options, add_slicing_options,
+                                add_zero_shot_options, check_device, context_length, task_list)
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
-from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
+from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_with_tokenizer
 from lmslice.report import format_markdown, write_report
 from lmslice.slicing import count_parameters, slice_model, sliced_width
@@ -30,21 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="dense model directory, .gguf file or hub id")
     parser.add_argument("--sparsities", default="0,0.1,0.2,0.25,0.3",
                         help="comma-separated sparsities, at least one above 0 (default: 0,0.1,0.2,0.25,0.3)")
-    parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
     parser.add_argument("--eval-data", required=True, help="perplexity text (its test split)")
     parser.add_argument("-o", "--output", required=True, help="directory to write the report to")
     parser.add_argument("--overwrite", action="store_true", help="write into the output directory if it exists")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048,
-                        help="tokens per calibration window, capped by the model context (default: 2048)")
-    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
-    parser.add_argument("--round-to", type=int, default=8,
-                        help="round the kept width down to a multiple of this (default: 8)")
-    parser.add_argument("--slice-head", action="store_true", help="also slice the head's input")
-    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
-    parser.add_argument("--eval-max-windows", type=int, default=None,
-                        help="evaluate only the first N windows (default: all)")
+    add_slicing_options(parser)
+    add_eval_window_options(parser)
     add_zero_shot_options(parser, optional=True)
     parser.add_argument("--json", action="store_true", help="print the report's rows as one JSON object")
     add_model_options(parser)

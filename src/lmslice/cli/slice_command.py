@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from lmslice.adapters import find_adapter
-from lmslice.cli.common import add_model_options, check_device, context_length, peak_memory_gib
+from lmslice.cli.common import (add_eval_window_options, add_model_options, add_slicing_options, check_device,
+                                context_length, peak_memory_gib)
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
-from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
+from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.slicing import count_parameters, slice_model, sliced_width
@@ -28,23 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="model directory, .gguf file, hub id, or smollm2-135m (built in)")
     parser.add_argument("--sparsity", type=float, required=True,
                         help="fraction of the hidden width to delete, in [0, 1); 0 keeps the dense model")
-    parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
     parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
     parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048,
-                        help="tokens per calibration window, capped by the model context (default: 2048)")
-    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
-    parser.add_argument("--round-to", type=int, default=8,
-                        help="round the kept width down to a multiple of this (default: 8)")
-    parser.add_argument("--slice-head", action="store_true",
-                        help="also slice the head's input (smaller model; by default the head keeps its "
-                             "full width, as in the reference implementation)")
+    add_slicing_options(parser)
     parser.add_argument("--eval-data", help="also report dense and sliced perplexity on this text's test split")
-    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
-    parser.add_argument("--eval-max-windows", type=int, default=None,
-                        help="evaluate only the first N windows (default: all)")
+    add_eval_window_options(parser)
     parser.add_argument("--offload", action="store_true",
                         help="keep blocks on disk: read each from the safetensors checkpoint, slice it, write "
                              "it out, free it (peak memory about one block plus calibration activations; "
