@@ -16,6 +16,7 @@ import transformers
 
 import lmslice
 import tiny_models
+from lmslice.calibration import ActivationStore
 from lmslice.cli import main
 from lmslice.io.offload import slice_offloaded
 from lmslice.slicing import slice_model
@@ -36,17 +37,34 @@ def test_offloaded_slicing_matches_in_memory(family: str, tmp_path: Path) -> Non
         assert (offloaded(ids, attention_mask=mask).logits - expected).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_activations_on_disk_give_the_same_model(family: str, tmp_path: Path) -> None:
+    dense = tiny_models.build(family, torch.float32)
+    batches = tiny_models.random_batches()
+    in_memory, on_disk = copy.deepcopy(dense), copy.deepcopy(dense)
+    slice_model(in_memory, batches, 0.25, progress=False)
+    slice_model(on_disk, batches, 0.25, progress=False, activations=ActivationStore(tmp_path))
+    # one file per batch for the stream and one for the block outputs, nothing held in memory
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        f"{kind}-{index}.safetensors" for kind in ("stream", "output") for index in range(len(batches)))
+    ids, mask = tiny_models.padded_inputs()
+    with torch.no_grad():
+        assert torch.equal(on_disk(ids, attention_mask=mask).logits, in_memory(ids, attention_mask=mask).logits)
+
+
 def test_cli_offload_writes_a_loadable_model(tmp_path: Path, tiny_tokenizer, text_file: Path, capsys) -> None:
     dense = tiny_models.build("llama", torch.float32)
     dense.save_pretrained(tmp_path / "dense")
     tiny_tokenizer.save_pretrained(tmp_path / "dense")
     code = main(["slice", str(tmp_path / "dense"), "--sparsity", "0.25", "--calib", str(text_file), "-o",
-                 str(tmp_path / "out"), "--calib-samples", "4", "--calib-seqlen", "32", "--offload", "--json"])
+                 str(tmp_path / "out"), "--calib-samples", "4", "--calib-seqlen", "32", "--offload",
+                 "--offload-activations", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     model = lmslice.load(tmp_path / "out")
     assert sum(p.numel() for p in model.parameters()) == summary["parameters_sliced"]
     assert model.get_input_embeddings().weight.shape == (tiny_models.VOCAB, 48)
+    assert not list(tmp_path.glob(".lmslice-activations-*"))  # removed once slicing is done
 
 
 MEASURE = textwrap.dedent("""

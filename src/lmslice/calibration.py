@@ -10,10 +10,12 @@ connection, the stream there is projected onto the kept components in place, as 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmslice.adapters import ModelAdapter
@@ -24,14 +26,46 @@ class StopForward(Exception):
     """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
 
 
+class ActivationStore:
+    """Where the calibration stream waits between blocks: in memory, or with a `directory`, in one file
+    per batch, read back when a block needs it, so only one batch of activations is resident."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.devices: dict[str, torch.device] = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.directory is None:
+            self.tensors[name] = tensor
+            return
+        save_file({"activations": tensor.contiguous()}, self.directory / f"{name}.safetensors")
+        self.devices[name] = tensor.device
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.directory is None:
+            return self.tensors[name]
+        return load_file(self.directory / f"{name}.safetensors", device=str(self.devices[name]))["activations"]
+
+
 @dataclass
 class BlockInput:
-    """One calibration batch as the blocks receive it."""
+    """One calibration batch as the blocks receive it; the hidden states themselves live in `store`."""
 
-    hidden: torch.Tensor  # (batch, tokens, width), coordinates in the current basis
+    name: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     mask: torch.Tensor  # (batch, tokens), True for real tokens
+    store: ActivationStore = field(repr=False)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(batch, tokens, width), coordinates in the current basis."""
+        return self.store.get(self.name)
+
+    @hidden.setter
+    def hidden(self, value: torch.Tensor) -> None:
+        self.store.put(self.name, value)
 
 
 class Covariance:
@@ -57,8 +91,8 @@ class Covariance:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: ModelAdapter,
-                         batches: Iterable[dict[str, torch.Tensor]]) -> list[BlockInput]:
+def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: Iterable[dict[str, torch.Tensor]],
+                         store: ActivationStore) -> list[BlockInput]:
     """Runs the model up to its first block on every batch and keeps what that block receives."""
     first_block = get_module(model, adapter.blocks)[0]
     device = model.get_input_embeddings().weight.device
@@ -68,7 +102,9 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter,
     def keep_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockInput(hidden, tuple(args[1:]), kwargs, mask_of_batch[-1]))
+        stream = BlockInput(f"stream-{len(captured)}", tuple(args[1:]), kwargs, mask_of_batch[-1], store)
+        stream.hidden = hidden
+        captured.append(stream)
         raise StopForward
 
     handle = first_block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
@@ -97,7 +133,7 @@ class BlockSignals:
 
     inner: list[tuple[torch.Tensor, torch.Tensor]]  # (eigenvalues, eigenvectors) per inner connection
     output: tuple[torch.Tensor, torch.Tensor]
-    outputs: list[torch.Tensor]  # block outputs in original coordinates, one per batch
+    outputs: list[BlockInput]  # block outputs in original coordinates, one per batch
 
 
 @torch.no_grad()
@@ -110,7 +146,7 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
     the stream at the earlier norms projected onto their kept components.
     """
     dim = basis_in.shape[0]
-    device, dtype = basis_in.device, streams[0].hidden.dtype
+    device, dtype = basis_in.device, next(block.parameters()).dtype
     up = basis_in.T.to(dtype)
     norms = [get_module(block, next(iter(residual.reads))) for residual in adapter.residuals[1:]]
     projections: list[torch.Tensor] = []
@@ -150,10 +186,11 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
     outputs = []
     handles = [n.register_forward_pre_hook(project) for n in norms]
     try:
-        for stream in streams:
+        for index, stream in enumerate(streams):
             out = run_block(block, stream, stream.hidden @ up)
             covariance.add(out, stream.mask)
-            outputs.append(out)
+            outputs.append(BlockInput(f"output-{index}", (), {}, stream.mask, stream.store))
+            outputs[-1].hidden = out
     finally:
         for handle in handles:
             handle.remove()

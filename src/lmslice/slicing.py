@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from lmslice import __version__
 from lmslice.adapters import find_adapter
-from lmslice.calibration import Covariance, block_signals, capture_block_inputs
+from lmslice.calibration import ActivationStore, Covariance, block_signals, capture_block_inputs
 from lmslice.errors import LmsliceError
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
 from lmslice.modeling import get_module, install_final_norm
@@ -69,13 +69,14 @@ class InMemory:
 @torch.no_grad()
 def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sparsity: float, *,
                 round_to: int = 8, slice_head: bool = False, progress: bool = True,
-                metadata: dict[str, Any] | None = None, storage: BlockStorage | None = None) -> SliceResult:
+                metadata: dict[str, Any] | None = None, storage: BlockStorage | None = None,
+                activations: ActivationStore | None = None) -> SliceResult:
     """Slices `model` in place and records what was done in `model.config.lmslice`.
 
     `batches` are calibration batches (`input_ids`, optional `attention_mask`). The head keeps its full
     input width unless `slice_head` (as in the reference implementation); the last block then writes
     the full width. Blocks are fused, calibrated, rotated and sliced one at a time, so `storage` can
-    keep all but one of them on disk.
+    keep all but one of them on disk, and `activations` all but one batch of the calibration stream.
     """
     start = time.perf_counter()
     adapter = find_adapter(model)
@@ -91,7 +92,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
 
     eps = norm_eps(get_module(model, adapter.final_norm))
     fuse_embeddings(model, adapter)
-    streams = capture_block_inputs(model, adapter, batches)
+    streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
     covariance = Covariance(hidden, embedding.device)
     for stream in streams:
         covariance.add(stream.hidden, stream.mask)
@@ -101,7 +102,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     for path in adapter.embeddings:
         rotate_writer(get_module(model, path), basis)
     for stream in streams:
-        stream.hidden = stream.hidden @ basis.to(stream.hidden.dtype)
+        stream.hidden = stream.hidden @ basis.to(embedding.dtype)
 
     blocks = get_module(model, adapter.blocks)
     added_biases: list[str] = []
@@ -120,9 +121,9 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
             rotate_block(block, adapter, bases, hidden, eps)
             storage.store(index, block)
             basis = bases[-1]
-            down = basis.to(streams[0].hidden.dtype)
-            for stream, out in zip(streams, signals.outputs):
-                stream.hidden = out @ down
+            down = basis.to(embedding.dtype)
+            for stream, output in zip(streams, signals.outputs):
+                stream.hidden = output.hidden @ down
             bar.set_postfix(block=index)
 
     added_biases += fuse_head(model, adapter)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from lmslice.adapters import find_adapter
+from lmslice.calibration import ActivationStore
 from lmslice.cli.common import (add_eval_window_options, add_model_options, add_slicing_options, check_device,
                                 context_length, peak_memory_gib)
 from lmslice.errors import LmsliceError
@@ -38,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="keep blocks on disk: read each from the safetensors checkpoint, slice it, write "
                              "it out, free it (peak memory about one block plus calibration activations; "
                              "needs a local model directory; perplexity then via `lmslice ppl OUTPUT`)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="keep the calibration activations on disk, one file per batch, next to the output "
+                             "(removed at the end): one batch resident instead of all of them")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -80,10 +86,15 @@ def run(args: argparse.Namespace) -> int:
                    "batch_size": args.calib_batch_size, "seed": args.seed}
     options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
                    metadata={"calibration": calibration, "source_model": str(args.model)})
-    if storage is None:
-        result = slice_model(model, batches, args.sparsity, **options)
-    else:
-        result = slice_with_storage(model, storage, batches, args.sparsity, **options)
+    with contextlib.ExitStack() as cleanup:
+        if args.offload_activations:
+            spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".lmslice-activations-",
+                                                                      dir=Path(output).absolute().parent))
+            options["activations"] = ActivationStore(spill)
+        if storage is None:
+            result = slice_model(model, batches, args.sparsity, **options)
+        else:
+            result = slice_with_storage(model, storage, batches, args.sparsity, **options)
     sliced_ppl = evaluate()
     summary = {
         "model": str(args.model),
