@@ -88,3 +88,17 @@ def test_slicing_changes_the_model_by_a_bounded_amount() -> None:
     error = (logits(sliced, ids, mask) - reference).norm() / reference.norm()
     unrelated = tiny_models.build("llama", seed=5)
     assert error < 0.5 * ((logits(unrelated, ids, mask) - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25])
+def test_embeddings_are_centred_only_when_slicing(sparsity: float) -> None:
+    """An RMSNorm model's embeddings lose their mean when components are deleted (the PCA then finds the
+    all-ones direction empty), and keep it at sparsity 0, where the model must stay exact."""
+    model = tiny_models.build("llama")
+    result = slice_model(model, tiny_models.random_batches(), sparsity, progress=False)
+    spectrum = torch.tensor(result.spectra["embeddings"])
+    smallest = (spectrum.min() / spectrum.max()).item()
+    if sparsity:
+        assert abs(smallest) < 1e-12
+    else:
+        assert smallest > 1e-6

@@ -72,10 +72,11 @@ def centre_output(module: nn.Module) -> None:
         module.bias.data = (bias - bias.mean()).to(module.bias.dtype)
 
 
-def fuse_embeddings(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Unties the head; for LayerNorm families, mean-centres what the embeddings write."""
+def fuse_embeddings(model: nn.Module, adapter: ModelAdapter, centre: bool = False) -> None:
+    """Unties the head and mean-centres what the embeddings write: always for LayerNorm families (exact),
+    for RMSNorm families when `centre` (not exact: RMSNorm sees the mean)."""
     untie_embeddings(model, adapter)
-    if adapter.norm_kind == "layer":
+    if centre or adapter.norm_kind == "layer":
         for path in adapter.embeddings:
             centre_output(get_module(model, path))
 

@@ -91,7 +91,12 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         raise LmsliceError("no calibration batches: give at least one calibration sample")
 
     eps = norm_eps(get_module(model, adapter.final_norm))
-    fuse_embeddings(model, adapter)
+    # Centring the embeddings of an RMSNorm family changes its function a little (SmolLM2-135M: perplexity
+    # 14.928 -> 14.930) but spares the PCA a component for the mean, as the reference implementation does:
+    # SmolLM2 sliced 25% measured 24.29 -> 24.21 in domain, 666 -> 650 across domains. At sparsity 0 nothing
+    # is deleted, so the model is left exact.
+    centre_embeddings = width < hidden
+    fuse_embeddings(model, adapter, centre=centre_embeddings)
     streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
     covariance = Covariance(hidden, embedding.device)
     for stream in streams:
@@ -141,6 +146,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         "width": width,
         "head_width": head_width,
         "eps": eps,
+        "centred_embeddings": centre_embeddings,
         "added_biases": added_biases,
         "modules": adapter.module_map(),
         **(metadata or {}),
