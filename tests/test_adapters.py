@@ -150,7 +150,7 @@ def sliced(request: pytest.FixtureRequest) -> tuple[str, nn.Module, dict[bool, n
     for slice_head in (False, True):
         models[slice_head] = copy.deepcopy(dense)
         slice_model(models[slice_head], tiny_models.random_batches(count=1), SPARSITY, slice_head=slice_head,
-                    progress=False)
+                    centre_embeddings=False, progress=False)  # centring would move the stream out of its subspace
     return request.param, dense, models
 
 
