@@ -9,6 +9,7 @@ import torch
 
 import tiny_models
 from lmslice.adapters import find_adapter
+from lmslice.calibration import Covariance
 from lmslice.fuse import fuse_norms
 from lmslice.slicing import slice_model
 
@@ -102,3 +103,15 @@ def test_embeddings_are_centred_only_when_slicing(sparsity: float) -> None:
         assert abs(smallest) < 1e-12
     else:
         assert smallest > 1e-6
+
+
+def test_principal_components_reconstruct_the_covariance_and_keep_the_thread_count() -> None:
+    covariance = Covariance(32, torch.device("cpu"))
+    hidden = torch.randn(2, 50, 32, dtype=torch.float64)
+    covariance.add(hidden, torch.ones(2, 50, dtype=torch.bool))
+    threads = torch.get_num_threads()
+    eigenvalues, eigenvectors = covariance.principal_components()
+    assert torch.get_num_threads() == threads
+    assert torch.all(eigenvalues[:-1] >= eigenvalues[1:])
+    expected = hidden.reshape(-1, 32).T @ hidden.reshape(-1, 32) / 100
+    assert torch.allclose(eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.T, expected, atol=1e-10)
