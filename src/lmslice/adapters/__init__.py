@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.base import Mlp, ModelAdapter, Residual
 from lmslice.adapters.gemma import GEMMA
 from lmslice.adapters.gpt_neox import GPT_NEOX, GPT_NEOX_SEQUENTIAL
 from lmslice.adapters.llama import LLAMA
@@ -52,5 +52,5 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "Residual", "adapter_for_architecture", "adapters_for_architecture",
+__all__ = ["ADAPTERS", "Mlp", "ModelAdapter", "Residual", "adapter_for_architecture", "adapters_for_architecture",
            "find_adapter", "supported_architectures"]

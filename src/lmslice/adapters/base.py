@@ -26,13 +26,26 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class Mlp:
+    """The MLP's channels: `producers` write them (each output row of a producer is one channel, or
+    `fused` stacked rows per channel: Phi-3's gate_up_proj holds gate and up in two halves), `consumer`
+    reads them (one input column per channel). `width_config` is the config field giving their number."""
+
+    producers: tuple[str, ...]
+    consumer: str
+    width_config: str = "intermediate_size"
+    fused: int = 1
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """Where the parts of one model family are, by `transformers` attribute path.
 
     `embeddings` are the modules whose outputs are summed into the residual stream before the first
     block (token and learned position embeddings); `norm_kind` is "rms", "layer" (LayerNorm: the stream
     is mean-centred before fusing) or "rms_plus_one" (Gemma: the scale is 1 + weight).
-    `unsupported` returns why a particular config of the family cannot be sliced, or None.
+    `unsupported` returns why a particular config of the family cannot be sliced, or None. `mlp` says
+    where the MLP's channels are, for pruning them (None: the family's MLP cannot be pruned).
     """
 
     family: str
@@ -44,6 +57,7 @@ class ModelAdapter:
     head: str
     norm_kind: str = "rms"
     unsupported: Callable[[Any], str | None] = field(default=lambda config: None)
+    mlp: Mlp | None = None
 
     @property
     def parallel(self) -> bool:

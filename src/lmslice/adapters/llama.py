@@ -1,6 +1,6 @@
 """Llama (Llama-2/3, SmolLM2, TinyLlama): RMSNorm, sequential attention then gated MLP."""
 
-from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.base import Mlp, ModelAdapter, Residual
 
 LLAMA = ModelAdapter(
     family="llama",
@@ -19,4 +19,5 @@ LLAMA = ModelAdapter(
     ),
     final_norm="model.norm",
     head="lm_head",
+    mlp=Mlp(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj"),
 )

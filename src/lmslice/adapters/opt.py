@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.base import Mlp, ModelAdapter, Residual
 
 
 def _unsupported(config: Any) -> str | None:
@@ -31,4 +31,5 @@ OPT = ModelAdapter(
     head="lm_head",
     norm_kind="layer",
     unsupported=_unsupported,
+    mlp=Mlp(producers=("fc1",), consumer="fc2", width_config="ffn_dim"),
 )

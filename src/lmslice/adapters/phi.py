@@ -1,6 +1,6 @@
 """Phi-1/1.5/2: one LayerNorm feeds attention and MLP in parallel; the head has a bias."""
 
-from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.base import Mlp, ModelAdapter, Residual
 
 PHI = ModelAdapter(
     family="phi",
@@ -17,4 +17,5 @@ PHI = ModelAdapter(
     final_norm="model.final_layernorm",
     head="lm_head",
     norm_kind="layer",
+    mlp=Mlp(producers=("mlp.fc1",), consumer="mlp.fc2"),
 )

@@ -1,6 +1,6 @@
 """Phi-3: Llama's layout with fused qkv_proj and gate_up_proj, which are ordinary readers."""
 
-from lmslice.adapters.base import ModelAdapter, Residual
+from lmslice.adapters.base import Mlp, ModelAdapter, Residual
 
 PHI3 = ModelAdapter(
     family="phi3",
@@ -13,4 +13,5 @@ PHI3 = ModelAdapter(
     ),
     final_norm="model.norm",
     head="lm_head",
+    mlp=Mlp(producers=("mlp.gate_up_proj",), consumer="mlp.down_proj", fused=2),
 )

@@ -18,6 +18,7 @@ from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
+from lmslice.prune import CRITERIA, DEFAULT_CRITERION, plan_uniform, prune_model
 from lmslice.slicing import count_parameters, slice_model, sliced_width
 
 REPORT_FILE = "lmslice_report.json"
@@ -30,8 +31,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "signal and delete the trailing ones (SliceGPT). Prints a summary and writes a model "
                     "directory loadable with lmslice.load or transformers (trust_remote_code=True).")
     parser.add_argument("model", help="model directory, .gguf file, hub id, or smollm2-135m (built in)")
-    parser.add_argument("--sparsity", type=float, required=True,
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--sparsity", type=float,
                         help="fraction of the hidden width to delete, in [0, 1); 0 keeps the dense model")
+    budget.add_argument("--target-params", type=float, metavar="F",
+                        help="keep this fraction, in (0, 1], of the model's real parameters (every tensor once): "
+                             "prunes the MLP channels of every block to the widest width that fits, with a "
+                             "least-squares refit of the down projection; the output is the family's own "
+                             "architecture (loads with plain from_pretrained)")
+    parser.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                        help=f"with --target-params: how MLP channels are chosen (default: {DEFAULT_CRITERION})")
     parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
     parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     add_slicing_options(parser)
@@ -53,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
     output = check_output_dir(args.output, args.overwrite)
-    sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
+    if args.target_params is None:
+        sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
+    elif args.offload or args.slice_head:
+        raise LmsliceError("--target-params prunes MLP channels in memory; --offload and --slice-head apply to "
+                           "--sparsity")
     if args.offload:
         if args.eval_data:
             raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
@@ -65,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
         storage = None
     find_adapter(model)  # an unsupported model fails before the slow work
+    plan = plan_uniform(model, args.target_params, args.round_to) if args.target_params is not None else None
     if tokenizer is None:
         raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
 
@@ -91,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
             spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".lmslice-activations-",
                                                                       dir=Path(output).absolute().parent))
             options["activations"] = ActivationStore(spill)
-        if storage is None:
+        if plan is not None:
+            result = prune_model(model, batches, plan, criterion=args.prune_criterion, progress=not args.json,
+                                 activations=options.get("activations"), metadata=options["metadata"])
+        elif storage is None:
             result = slice_model(model, batches, args.sparsity, **options)
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
@@ -99,10 +116,10 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "model": str(args.model),
         "family": result.family,
-        "sparsity": args.sparsity,
-        "hidden_size": result.hidden_size,
-        "width": result.width,
-        "head_width": result.head_width,
+        **({"sparsity": args.sparsity, "hidden_size": result.hidden_size, "width": result.width,
+            "head_width": result.head_width} if plan is None else
+           {"target_params": plan.target_params, "mlp_width": plan.mlp_widths[0],
+            "prune_criterion": args.prune_criterion}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
         "calibration": calibration,
@@ -118,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         save_offloaded(model, storage, tokenizer, output, args.overwrite)
     summary["total_seconds"] = round(time.perf_counter() - started, 2)
     summary["peak_memory_gib"] = round(peak_memory_gib(args.device), 3)
-    (Path(output) / REPORT_FILE).write_text(json.dumps({**summary, "spectra": result.spectra}) + "\n")
+    (Path(output) / REPORT_FILE).write_text(json.dumps({**summary, "spectra": getattr(result, "spectra", {})}) + "\n")
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
@@ -126,10 +143,19 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(summary: dict) -> str:
     dense, sliced = summary["parameters_dense"], summary["parameters_sliced"]
     calibration = summary["calibration"]
-    head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
-    lines = [
-        f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}",
-        f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
+    if "target_params" in summary:
+        lines = [
+            f"pruned {summary['model']} ({summary['family']}) to {summary['target_params']:g} of its parameters",
+            f"  MLP width      {summary['mlp_width']} in every block (channels by {summary['prune_criterion']}, "
+            "down projection refit by least squares)",
+        ]
+    else:
+        head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
+        lines = [
+            f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}",
+            f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
+        ]
+    lines += [
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]
     if summary["perplexity_dense"]:

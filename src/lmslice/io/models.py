@@ -34,6 +34,12 @@ def is_sliced(path: str | os.PathLike[str]) -> bool:
     return config.is_file() and "lmslice" in json.loads(config.read_text())
 
 
+def is_standard(layout: dict[str, Any]) -> bool:
+    """Whether an lmslice output is its family's own architecture (MLP channels pruned, nothing
+    rotated): plain `from_pretrained` builds it, and it carries no modeling code."""
+    return layout.get("output_format") == "standard"
+
+
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu") -> nn.Module:
     """A causal LM from a local directory (dense or sliced), a `.gguf` file, a hub id or a built-in name
@@ -68,8 +74,8 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
-        if is_sliced(path):
-            config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path) if is_sliced(path) else None
+        if config is not None and not is_standard(config.lmslice):
             base = getattr(transformers, config.lmslice["base_architecture"], None)
             if base is None:
                 raise LmsliceError(f"this transformers has no {config.lmslice['base_architecture']}; upgrade it")
@@ -163,6 +169,8 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
     try:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if is_standard(layout):
+            return _move_into_place(staging, out, overwrite)
         (staging / MODELING_FILE).write_text(
             inspect.getsource(modeling)
             + f"\n\nimport transformers  # noqa: E402\n\n"
@@ -173,12 +181,16 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
         config["architectures"] = [layout["base_architecture"]]
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            if not overwrite:
-                raise LmsliceError(f"output directory {out} appeared while slicing; not replacing it")
-            shutil.rmtree(out)
-        staging.rename(out)
+        return _move_into_place(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:
+    if out.exists():
+        if not overwrite:
+            raise LmsliceError(f"output directory {out} appeared while slicing; not replacing it")
+        shutil.rmtree(out)
+    staging.rename(out)
     return out

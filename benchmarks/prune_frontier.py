@@ -1,0 +1,133 @@
+"""Perplexity against *real* parameters: MLP channel pruning vs SliceGPT per-block slicing, equal sizes.
+
+    OMP_NUM_THREADS=1 python benchmarks/prune_frontier.py --budgets 0.9,0.8,0.7,0.6 \
+        --modes slicegpt,mlp:obs --eval pydoc,../shared/data/wikitext-2/wiki.test.raw
+
+For each budget F (fraction of the dense model's parameters, every tensor once, a tied embedding once)
+and each mode, the model loaded once is deep-copied and compressed:
+
+- `slicegpt`: `slice_model` with the head sliced, at the residual width (multiple of 8) whose real
+  parameter count (untied head and shortcut matrices included) is closest to F;
+- `mlp:CRITERION` (obs, energy, leverage): `prune_model` at the widest uniform MLP width within F;
+  `mlp:CRITERION:delete` deletes the channels without the least-squares refit.
+
+Prints a markdown table: real parameters, perplexity and ratio to dense on each evaluation text, the
+compression time and the peak resident memory of the compression step (VmHWM, reset before each step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import lmslice
+from lmslice.adapters import find_adapter
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.io.data import calibration_batches, load_text, tokenize
+from lmslice.modeling import apply_layout, get_module
+from lmslice.prune import plan_uniform, prune_model
+from lmslice.slicing import count_parameters, slice_model
+
+
+def sliced_parameters(model: torch.nn.Module, width: int) -> int:
+    """Real parameters of `model` sliced per block to `width` with the head sliced, counted on a
+    weightless (meta) copy of its structure."""
+    adapter = find_adapter(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    hidden = get_module(skeleton, adapter.embeddings[0]).weight.shape[1]
+    apply_layout(skeleton, {"modules": adapter.module_map(), "hidden_size": hidden, "width": width,
+                            "head_width": width, "eps": 1e-6, "added_biases": []})
+    return count_parameters(skeleton)
+
+
+def slicegpt_sparsity(model: torch.nn.Module, target: float) -> float:
+    """The sparsity whose sliced width (a multiple of 8) gives the real parameter count closest to target."""
+    dense = count_parameters(model)
+    hidden = get_module(model, find_adapter(model).embeddings[0]).weight.shape[1]
+    width = min(range(8, hidden + 1, 8), key=lambda w: abs(sliced_parameters(model, w) - target * dense))
+    return 1 - (width + 0.5) / hidden
+
+
+def reset_peak_memory() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) -> str:
+    """Compresses `model` in place; returns a short description of what was done."""
+    if mode == "slicegpt":
+        sparsity = slicegpt_sparsity(model, budget)
+        result = slice_model(model, batches, sparsity, slice_head=True, progress=False)
+        return f"D'={result.width}"
+    _, criterion, *delete = mode.split(":")
+    plan = plan_uniform(model, budget)
+    prune_model(model, batches, plan, criterion=criterion, refit_consumer=not delete, progress=False)
+    return f"MLP {plan.mlp_widths[0]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="pydoc")
+    parser.add_argument("--eval", default="pydoc", help="comma-separated evaluation texts (test split)")
+    parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6")
+    parser.add_argument("--modes", default="slicegpt,mlp:obs")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--eval-seqlen", type=int, default=256)
+    parser.add_argument("--eval-max-windows", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = lmslice.load_with_tokenizer(args.model)
+    sources = args.eval.split(",")
+    eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test")) for source in sources}
+    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
+                                  args.calib_seqlen, 8, seed=42)
+
+    def measure(candidate: torch.nn.Module) -> dict[str, float]:
+        return {source: perplexity(candidate, tokens, args.eval_seqlen, max_windows=args.eval_max_windows,
+                                   progress=False).perplexity for source, tokens in eval_tokens.items()}
+
+    dense_ppl = measure(model)
+    dense_parameters = count_parameters(model)
+    names = [Path(source).name for source in sources]
+    print(f"model {args.model}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; evaluation "
+          f"{', '.join(names)} (test split, {args.eval_max_windows} windows of {args.eval_seqlen}); dense "
+          + ", ".join(f"{dense_ppl[source]:.3f}" for source in sources), flush=True)
+    print("| budget | mode | shape | real parameters | " + " | ".join(f"ppl {name} | × dense" for name in names)
+          + " | time s | peak RSS GiB |")
+    print("|---|---|---|---|" + "---|---|" * len(sources) + "---|---|", flush=True)
+    for budget in [float(value) for value in args.budgets.split(",")]:
+        for mode in args.modes.split(","):
+            candidate = copy.deepcopy(model)
+            reset_peak_memory()
+            started = time.perf_counter()
+            shape = compress(candidate, mode, budget, batches)
+            seconds, peak = time.perf_counter() - started, peak_memory_gib()
+            ppl = measure(candidate)
+            share = count_parameters(candidate) / dense_parameters
+            cells = " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense_ppl[source]:.3f}" for source in sources)
+            print(f"| {budget:.2f} | {mode} | {shape} | {100 * share:.1f}% | {cells} | {seconds:.1f} | {peak:.2f} |",
+                  flush=True)
+            del candidate
+
+
+if __name__ == "__main__":
+    main()

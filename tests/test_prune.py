@@ -1,0 +1,144 @@
+"""MLP channel pruning under a real parameter budget: the budget, exactness, the refit, the output format."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lmslice
+import tiny_models
+from lmslice.adapters import find_adapter
+from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
+from lmslice.cli import main
+from lmslice.errors import LmsliceError
+from lmslice.modeling import get_module
+from lmslice.prune import channel_cost, plan_uniform, prune_block_mlp, prune_model
+from lmslice.slicing import count_parameters
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("target", [0.9, 0.75])
+def test_budget_is_met_within_one_rounding_step(family: str, target: float) -> None:
+    model = tiny_models.build(family)
+    dense = count_parameters(model)
+    plan = plan_uniform(model, target, round_to=8)
+    adapter = find_adapter(model)
+    blocks = get_module(model, adapter.blocks)
+    step = 8 * sum(channel_cost(block, adapter.mlp) for block in blocks)
+    prune_model(model, tiny_models.random_batches(), plan, progress=False)
+    assert count_parameters(model) == plan.parameters_planned
+    assert target * dense - step < count_parameters(model) <= target * dense
+
+
+def test_unreachable_budget_is_refused() -> None:
+    with pytest.raises(LmsliceError, match="cannot reach 0.1"):
+        plan_uniform(tiny_models.build("llama"), 0.1)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_full_budget_leaves_the_model_exact(family: str) -> None:
+    model = tiny_models.build(family)
+    reference = copy.deepcopy(model)
+    prune_model(model, tiny_models.random_batches(), plan_uniform(model, 1.0), progress=False)
+    ids, mask = tiny_models.padded_inputs()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               reference(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi3"])
+@pytest.mark.parametrize("criterion", ["obs", "energy", "leverage"])
+def test_least_squares_refit_beats_deleting_the_same_channels(family: str, criterion: str) -> None:
+    model = tiny_models.build(family)
+    adapter = find_adapter(model)
+    streams = capture_block_inputs(model, adapter, tiny_models.random_batches(count=4), ActivationStore())
+    block = get_module(model, adapter.blocks)[0]
+    targets = [run_block(block, stream, stream.hidden) for stream in streams]
+
+    def block_error(refit: bool) -> tuple[float, list[int]]:
+        pruned = copy.deepcopy(block)
+        kept = prune_block_mlp(pruned, adapter.mlp, streams, 40, criterion=criterion, refit_consumer=refit)
+        error = sum((run_block(pruned, stream, stream.hidden) - target).pow(2).sum().item()
+                    for stream, target in zip(streams, targets))
+        return error, kept.tolist()
+
+    refit_error, refit_kept = block_error(refit=True)
+    deleted_error, deleted_kept = block_error(refit=False)
+    assert refit_kept == deleted_kept
+    assert refit_error < 0.8 * deleted_error
+
+
+@pytest.fixture(scope="module")
+def pruned_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pruned")
+    dense = tiny_models.build("llama", torch.float32)
+    dense.save_pretrained(root / "dense")
+    tiny_tokenizer.save_pretrained(root / "dense")
+    corpus = root / "corpus.txt"
+    from conftest import corpus_text
+    corpus.write_text(corpus_text()[:60_000])
+    code = main(["slice", str(root / "dense"), "--target-params", "0.8", "--calib", str(corpus), "-o",
+                 str(root / "pruned"), "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2",
+                 "--json"])
+    assert code == 0
+    return root / "dense", root / "pruned"
+
+
+def test_cli_output_is_the_family_s_own_architecture(pruned_dirs: tuple[Path, Path], capsys) -> None:
+    dense_dir, pruned_dir = pruned_dirs
+    config = json.loads((pruned_dir / "config.json").read_text())
+    assert "auto_map" not in config and not (pruned_dir / "modeling_lmslice.py").exists()
+    record = config["lmslice"]["mlp_pruning"]
+    assert config["intermediate_size"] == record["mlp_widths"][0] < 112
+    report = json.loads((pruned_dir / "lmslice_report.json").read_text())
+    assert report["parameters_sliced"] == record["parameters_planned"] <= 0.8 * report["parameters_dense"]
+    plain = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight  # still tied
+    through_lmslice = lmslice.load(pruned_dir)
+    ids, mask = tiny_models.padded_inputs()
+    torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits,
+                               through_lmslice(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_saved_output_reloads_without_lmslice(pruned_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    _, pruned_dir = pruned_dirs
+    model = lmslice.load(pruned_dir)
+    ids, _ = tiny_models.padded_inputs()
+    expected = model(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    # lmslice is made unimportable: plain transformers must build the model from its config alone.
+    script = ("import sys, torch; sys.modules['lmslice'] = None\n"
+              "from transformers import AutoModelForCausalLM\n"
+              f"model = AutoModelForCausalLM.from_pretrained({str(pruned_dir)!r})\n"
+              f"torch.save(model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, "
+              f"{str(tmp_path / 'logits.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+
+
+def test_finetune_and_bench_accept_the_output(pruned_dirs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    dense_dir, pruned_dir = pruned_dirs
+    corpus = pruned_dir.parent / "corpus.txt"
+    out = tmp_path / "recovered"
+    assert main(["finetune", str(pruned_dir), "--data", str(corpus), "-o", str(out), "--samples", "2",
+                 "--seqlen", "32", "--batch-size", "2", "--lora-r", "2", "--eval-seqlen", "32",
+                 "--eval-max-windows", "1", "--json"]) == 0
+    assert not (out / "modeling_lmslice.py").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size < 112
+    capsys.readouterr()
+    assert main(["bench", str(dense_dir), str(out), "--seqlen", "16", "--max-batch", "1", "--repeats", "1",
+                 "--prompt-len", "4", "--new-tokens", "2", "--threads", "1", "--json"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["ratios"]["flops"] < 1
+
+
+def test_target_params_and_sparsity_are_exclusive(capsys, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["slice", "m", "--sparsity", "0.2", "--target-params", "0.8", "--calib", "pydoc", "-o",
+              str(tmp_path / "out")])
+    assert "not allowed with argument" in capsys.readouterr().err
