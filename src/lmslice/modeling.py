@@ -181,10 +181,15 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> None:
     `layout` is what `lmslice` writes under `"lmslice"` in `config.json`: where the parts are
     (`"modules"`), the original width (`"hidden_size"`), the residual width (`"width"`), the width the
     head reads (`"head_width"`), the norm epsilon (`"eps"`) and the linear layers that gained a bias
-    when LayerNorm shifts were folded into them (`"added_biases"`). The weights are left uninitialised:
-    they come from the checkpoint.
+    when LayerNorm shifts were folded into them (`"added_biases"`). `"mlp_widths"`, if present, gives
+    each block's number of MLP channels (pruned); a layout without `"width"` leaves the residual stream
+    as it is. The weights are left uninitialised: they come from the checkpoint.
     """
     modules = layout["modules"]
+    for index, mlp_width in enumerate(layout.get("mlp_widths") or ()):
+        resize_mlp(get_module(model, modules["blocks"])[index], modules["mlp"], mlp_width)
+    if "width" not in layout:
+        return
     hidden, width, head_width, eps = layout["hidden_size"], layout["width"], layout["head_width"], layout["eps"]
     for path in layout.get("added_biases", []):
         linear = get_module(model, path)
@@ -197,6 +202,13 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> None:
         install_block(block, modules, width, out_width, hidden, eps)
     resize_linear(get_module(model, modules["head"]), in_features=head_width)
     install_final_norm(model, modules, width, head_width, hidden, eps)
+
+
+def resize_mlp(block: nn.Module, mlp: dict[str, Any], width: int) -> None:
+    """The block's MLP with `width` channels: producers write them (`fused` rows each), the consumer reads them."""
+    for path in mlp["producers"]:
+        resize_linear(get_module(block, path), out_features=width * mlp["fused"])
+    resize_linear(get_module(block, mlp["consumer"]), in_features=width)
 
 
 def install_final_norm(model: nn.Module, modules: dict[str, Any], width: int, head_width: int, hidden: int,

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from lmslice import __version__
 from lmslice.adapters import Mlp, ModelAdapter, find_adapter
-from lmslice.calibration import (ActivationStore, BlockInput, Covariance, StopForward, capture_block_inputs,
-                                 run_block)
+from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
 from lmslice.slicing import count_parameters
@@ -103,36 +102,109 @@ def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8) -> W
     return WidthPlan(target_params, dense, planned, [width] * len(blocks), round_to)
 
 
-def gram(block: nn.Module, mlp: Mlp, streams: list[BlockInput]) -> torch.Tensor:
-    """Σ hᵀh (float64) of the consumer's input over the non-padding tokens of the stream; with a constant
-    1 appended to h when the consumer has a bias, so a refit can move the bias too."""
+@dataclass
+class ConsumerStatistics:
+    """Second moments of the consumer's input h over the calibration tokens, float64, with a constant 1
+    appended to h when the consumer has a bias (so a refit can move the bias too).
+
+    `gram` = Σ h hᵀ on the pruned stream; `cross` = Σ h_target hᵀ, where h_target is what the consumer
+    should reproduce: the same h (then `cross` is `gram`), or the dense block's h on the dense stream.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+
+
+def consumer_statistics(block: nn.Module, mlp: Mlp, streams: list[BlockInput],
+                        dense_streams: list[BlockInput] | None = None) -> ConsumerStatistics:
+    """Runs the block on `streams` up to its consumer; with `dense_streams`, first runs it whole on each
+    of those (the block must still be dense) and moves them on to the block's output."""
     consumer = get_module(block, mlp.consumer)
     width = consumer.in_features + (consumer.bias is not None)
-    covariance = Covariance(width, consumer.weight.device)
-    mask = streams[0].mask
+    gram = torch.zeros(width, width, dtype=torch.float64, device=consumer.weight.device)
+    cross = torch.zeros_like(gram) if dense_streams is not None else None
+    seen: list[torch.Tensor] = []
 
-    def accumulate_and_stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        hidden = args[0]
+    def rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if consumer.bias is not None:
             hidden = torch.cat([hidden, torch.ones_like(hidden[..., :1])], dim=-1)
-        covariance.add(hidden, mask)
+        return hidden.reshape(-1, width)[mask.reshape(-1).to(hidden.device)].double()
+
+    def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0])
+
+    def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
         raise StopForward
 
-    handle = consumer.register_forward_pre_hook(accumulate_and_stop)
-    try:
-        for stream in streams:
-            mask = stream.mask
+    for index, stream in enumerate(streams):
+        handles = [consumer.register_forward_pre_hook(keep_input)]
+        try:
+            if dense_streams is not None:
+                dense = dense_streams[index]
+                dense.hidden = run_block(block, dense, dense.hidden)
+            handles.append(consumer.register_forward_pre_hook(stop))
             try:
                 run_block(block, stream, stream.hidden)
             except StopForward:
                 pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        pruned = rows(seen.pop(), stream.mask)
+        gram.addmm_(pruned.T, pruned)
+        if cross is not None:
+            cross.addmm_(rows(seen.pop(), stream.mask).T, pruned)
+    return ConsumerStatistics(gram, gram if cross is None else cross)
+
+
+@torch.no_grad()
+def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                       ) -> list[torch.Tensor]:
+    """Per block, Σ over the calibration tokens of (∂L/∂y)² for each feature of the block's output y
+    (L: the mean next-token loss of the dense model), float64: the diagonal Fisher that turns an error
+    in a block's output into an estimate of the loss it costs, comparable across blocks."""
+    blocks = get_module(model, adapter.blocks)
+    sums: list[torch.Tensor | None] = [None] * len(blocks)
+
+    def track(index: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+
+            def accumulate(gradient: torch.Tensor) -> None:
+                squares = gradient.double().pow(2).sum(dim=(0, 1))
+                sums[index] = squares if sums[index] is None else sums[index] + squares
+
+            hidden.register_hook(accumulate)
+        return hook
+
+    def make_differentiable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden.requires_grad_()
+
+    handles = [block.register_forward_hook(track(index)) for index, block in enumerate(blocks)]
+    handles.append(blocks[0].register_forward_pre_hook(make_differentiable, with_kwargs=True))
+    device = model.get_input_embeddings().weight.device
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trainable:  # gradients flow to the activations only
+        parameter.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask", torch.ones_like(ids)).to(device)
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                             use_cache=False).loss
+                loss.backward()
     finally:
-        handle.remove()
-    return covariance.matrix
+        for handle in handles:
+            handle.remove()
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    return [total for total in sums]
 
 
 def consumer_weight(consumer: nn.Linear) -> torch.Tensor:
-    """[W b] in float64: the bias is the weight of the constant channel that `gram` appends."""
+    """[W b] in float64: the bias is the weight of the constant channel that `consumer_statistics` appends."""
     weight = consumer.weight.double()
     return weight if consumer.bias is None else torch.cat([weight, consumer.bias.double()[:, None]], dim=1)
 
@@ -146,9 +218,12 @@ def damped(matrix: torch.Tensor, channels: int, damping: float) -> torch.Tensor:
     return result
 
 
-def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, keep: int, criterion: str,
+def keep_channels(weight: torch.Tensor, statistics: ConsumerStatistics, channels: int, keep: int, criterion: str,
                   damping: float) -> torch.Tensor:
     """The sorted indices of the `keep` channels to keep out of `channels`.
+
+    When the target is the dense stream, W below is the consumer refit on every channel (W C G⁻¹),
+    which the pruned consumer's output error is measured from.
 
     - "energy": what each channel writes, alone: G_jj · ‖W[:, j]‖².
     - "leverage": ridge leverage of each channel's activations, diag(G (G + λI)⁻¹) (as MoDeGPT);
@@ -159,9 +234,12 @@ def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, kee
     """
     if criterion not in CRITERIA:
         raise LmsliceError(f"unknown channel criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    matrix = statistics.gram
     if keep >= channels:
         return torch.arange(channels, device=matrix.device)
     regularised = damped(matrix, channels, damping)
+    if statistics.cross is not matrix:
+        weight = torch.linalg.solve(regularised, (weight @ statistics.cross).T).T
     if criterion == "energy":
         scores = matrix.diagonal()[:channels] * weight[:, :channels].pow(2).sum(0)
     elif criterion == "leverage":
@@ -173,52 +251,129 @@ def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, kee
 
 
 def _obs_keep(weight: torch.Tensor, regularised: torch.Tensor, channels: int, keep: int) -> torch.Tensor:
-    # Channels leave in steps of about 1/64 of the cut, each step removing the cheapest ones by their
-    # single-channel cost and then updating W and G⁻¹ jointly for the removed set: 64 block updates
-    # instead of one per channel.
+    # Channels leave in steps of about 1/64 of the cut: 64 block updates instead of one per channel.
+    return obs_elimination(weight, regularised, channels, channels - keep, max(1, math.ceil((channels - keep) / 64)))[0]
+
+
+def obs_elimination(weight: torch.Tensor, regularised: torch.Tensor, channels: int, remove: int, step: int,
+                    ) -> tuple[torch.Tensor, list[float]]:
+    """Removes `remove` channels, `step` at a time: each step the cheapest by their single-channel cost
+    ‖W[:, j]‖² / (G⁻¹)_jj, then W and G⁻¹ are updated jointly for the removed set. Returns the kept
+    channels and the output error (tr ΔW G ΔWᵀ) after each step."""
     inverse = torch.linalg.inv(regularised)
     weight = weight.clone()
     alive = torch.ones(len(inverse), dtype=torch.bool, device=inverse.device)
-    to_remove = channels - keep
-    step = max(1, math.ceil(to_remove / 64))
-    while to_remove > 0:
+    errors: list[float] = []
+    error = 0.0
+    while remove > 0:
         costs = weight.pow(2).sum(0) / inverse.diagonal().clamp_min(torch.finfo(inverse.dtype).tiny)
         costs[~alive] = math.inf
         costs[channels:] = math.inf  # the constant channel of a bias is never removed
-        removed = torch.topk(costs, min(step, to_remove), largest=False).indices
+        removed = torch.topk(costs, min(step, remove), largest=False).indices
         pivot = torch.linalg.inv(inverse[removed][:, removed])
+        error += torch.trace(weight[:, removed] @ pivot @ weight[:, removed].T).item()
+        errors.append(error)
         weight -= weight[:, removed] @ pivot @ inverse[removed]
         inverse -= inverse[:, removed] @ pivot @ inverse[removed]
         alive[removed] = False
-        to_remove -= len(removed)
-    return torch.nonzero(alive[:channels]).flatten()
+        remove -= len(removed)
+    return torch.nonzero(alive[:channels]).flatten(), errors
 
 
-def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channels: int,
+def refit(weight: torch.Tensor, statistics: ConsumerStatistics, kept: torch.Tensor, channels: int,
           damping: float) -> torch.Tensor:
-    """W' = W G[:, S] (G[S, S] + λI)⁻¹: the consumer on the kept channels (and the constant one, if any)
-    closest in output, over the calibration tokens, to the consumer on all channels."""
+    """W' = W C[:, S] (G[S, S] + λI)⁻¹: the consumer on the kept channels (and the constant one, if any)
+    closest in output, over the calibration tokens, to the consumer on all channels (C = G), or to the
+    dense consumer on the dense stream."""
+    matrix = statistics.gram
     columns = torch.cat([kept, torch.arange(channels, len(matrix), device=kept.device)])
     sub = damped(matrix[columns][:, columns], len(kept), damping)
-    rhs = weight @ matrix[:, columns]
+    rhs = weight @ statistics.cross[:, columns]
     return torch.linalg.solve(sub, rhs.T).T
+
+
+@torch.no_grad()
+def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]], target_params: float, *,
+                       round_to: int = 8, sensitivity: list[torch.Tensor] | None = None,
+                       damping: float = DEFAULT_DAMPING, activations: ActivationStore | None = None) -> WidthPlan:
+    """Per-block MLP widths within `target_params`, spent where they cost least.
+
+    On the dense model's calibration stream, each block's output error as a function of its cut is
+    measured along the least-squares elimination path (`obs_elimination`, `round_to` channels a
+    step), weighted by `sensitivity` (the diagonal Fisher of the block output: the error then
+    estimates the loss it costs, comparable across blocks). Steps are then taken greedily, the
+    cheapest marginal error per parameter first, until the budget is met.
+    """
+    uniform = plan_uniform(model, target_params, round_to)  # validates the budget
+    adapter = find_adapter(model)
+    mlp = mlp_of(adapter)
+    blocks = get_module(model, adapter.blocks)
+    dense = uniform.parameters_dense
+    streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
+    curves, costs = [], []
+    for index, block in enumerate(blocks):
+        consumer = get_module(block, mlp.consumer)
+        channels = consumer.in_features
+        weight = consumer_weight(consumer)
+        if sensitivity is not None:
+            weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
+        statistics = consumer_statistics(block, mlp, streams)
+        regularised = damped(statistics.gram, channels, damping)
+        # The path in about 64 steps, interpolated linearly at every multiple of round_to.
+        steps = (channels - round_to) // round_to
+        stride = math.ceil(steps / 64)
+        errors = obs_elimination(weight, regularised, channels, steps * round_to, stride * round_to)[1]
+        curves.append([_interpolate(errors, (step + 1) / stride) for step in range(steps)])
+        costs.append(round_to * channel_cost(block, mlp))
+        for stream in streams:
+            stream.hidden = run_block(block, stream, stream.hidden)
+    steps = [0] * len(blocks)
+    excess = dense - target_params * dense
+    removed = 0
+    while removed < excess:
+        def marginal(index: int) -> float:
+            if steps[index] >= len(curves[index]):
+                return math.inf
+            before = curves[index][steps[index] - 1] if steps[index] else 0.0
+            return (curves[index][steps[index]] - before) / costs[index]
+        cheapest = min(range(len(blocks)), key=marginal)
+        steps[cheapest] += 1
+        removed += costs[cheapest]
+    widths = [mlp_width(block, mlp) - round_to * step for block, step in zip(blocks, steps)]
+    return WidthPlan(target_params, dense, dense - removed, widths, round_to)
+
+
+def _interpolate(values: list[float], position: float) -> float:
+    """values[k] sits at position k + 1, 0 at position 0; linear in between, clamped at the end."""
+    below = min(int(position), len(values))
+    low = values[below - 1] if below else 0.0
+    if below >= len(values):
+        return values[-1]
+    return low + (values[below] - low) * (position - below)
 
 
 @torch.no_grad()
 def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep: int, *,
                     criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
-                    refit_consumer: bool = True) -> torch.Tensor:
+                    refit_consumer: bool = True, dense_streams: list[BlockInput] | None = None,
+                    output_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input).
-    Returns the kept channel indices. Without `refit_consumer` the consumer's columns are only deleted."""
+    Returns the kept channel indices. Without `refit_consumer` the consumer's columns are only deleted.
+    With `dense_streams` (the dense model's input to this block) the refit reproduces the dense
+    block's consumer output, correcting what the pruned blocks before changed too; they are moved on
+    to the dense block's output. `output_weights` (one per output feature, e.g. `output_sensitivity`)
+    weigh the output error by which channels are chosen; the refit, a least-squares fit per output
+    feature, does not depend on them."""
     consumer = get_module(block, mlp.consumer)
     channels = consumer.in_features
+    statistics = consumer_statistics(block, mlp, streams, dense_streams)
     if keep >= channels:
         return torch.arange(channels)
-    matrix = gram(block, mlp, streams)
     weight = consumer_weight(consumer)
-    kept = keep_channels(weight, matrix, channels, keep, criterion, damping)
+    selection_weight = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
+    kept = keep_channels(selection_weight, statistics, channels, keep, criterion, damping)
     if refit_consumer:
-        new_weight = refit(weight, matrix, kept, channels, damping)
+        new_weight = refit(weight, statistics, kept, channels, damping)
     else:
         new_weight = torch.cat([weight[:, kept], weight[:, channels:]], dim=1)
     _set_linear(consumer, new_weight[:, :keep].to(consumer.weight.dtype),
@@ -252,11 +407,12 @@ class PruneResult:
 @torch.no_grad()
 def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], plan: WidthPlan, *,
                 criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING, refit_consumer: bool = True,
-                progress: bool = True, activations: ActivationStore | None = None,
+                match_dense: bool = False, sensitivity: list[torch.Tensor] | None = None, progress: bool = True, activations: ActivationStore | None = None,
                 metadata: dict[str, Any] | None = None) -> PruneResult:
     """Prunes every block's MLP to the widths of `plan`, in place, in order, each on the stream the
     pruned blocks before it produce. With equal widths the model stays its own architecture (the
-    config's intermediate size is updated); the plan is recorded in `model.config.lmslice`."""
+    config's intermediate size is updated); the plan is recorded in `model.config.lmslice`.
+    `match_dense` refits each consumer towards the dense model's (carrying the dense stream too)."""
     start = time.perf_counter()
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
@@ -264,27 +420,36 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     blocks = get_module(model, adapter.blocks)
     if len(plan.mlp_widths) != len(blocks):
         raise LmsliceError(f"the plan has {len(plan.mlp_widths)} MLP widths for {len(blocks)} blocks")
-    if len(set(plan.mlp_widths)) != 1:
-        raise LmsliceError("per-block MLP widths cannot be saved yet; give every block the same width")
     batches = list(batches)
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")
     streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
+    dense_streams = None
+    if match_dense:
+        dense_streams = [BlockInput(f"dense-{stream.name}", stream.args, stream.kwargs, stream.mask, stream.store)
+                         for stream in streams]
+        for dense, stream in zip(dense_streams, streams):
+            dense.hidden = stream.hidden
     kept_channels = []
     for block, keep in tqdm(list(zip(blocks, plan.mlp_widths)), desc="pruning", unit="block", disable=not progress):
         kept = prune_block_mlp(block, mlp, streams, keep, criterion=criterion, damping=damping,
-                               refit_consumer=refit_consumer)
+                               refit_consumer=refit_consumer, dense_streams=dense_streams,
+                               output_weights=None if sensitivity is None else sensitivity[len(kept_channels)])
         kept_channels.append(kept.tolist())
         for stream in streams:
             stream.hidden = run_block(block, stream, stream.hidden)
-    setattr(model.config, mlp.width_config, plan.mlp_widths[0])
+    uniform = len(set(plan.mlp_widths)) == 1
+    if uniform:
+        setattr(model.config, mlp.width_config, plan.mlp_widths[0])
     model.config.lmslice = {
         "format": 1,
         "version": __version__,
         "family": adapter.family,
         "base_architecture": type(model).__name__,
-        "output_format": "standard",
-        "mlp_pruning": {"criterion": criterion, "damping": damping, "refit": refit_consumer, **plan.as_dict()},
+        # Equal widths are the family's own config; per-block widths need lmslice's layout (remote code).
+        **({"output_format": "standard"} if uniform else {"mlp_widths": plan.mlp_widths}),
+        "mlp_pruning": {"criterion": criterion, "damping": damping, "refit": refit_consumer,
+                        "match_dense": match_dense, **plan.as_dict()},
         "modules": adapter.module_map(),
         **(metadata or {}),
     }

@@ -65,6 +65,8 @@ class ModelAdapter:
 
     def module_map(self) -> dict[str, Any]:
         """The paths, in the JSON form stored in a sliced model's config."""
+        mlp = {} if self.mlp is None else {"mlp": {"producers": list(self.mlp.producers),
+                                                   "consumer": self.mlp.consumer, "fused": self.mlp.fused}}
         return {
             "embeddings": list(self.embeddings),
             "blocks": self.blocks,
@@ -74,4 +76,5 @@ class ModelAdapter:
             ],
             "final_norm": self.final_norm,
             "head": self.head,
+            **mlp,
         }
