@@ -8,8 +8,11 @@ and each mode, the model loaded once is deep-copied and compressed:
 
 - `slicegpt`: `slice_model` with the head sliced, at the residual width (multiple of 8) whose real
   parameter count (untied head and shortcut matrices included) is closest to F;
-- `mlp:CRITERION` (obs, energy, leverage): `prune_model` at the widest uniform MLP width within F;
-  `mlp:CRITERION:delete` deletes the channels without the least-squares refit.
+- `mlp:CRITERION[:FLAGS]` (obs, energy, leverage): MLP channels pruned within F, channels chosen by
+  their Fisher-weighted output error, the down projection refit by least squares, the same width in
+  every block (`lmslice slice --target-params F`). FLAGS, for the ablations: `a` per-block widths
+  from the measured cost (`--mlp-widths measured`), `m` refit towards the dense model's stream,
+  `u` unweighted output error (no Fisher), `d` delete the channels without a refit.
 
 Prints a markdown table: real parameters, perplexity and ratio to dense on each evaluation text, the
 compression time and the peak resident memory of the compression step (VmHWM, reset before each step).
@@ -30,7 +33,7 @@ from lmslice.adapters import find_adapter
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.modeling import apply_layout, get_module
-from lmslice.prune import plan_uniform, prune_model
+from lmslice.prune import output_sensitivity, plan_by_importance, plan_uniform, prune_model
 from lmslice.slicing import count_parameters, slice_model
 
 
@@ -74,10 +77,14 @@ def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) ->
         sparsity = slicegpt_sparsity(model, budget)
         result = slice_model(model, batches, sparsity, slice_head=True, progress=False)
         return f"D'={result.width}"
-    _, criterion, *delete = mode.split(":")
-    plan = plan_uniform(model, budget)
-    prune_model(model, batches, plan, criterion=criterion, refit_consumer=not delete, progress=False)
-    return f"MLP {plan.mlp_widths[0]}"
+    _, criterion, flags = (mode.split(":") + [""])[:3]
+    sensitivity = None if "u" in flags else output_sensitivity(model, find_adapter(model), batches)
+    plan = (plan_by_importance(model, batches, budget, sensitivity=sensitivity) if "a" in flags
+            else plan_uniform(model, budget))
+    prune_model(model, batches, plan, criterion=criterion, refit_consumer="d" not in flags,
+                match_dense="m" in flags, sensitivity=sensitivity, progress=False)
+    widths = plan.mlp_widths
+    return f"MLP {widths[0]}" if len(set(widths)) == 1 else f"MLP {min(widths)}-{max(widths)}"
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
-from lmslice.prune import channel_cost, plan_uniform, prune_block_mlp, prune_model
+from lmslice.prune import (channel_cost, output_sensitivity, plan_by_importance, plan_uniform, prune_block_mlp,
+                           prune_model)
 from lmslice.slicing import count_parameters
 
 
@@ -35,6 +36,25 @@ def test_budget_is_met_within_one_rounding_step(family: str, target: float) -> N
     prune_model(model, tiny_models.random_batches(), plan, progress=False)
     assert count_parameters(model) == plan.parameters_planned
     assert target * dense - step < count_parameters(model) <= target * dense
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "opt"])
+def test_per_block_widths_meet_the_budget_and_reload(family: str, tmp_path: Path) -> None:
+    model = tiny_models.build(family)
+    batches = tiny_models.random_batches()
+    adapter = find_adapter(model)
+    sensitivity = output_sensitivity(model, adapter, batches)
+    assert all(parameter.requires_grad and parameter.grad is None for parameter in model.parameters())
+    plan = plan_by_importance(model, batches, 0.8, sensitivity=sensitivity)
+    step = 8 * max(channel_cost(block, adapter.mlp) for block in get_module(model, adapter.blocks))
+    assert 0.8 * plan.parameters_dense - step < plan.parameters_planned <= 0.8 * plan.parameters_dense
+    prune_model(model, batches, plan, sensitivity=sensitivity, progress=False)
+    assert count_parameters(model) == plan.parameters_planned
+    lmslice.save_sliced(model, None, tmp_path / "pruned")
+    reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
+    ids, mask = tiny_models.padded_inputs()
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
 
 
 def test_unreachable_budget_is_refused() -> None:
@@ -97,6 +117,7 @@ def test_cli_output_is_the_family_s_own_architecture(pruned_dirs: tuple[Path, Pa
     record = config["lmslice"]["mlp_pruning"]
     assert config["intermediate_size"] == record["mlp_widths"][0] < 112
     report = json.loads((pruned_dir / "lmslice_report.json").read_text())
+    assert report["mlp_widths"] == record["mlp_widths"]
     assert report["parameters_sliced"] == record["parameters_planned"] <= 0.8 * report["parameters_dense"]
     plain = AutoModelForCausalLM.from_pretrained(pruned_dir)
     assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight  # still tied
@@ -135,6 +156,19 @@ def test_finetune_and_bench_accept_the_output(pruned_dirs: tuple[Path, Path], tm
     assert main(["bench", str(dense_dir), str(out), "--seqlen", "16", "--max-batch", "1", "--repeats", "1",
                  "--prompt-len", "4", "--new-tokens", "2", "--threads", "1", "--json"]) == 0
     assert 0 < json.loads(capsys.readouterr().out)["ratios"]["flops"] < 1
+
+
+def test_cli_measured_widths_write_lmslice_s_layout(pruned_dirs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    dense_dir, pruned_dir = pruned_dirs
+    out = tmp_path / "measured"
+    assert main(["slice", str(dense_dir), "--target-params", "0.8", "--mlp-widths", "measured", "--calib",
+                 str(pruned_dir.parent / "corpus.txt"), "-o", str(out), "--calib-samples", "4", "--calib-seqlen",
+                 "32", "--calib-batch-size", "2"]) == 0
+    assert "by block" in capsys.readouterr().out
+    layout = json.loads((out / "config.json").read_text())["lmslice"]
+    model = lmslice.load(out)
+    assert [get_module(block, "mlp.down_proj").in_features for block in model.model.layers] == layout["mlp_widths"]
+    assert count_parameters(model) == layout["mlp_pruning"]["parameters_planned"]
 
 
 def test_target_params_and_sparsity_are_exclusive(capsys, tmp_path: Path) -> None:

@@ -454,3 +454,27 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         **(metadata or {}),
     }
     return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels)
+
+
+WIDTHS = ("uniform", "measured")
+
+
+def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
+                    widths: str = "uniform", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
+                    damping: float = DEFAULT_DAMPING, match_dense: bool = False, progress: bool = True,
+                    activations: ActivationStore | None = None, metadata: dict[str, Any] | None = None,
+                    ) -> PruneResult:
+    """Keeps `target_params` of the model's real parameters by pruning MLP channels: the same width in
+    every block ("uniform": the family's own architecture), or per-block widths from the measured cost
+    of each block's cut ("measured": lmslice's layout). Channels are chosen by their Fisher-weighted
+    output error either way."""
+    if widths not in WIDTHS:
+        raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
+    batches = list(batches)
+    plan = plan_uniform(model, target_params, round_to)  # validates before the slow work
+    sensitivity = output_sensitivity(model, find_adapter(model), batches)
+    if widths == "measured":
+        plan = plan_by_importance(model, batches, target_params, round_to=round_to, sensitivity=sensitivity,
+                                  damping=damping, activations=activations)
+    return prune_model(model, batches, plan, criterion=criterion, damping=damping, match_dense=match_dense,
+                       sensitivity=sensitivity, progress=progress, activations=activations, metadata=metadata)

@@ -18,7 +18,7 @@ from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
-from lmslice.prune import CRITERIA, DEFAULT_CRITERION, plan_uniform, prune_model
+from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, plan_uniform, prune_to_budget
 from lmslice.slicing import count_parameters, slice_model, sliced_width
 
 REPORT_FILE = "lmslice_report.json"
@@ -39,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "prunes the MLP channels of every block to the widest width that fits, with a "
                              "least-squares refit of the down projection; the output is the family's own "
                              "architecture (loads with plain from_pretrained)")
+    parser.add_argument("--mlp-widths", choices=WIDTHS, default="uniform",
+                        help="with --target-params: the same MLP width in every block (uniform: the family's own "
+                             "architecture, served by any runtime), or per-block widths from each block's measured "
+                             "cost (measured: lmslice's layout, loads with trust_remote_code) (default: uniform)")
     parser.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                         help=f"with --target-params: how MLP channels are chosen (default: {DEFAULT_CRITERION})")
     parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
         storage = None
     find_adapter(model)  # an unsupported model fails before the slow work
-    plan = plan_uniform(model, args.target_params, args.round_to) if args.target_params is not None else None
+    if args.target_params is not None:
+        plan_uniform(model, args.target_params, args.round_to)  # an unreachable budget fails before the slow work
     if tokenizer is None:
         raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
 
@@ -105,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
             spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".lmslice-activations-",
                                                                       dir=Path(output).absolute().parent))
             options["activations"] = ActivationStore(spill)
-        if plan is not None:
-            result = prune_model(model, batches, plan, criterion=args.prune_criterion, progress=not args.json,
-                                 activations=options.get("activations"), metadata=options["metadata"])
+        if args.target_params is not None:
+            result = prune_to_budget(model, batches, args.target_params, widths=args.mlp_widths,
+                                     round_to=args.round_to, criterion=args.prune_criterion, progress=not args.json,
+                                     activations=options.get("activations"), metadata=options["metadata"])
         elif storage is None:
             result = slice_model(model, batches, args.sparsity, **options)
         else:
@@ -117,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "family": result.family,
         **({"sparsity": args.sparsity, "hidden_size": result.hidden_size, "width": result.width,
-            "head_width": result.head_width} if plan is None else
-           {"target_params": plan.target_params, "mlp_width": plan.mlp_widths[0],
+            "head_width": result.head_width} if args.target_params is None else
+           {"target_params": args.target_params, "mlp_widths": result.plan.mlp_widths,
             "prune_criterion": args.prune_criterion}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
@@ -146,8 +152,8 @@ def format_summary(summary: dict) -> str:
     if "target_params" in summary:
         lines = [
             f"pruned {summary['model']} ({summary['family']}) to {summary['target_params']:g} of its parameters",
-            f"  MLP width      {summary['mlp_width']} in every block (channels by {summary['prune_criterion']}, "
-            "down projection refit by least squares)",
+            f"  MLP widths     {_describe_widths(summary['mlp_widths'])} (channels by "
+            f"{summary['prune_criterion']}, down projection refit by least squares)",
         ]
     else:
         head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
@@ -170,3 +176,9 @@ def format_summary(summary: dict) -> str:
         f"  saved to       {summary['output']}",
     ]
     return "\n".join(lines)
+
+
+def _describe_widths(widths: list[int]) -> str:
+    if len(set(widths)) == 1:
+        return f"{widths[0]} in every block"
+    return f"{min(widths)}-{max(widths)} by block, {sum(widths) / len(widths):.0f} on average"
