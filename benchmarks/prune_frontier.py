@@ -11,8 +11,8 @@ and each mode, the model loaded once is deep-copied and compressed:
 - `mlp:CRITERION[:FLAGS]` (obs, energy, leverage): MLP channels pruned within F, channels chosen by
   their Fisher-weighted output error, the down projection refit by least squares, the same width in
   every block (`lmslice slice --target-params F`). FLAGS, for the ablations: `a` per-block widths
-  from the measured cost (`--mlp-widths measured`), `m` refit towards the dense model's stream,
-  `u` unweighted output error (no Fisher), `d` delete the channels without a refit.
+  from the measured cost (`--mlp-widths measured`), `u` unweighted output error (no Fisher), `d`
+  delete the channels without a refit.
 
 Prints a markdown table: real parameters, perplexity and ratio to dense on each evaluation text, the
 compression time and the peak resident memory of the compression step (VmHWM, reset before each step).
@@ -82,7 +82,7 @@ def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) ->
     plan = (plan_by_importance(model, batches, budget, sensitivity=sensitivity) if "a" in flags
             else plan_uniform(model, budget))
     prune_model(model, batches, plan, criterion=criterion, refit_consumer="d" not in flags,
-                match_dense="m" in flags, sensitivity=sensitivity, progress=False)
+                sensitivity=sensitivity, progress=False)
     widths = plan.mlp_widths
     return f"MLP {widths[0]}" if len(set(widths)) == 1 else f"MLP {min(widths)}-{max(widths)}"
 
