@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import lmslice
 import tiny_models
+from conftest import corpus_text
 from lmslice.adapters import find_adapter
 from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
@@ -101,11 +102,10 @@ def pruned_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tup
     dense.save_pretrained(root / "dense")
     tiny_tokenizer.save_pretrained(root / "dense")
     corpus = root / "corpus.txt"
-    from conftest import corpus_text
     corpus.write_text(corpus_text()[:60_000])
-    code = main(["slice", str(root / "dense"), "--target-params", "0.8", "--calib", str(corpus), "-o",
-                 str(root / "pruned"), "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2",
-                 "--json"])
+    code = main(["slice", str(root / "dense"), "--target-params", "0.8", "--mlp-widths", "uniform", "--calib",
+                 str(corpus), "-o", str(root / "pruned"), "--calib-samples", "4", "--calib-seqlen", "32",
+                 "--calib-batch-size", "2", "--json"])
     assert code == 0
     return root / "dense", root / "pruned"
 
@@ -161,9 +161,8 @@ def test_finetune_and_bench_accept_the_output(pruned_dirs: tuple[Path, Path], tm
 def test_cli_measured_widths_write_lmslice_s_layout(pruned_dirs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     dense_dir, pruned_dir = pruned_dirs
     out = tmp_path / "measured"
-    assert main(["slice", str(dense_dir), "--target-params", "0.8", "--mlp-widths", "measured", "--calib",
-                 str(pruned_dir.parent / "corpus.txt"), "-o", str(out), "--calib-samples", "4", "--calib-seqlen",
-                 "32", "--calib-batch-size", "2"]) == 0
+    assert main(["slice", str(dense_dir), "--target-params", "0.8", "--calib", str(pruned_dir.parent / "corpus.txt"),
+                 "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2"]) == 0
     assert "by block" in capsys.readouterr().out
     layout = json.loads((out / "config.json").read_text())["lmslice"]
     model = lmslice.load(out)

@@ -424,7 +424,7 @@ WIDTHS = ("uniform", "measured")
 
 
 def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
-                    widths: str = "uniform", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
+                    widths: str = "measured", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
                     damping: float = DEFAULT_DAMPING, progress: bool = True,
                     activations: ActivationStore | None = None, metadata: dict[str, Any] | None = None,
                     ) -> PruneResult:
