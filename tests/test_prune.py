@@ -58,6 +58,15 @@ def test_per_block_widths_meet_the_budget_and_reload(family: str, tmp_path: Path
                                model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
 
 
+def test_output_sensitivity_does_not_depend_on_batching() -> None:
+    model = tiny_models.build("llama")
+    batches = tiny_models.random_batches()
+    joined = [{key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}]
+    for split, whole in zip(output_sensitivity(model, find_adapter(model), batches),
+                            output_sensitivity(model, find_adapter(model), joined)):
+        torch.testing.assert_close(split, whole, rtol=1e-10, atol=0)
+
+
 def test_unreachable_budget_is_refused() -> None:
     with pytest.raises(LmsliceError, match="cannot reach 0.1"):
         plan_uniform(tiny_models.build("llama"), 0.1)
