@@ -167,7 +167,8 @@ def test_finetune_and_bench_accept_the_output(pruned_dirs: tuple[Path, Path], tm
     assert 0 < json.loads(capsys.readouterr().out)["ratios"]["flops"] < 1
 
 
-def test_cli_measured_widths_write_lmslice_s_layout(pruned_dirs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+def test_cli_measured_widths_write_a_layout_finetune_accepts(pruned_dirs: tuple[Path, Path], tmp_path: Path,
+                                                             capsys) -> None:
     dense_dir, pruned_dir = pruned_dirs
     out = tmp_path / "measured"
     assert main(["slice", str(dense_dir), "--target-params", "0.8", "--calib", str(pruned_dir.parent / "corpus.txt"),
@@ -177,6 +178,12 @@ def test_cli_measured_widths_write_lmslice_s_layout(pruned_dirs: tuple[Path, Pat
     model = lmslice.load(out)
     assert [get_module(block, "mlp.down_proj").in_features for block in model.model.layers] == layout["mlp_widths"]
     assert count_parameters(model) == layout["mlp_pruning"]["parameters_planned"]
+    recovered = tmp_path / "recovered"
+    assert main(["finetune", str(out), "--data", str(pruned_dir.parent / "corpus.txt"), "-o", str(recovered),
+                 "--samples", "2", "--seqlen", "32", "--batch-size", "2", "--lora-r", "2", "--eval-seqlen", "32",
+                 "--eval-max-windows", "1", "--json"]) == 0
+    assert json.loads((recovered / "config.json").read_text())["lmslice"]["mlp_widths"] == layout["mlp_widths"]
+    assert count_parameters(lmslice.load(recovered)) == count_parameters(model)
 
 
 def test_target_params_and_sparsity_are_exclusive(capsys, tmp_path: Path) -> None:
