@@ -20,16 +20,24 @@ from lmslice.modeling import get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
 
 
-def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
-    """D' = (1 - s)·D rounded down to a multiple of `round_to` (at least `round_to`)."""
+def check_sparsity(sparsity: float, round_to: int) -> None:
+    """The range of both options, checkable before the model (and its width) is known."""
     if not 0 <= sparsity < 1:
         raise LmsliceError(f"sparsity must be in [0, 1), got {sparsity}")
     if round_to < 1:
         raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+
+
+def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
+    """D' = (1 - s)·D rounded down to a multiple of `round_to`; refused where that leaves nothing."""
+    check_sparsity(sparsity, round_to)
     if sparsity == 0:
         return hidden
-    width = int((1 - sparsity) * hidden) // round_to * round_to
-    return max(width, round_to)
+    kept = int((1 - sparsity) * hidden)
+    if kept < round_to:
+        raise LmsliceError(f"sparsity {sparsity} keeps {kept} of {hidden} features, fewer than --round-to {round_to}: "
+                           "lower the sparsity or --round-to")
+    return kept // round_to * round_to
 
 
 @dataclass
@@ -102,7 +110,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         centre_embeddings = width < hidden
     fuse_embeddings(model, adapter, centre=centre_embeddings)
     streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
-    covariance = Covariance(hidden, embedding.device)
+    covariance = Covariance(hidden, embedding.device, "output of the embeddings")
     for stream in streams:
         covariance.add(stream.hidden, stream.mask)
     eigenvalues, eigenvectors = covariance.principal_components()
@@ -121,7 +129,8 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
             storage.load(index, block)
             added_biases += [f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter)]
             out_width = head_width if index == len(blocks) - 1 else width
-            signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update())
+            signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update(),
+                                    name=f"block {index}")
             bases = [basis] + [vectors[:, :width] for _, vectors in signals.inner]
             bases.append(signals.output[1][:, :out_width])
             for position, (values, _) in enumerate(signals.inner, start=1):

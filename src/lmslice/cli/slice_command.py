@@ -11,14 +11,14 @@ from pathlib import Path
 
 from lmslice.adapters import find_adapter
 from lmslice.calibration import ActivationStore
-from lmslice.cli.common import (add_eval_window_options, add_model_options, add_slicing_options, check_device,
-                                context_length, peak_memory_gib)
+from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
+                                calibration_data, check_device, check_minimums, check_widths, evaluation,
+                                peak_memory_gib, require_extra, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
-from lmslice.evaluation.perplexity import perplexity
-from lmslice.io.data import calibration_batches, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
+from lmslice.io.models import (BUILTIN_MODELS, builtin_model_path, check_finite, check_output_dir, load_tokenizer,
+                               load_with_tokenizer, process_tag, resolve_dtype, save_sliced)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
-from lmslice.slicing import count_parameters, slice_model, sliced_width
+from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
 REPORT_FILE = "lmslice_report.json"
 
@@ -52,50 +52,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
-    output = check_output_dir(args.output, args.overwrite)
-    sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
+    check_minimums(args, SLICING_MINIMUMS)
+    check_sparsity(args.sparsity, args.round_to)
+    if args.offload and args.eval_data:
+        raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
+                           "with `lmslice ppl OUTPUT`")
     if args.offload:
-        if args.eval_data:
-            raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
-                               "with `lmslice ppl OUTPUT`")
+        require_extra("accelerate", "offload", "--offload")
+    require_text_sources(args.calib, args.eval_data)
+    source = builtin_model_path(args.model) if args.model in BUILTIN_MODELS else args.model
+    output = check_output_dir(args.output, args.overwrite, protect=[source])
+    if args.offload:
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
                                         overwrite=args.overwrite)
         tokenizer = load_tokenizer(args.model)
     else:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        check_finite(model)
         storage = None
     find_adapter(model)  # an unsupported model fails before the slow work
-    if tokenizer is None:
-        raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
+    check_widths(model, [args.sparsity], args.round_to)
+    tokenizer = require_tokenizer(tokenizer, args.model)
 
-    calib_seqlen = context_length(model, args.calib_seqlen)
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  calib_seqlen, args.calib_batch_size, args.seed)
-    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test")) if args.eval_data else None
-    eval_seqlen = context_length(model, args.eval_seqlen)
-
-    def evaluate() -> dict | None:
-        if eval_tokens is None:
-            return None
-        return perplexity(model, eval_tokens, eval_seqlen, max_windows=args.eval_max_windows,
-                          progress=not args.json).as_dict()
-
+    batches, calib_seqlen = calibration_data(args, model, tokenizer)
+    evaluate = evaluation(args, model, tokenizer, args.eval_data, not args.json) if args.eval_data else None
     dense_parameters = count_parameters(model)
-    dense_ppl = evaluate()
+    dense_ppl = evaluate(model).as_dict() if evaluate else None
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                    "batch_size": args.calib_batch_size, "seed": args.seed}
     options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
                    metadata={"calibration": calibration, "source_model": str(args.model)})
     with contextlib.ExitStack() as cleanup:
         if args.offload_activations:
-            spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".lmslice-activations-",
-                                                                      dir=Path(output).absolute().parent))
+            # named with this process, so a later run can tell a killed run's activations from a live one's
+            spill = cleanup.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent))
             options["activations"] = ActivationStore(spill)
         if storage is None:
             result = slice_model(model, batches, args.sparsity, **options)
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
-    sliced_ppl = evaluate()
+    sliced_ppl = evaluate(model).as_dict() if evaluate else None
     summary = {
         "model": str(args.model),
         "family": result.family,
@@ -111,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
         "perplexity_sliced": sliced_ppl,
         "eval_data": args.eval_data,
         "output": str(output),
+        # measured before saving: the report is written with the model, so it cannot include the save
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_gib": round(peak_memory_gib(args.device), 3),
     }
+    report = {REPORT_FILE: json.dumps({**summary, "spectra": result.spectra}) + "\n"}
     if storage is None:
-        save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+        save_sliced(model, tokenizer, output, overwrite=args.overwrite, extra_files=report)
     else:
-        save_offloaded(model, storage, tokenizer, output, args.overwrite)
-    summary["total_seconds"] = round(time.perf_counter() - started, 2)
-    summary["peak_memory_gib"] = round(peak_memory_gib(args.device), 3)
-    (Path(output) / REPORT_FILE).write_text(json.dumps({**summary, "spectra": result.spectra}) + "\n")
+        save_offloaded(model, storage, tokenizer, output, args.overwrite, extra_files=report)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import logging
+import math
 import os
 import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -21,6 +28,9 @@ from lmslice.errors import LmsliceError
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 MODELING_FILE = "modeling_lmslice.py"
+# The `format` that `slice_model` records and this version of lmslice reads.
+FORMAT_VERSION = 1
+logger = logging.getLogger("lmslice")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -29,9 +39,62 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The directory's config.json as a dict; a damaged file is an `LmsliceError`, not a traceback."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LmsliceError(f"{path} is not valid JSON ({error}): the file is damaged; restore or re-save it") from error
+    if not isinstance(config, dict):
+        raise LmsliceError(f"{path} is not a JSON object: the file is damaged; restore or re-save it")
+    return config
+
+
 def is_sliced(path: str | os.PathLike[str]) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and "lmslice" in json.loads(config.read_text())
+    return (Path(path) / "config.json").is_file() and "lmslice" in read_config(path)
+
+
+LAYOUT_MODULE_KEYS = ("embeddings", "blocks", "residuals", "final_norm", "head")
+CONFIG_EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+
+
+def check_layout(config: dict[str, Any], path: Path) -> None:
+    """Refuses an `lmslice` record in config.json that cannot describe the saved tensors: an unknown
+    format, missing or mistyped entries, widths or an epsilon that disagree with the model's config."""
+    layout = config["lmslice"]
+
+    def damaged(problem: str) -> LmsliceError:
+        return LmsliceError(f"{path / 'config.json'}: {problem}; the file was edited or damaged (slice the model "
+                            "again)")
+
+    if not isinstance(layout, dict):
+        raise damaged("the \"lmslice\" entry is not a mapping")
+    version = layout.get("format")
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise LmsliceError(f"{path} was written by a newer lmslice (format {version}; this one reads format "
+                               f"{FORMAT_VERSION}): pip install --upgrade lmslice")
+        raise damaged(f"unknown lmslice format {version!r} (expected {FORMAT_VERSION})")
+    for key in ("base_architecture", "hidden_size", "width", "head_width", "eps", "modules"):
+        if key not in layout:
+            raise damaged(f"lmslice.{key} is missing")
+    sizes = {key: layout[key] for key in ("hidden_size", "width", "head_width")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in sizes.values()):
+        raise damaged(f"lmslice widths must be positive integers, got {sizes}")
+    if sizes["width"] > sizes["hidden_size"] or sizes["head_width"] not in (sizes["width"], sizes["hidden_size"]):
+        raise damaged(f"inconsistent lmslice widths {sizes}")
+    if config.get("hidden_size", sizes["hidden_size"]) != sizes["hidden_size"]:
+        raise damaged(f"lmslice.hidden_size {sizes['hidden_size']} differs from hidden_size {config['hidden_size']}")
+    eps = layout["eps"]
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise damaged(f"lmslice.eps must be a positive number, got {eps!r}")
+    config_eps = next((config[key] for key in CONFIG_EPS_KEYS if isinstance(config.get(key), (int, float))), None)
+    if config_eps is not None and not math.isclose(eps, config_eps, rel_tol=1e-6):
+        raise damaged(f"lmslice.eps {eps} differs from the model's norm epsilon {config_eps}")
+    modules = layout["modules"]
+    if not isinstance(modules, dict) or any(key not in modules for key in LAYOUT_MODULE_KEYS):
+        raise damaged(f"lmslice.modules must be a mapping with {', '.join(LAYOUT_MODULE_KEYS)}")
 
 
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
@@ -68,12 +131,13 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
-        if is_sliced(path):
-            config = AutoConfig.from_pretrained(path)
-            base = getattr(transformers, config.lmslice["base_architecture"], None)
+        config = read_config(path)
+        if "lmslice" in config:
+            check_layout(config, path)
+            base = getattr(transformers, config["lmslice"]["base_architecture"], None)
             if base is None:
-                raise LmsliceError(f"this transformers has no {config.lmslice['base_architecture']}; upgrade it")
-            model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype)
+                raise LmsliceError(f"this transformers has no {config['lmslice']['base_architecture']}; upgrade it")
+            model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype, exact=True)
         else:
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype)
         tokenizer = load_tokenizer(path)
@@ -90,12 +154,31 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) <= 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
 
 
-def _from_pretrained(cls: Any, source: str | Path, **kwargs: Any) -> nn.Module:
+# What damaged or truncated files raise inside `from_pretrained` (safetensors, json and gguf readers).
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, struct.error, EOFError)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _from_pretrained(cls: Any, source: str | Path, *, exact: bool = False, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained`; with `exact`, a checkpoint whose tensors do not match the structure one to
+    one is refused (transformers would initialise what is missing at random and only warn)."""
     try:
-        return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LmsliceError(f"cannot load model from {source}: {first_line}") from error
+        if not exact:
+            return cls.from_pretrained(source, **kwargs)
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    except LOAD_ERRORS as error:
+        raise LmsliceError(f"cannot load model from {source}: {first_line(error)}") from error
+    problems = {kind: sorted(info.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
+    if any(problems.values()):
+        found = "; ".join(f"{kind}: {', '.join(map(str, names[:3]))}{' ...' if len(names) > 3 else ''}"
+                          for kind, names in problems.items() if names)
+        raise LmsliceError(f"{source} is damaged: its tensors do not match its config ({found}); slice the model "
+                           "again")
+    return model
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -103,12 +186,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def load_tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase | None:
     """The tokenizer saved with the model, or None if there is none."""
-    if Path(source).is_dir() and "gguf_file" not in kwargs and not any(
-            (Path(source) / name).is_file() for name in TOKENIZER_FILES):
+    local_files = Path(source).is_dir() and "gguf_file" not in kwargs
+    if local_files and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError):
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception on bad files
+        if local_files:
+            raise LmsliceError(f"the tokenizer files in {source} cannot be read ({first_line(error)}): they are "
+                               "damaged; save the tokenizer again") from error
         return None
 
 
@@ -122,43 +208,128 @@ def _dequantised_to_plain_float(model: nn.Module) -> None:
     model.is_quantized = False
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Fails early, before any work, if saving to `out_dir` would clobber something."""
+def check_finite(module: nn.Module, prefix: str = "") -> None:
+    """Refuses weights with NaN or inf: slicing would spread them into every saved tensor."""
+    for name, parameter in module.named_parameters():
+        if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
+            bad = int((~torch.isfinite(parameter)).sum())
+            raise LmsliceError(f"weight {prefix}{name} has {bad} NaN or inf values: the model is damaged; "
+                               "refusing to slice it")
+
+
+def cannot_write(out: Path, error: BaseException) -> LmsliceError:
+    """A failed write (disk full, permissions) as one line; callers remove what they staged."""
+    return LmsliceError(f"cannot write {out}: {first_line(error)} (nothing was saved)")
+
+
+def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool,
+                     protect: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Fails early, before any work, if saving to `out_dir` would clobber something or cannot succeed:
+    it exists (without `overwrite`), it is the working directory, a path in `protect` (the source model)
+    or a directory holding either, or its parent cannot be written. Clears what killed runs left there."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LmsliceError(f"output directory {out} already exists; choose another or pass --overwrite")
+    target = out.resolve()
+    for kept in (Path.cwd(), *(Path(path) for path in protect if Path(path).exists())):
+        kept = kept.resolve()
+        if target == kept or target in kept.parents:
+            what = "the working directory" if kept == Path.cwd().resolve() else f"the source {kept}"
+            raise LmsliceError(f"output {out} is {what} or holds it; replacing it would delete it: choose another "
+                               "output directory")
     if out.exists() and not out.is_dir():
         raise LmsliceError(f"output path {out} exists and is not a directory")
+    _check_writable(target.parent, out)
+    clear_leftovers(out)
+    if out.exists() and not overwrite:
+        raise LmsliceError(f"output directory {out} already exists; choose another or pass --overwrite")
     return out
 
 
+def _check_writable(parent: Path, out: Path) -> None:
+    """The nearest existing directory above `out` accepts a new directory (probed, not guessed)."""
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LmsliceError(f"cannot create output {out}: {existing} is a file, not a directory")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
+    except OSError as error:
+        raise LmsliceError(f"cannot write output {out}: {existing} is not writable ({error.strerror}); choose "
+                           "another output directory") from error
+    probe.rmdir()
+
+
+# Leftovers beside an output, each named with `process_tag()` of the process that made it.
+LEFTOVER_PATTERNS = (".{name}.partial-", ".{name}.old-", ".lmslice-activations-")
+
+
+def process_tag() -> str:
+    """This process's id and host: on a shared file system, a leftover is judged dead only by its own host."""
+    return f"{os.getpid()}-{socket.gethostname()}"
+
+
+def clear_leftovers(out: Path) -> None:
+    """Removes the staging, set-aside and activation directories of processes that no longer run (a
+    SIGKILL or power loss leaves them), and puts back an output a killed `--overwrite` had set aside."""
+    if not out.parent.is_dir():
+        return
+    for pattern in LEFTOVER_PATTERNS:
+        prefix = pattern.format(name=out.name)
+        for path in out.parent.glob(f"{glob_escape(prefix)}*"):
+            pid, _, host = path.name[len(prefix):].partition("-")
+            same_host = host == socket.gethostname() or host.startswith(socket.gethostname() + "-")
+            if not pid.isdigit() or not same_host or _process_alive(int(pid)):
+                continue
+            if pattern == ".{name}.old-" and not out.exists():
+                path.rename(out)
+                logger.warning(f"lmslice: restored {out} from {path.name}, set aside by a run that was killed")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{char}]" if char in "*?[" else char for char in text)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike[str], *,
-                overwrite: bool = False) -> Path:
-    """Writes safetensors weights, a config that records the slicing, the tokenizer and the modeling
-    code, into a temporary directory renamed into place only when complete."""
+                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Writes safetensors weights, a config that records the slicing, the tokenizer, the modeling code
+    and `extra_files` (name -> text) into a temporary directory moved into place only when complete."""
     out = check_output_dir(out_dir, overwrite)
     staging = staging_dir(out)
     try:
         model.save_pretrained(staging, safe_serialization=True)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, (OSError, SafetensorError)):
+            raise cannot_write(out, error) from error
         raise
-    return finish_output(model, tokenizer, staging, out, overwrite)
+    return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
 
 
 def staging_dir(out: Path) -> Path:
     """An empty directory beside `out` that becomes `out` once everything is written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging = out.parent / f".{out.name}.partial-{process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
 
 
 def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, staging: Path, out: Path,
-                  overwrite: bool) -> Path:
-    """Adds the tokenizer and modeling code to the weights and config in `staging`, then renames it to
-    `out`. On any failure the staging directory is removed."""
+                  overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
+    """Adds the tokenizer, modeling code and `extra_files` to the weights and config in `staging`, then
+    moves it to `out`. On any failure the staging directory is removed."""
     layout = model.config.lmslice
     try:
         if tokenizer is not None:
@@ -173,12 +344,36 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
         config["architectures"] = [layout["base_architecture"]]
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise cannot_write(out, error) from error
+        raise
+    return move_into_place(staging, out, overwrite)
+
+
+def move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:
+    """Renames the complete `staging` directory to `out`. An existing `out` (with `overwrite`) is first
+    renamed aside and deleted only after the swap, so at every instant `out` is the complete old or new
+    directory, except between the two renames, where a kill leaves the old one set aside under a name
+    `clear_leftovers` recognises and puts back on the next run."""
+    aside = out.parent / f".{out.name}.old-{process_tag()}"
+    try:
         if out.exists():
             if not overwrite:
-                raise LmsliceError(f"output directory {out} appeared while slicing; not replacing it")
-            shutil.rmtree(out)
-        staging.rename(out)
+                raise LmsliceError(f"output directory {out} appeared while working; not replacing it")
+            out.rename(aside)
+            try:
+                staging.rename(out)
+            except BaseException:
+                aside.rename(out)
+                raise
+        else:
+            staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     return out

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
-from lmslice.io.models import check_output_dir, finish_output, staging_dir
+from lmslice.io.models import cannot_write, check_finite, check_output_dir, finish_output, staging_dir
 from lmslice.slicing import SliceResult, slice_model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,19 +69,25 @@ def materialise(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: t
 
 
 class OffloadedBlocks:
-    """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard."""
+    """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard.
 
-    def __init__(self, checkpoint: Checkpoint, blocks_path: str, staging: Path, dtype: torch.dtype,
+    The staging directory for `out` is created with the first shard, so a run that fails before slicing
+    (bad calibration text, say) leaves nothing behind."""
+
+    def __init__(self, checkpoint: Checkpoint, blocks_path: str, out: Path, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         self.checkpoint = checkpoint
         self.blocks_path = blocks_path
-        self.staging = staging
+        self.out = out
+        self.staging: Path | None = None
         self.dtype = dtype
         self.device = device
         self.weight_map: dict[str, str] = {}
 
     def load(self, index: int, block: nn.Module) -> None:
-        materialise(block, f"{self.blocks_path}.{index}.", self.checkpoint, self.dtype, self.device)
+        prefix = f"{self.blocks_path}.{index}."
+        materialise(block, prefix, self.checkpoint, self.dtype, self.device)
+        check_finite(block, prefix)
 
     def store(self, index: int, block: nn.Module) -> None:
         self.write_shard(f"block-{index:05d}.safetensors",
@@ -90,8 +95,13 @@ class OffloadedBlocks:
         block.to("meta")
 
     def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, self.staging / filename,
-                  metadata={"format": "pt"})
+        if self.staging is None:
+            self.staging = staging_dir(self.out)
+        try:
+            save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
+                      self.staging / filename, metadata={"format": "pt"})
+        except (OSError, SafetensorError) as error:
+            raise cannot_write(self.out, error) from error
         self.weight_map.update({name: filename for name in tensors})
 
 
@@ -101,6 +111,10 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as error:
+        raise LmsliceError("--offload needs accelerate: pip install 'lmslice[offload]'") from error
     checkpoint = Checkpoint(directory)
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
@@ -112,6 +126,7 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
         output_name = _parameter_name(model, model.get_output_embeddings().weight)
         tied = {output_name: input_name}
     materialise(model, "", checkpoint, dtype, device, skip=blocks, tied=tied)
+    check_finite(model)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model.eval(), checkpoint
@@ -123,27 +138,33 @@ def _parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
 
 
 def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTrainedTokenizerBase | None,
-                   out: Path, overwrite: bool) -> Path:
-    """Writes what is not a block, the shard index and the side files, then moves the output in place."""
+                   out: Path, overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
+    """Writes what is not a block, the shard index and the side files (`extra_files`: name -> text), then
+    moves the output in place."""
     blocks = model.get_submodule(storage.blocks_path)
     block_names = {f"{storage.blocks_path}.{name}" for name in blocks.state_dict()}
     rest = {name: tensor for name, tensor in model.state_dict().items() if name not in block_names}
-    storage.write_shard("model-rest.safetensors", rest)
-    total = sum(os.path.getsize(storage.staging / file) for file in set(storage.weight_map.values()))
-    (storage.staging / INDEX_FILE).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
-    model.config.save_pretrained(storage.staging)
-    return finish_output(model, tokenizer, storage.staging, out, overwrite)
-
-
+    try:
+        storage.write_shard("model-rest.safetensors", rest)
+        total = sum(os.path.getsize(storage.staging / file) for file in set(storage.weight_map.values()))
+        (storage.staging / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
+        model.config.save_pretrained(storage.staging)
+    except BaseException as error:
+        if storage.staging is not None:
+            shutil.rmtree(storage.staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise cannot_write(out, error) from error
+        raise
+    return finish_output(model, tokenizer, storage.staging, out, overwrite, extra_files)
 
 
 def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype,
                    device: torch.device | str, overwrite: bool = False) -> tuple[nn.Module, OffloadedBlocks]:
     """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`."""
-    output = check_output_dir(out, overwrite)
+    output = check_output_dir(out, overwrite, protect=[source])
     model, checkpoint = load_skeleton(source, dtype, device, lambda skeleton: find_adapter(skeleton).blocks)
-    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, staging_dir(output), dtype, device)
+    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, output, dtype, device)
 
 
 def slice_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -166,5 +187,6 @@ def slice_with_storage(model: nn.Module, storage: OffloadedBlocks, batches: list
     try:
         return slice_model(model, batches, sparsity, storage=storage, **slice_options)
     except BaseException:
-        shutil.rmtree(storage.staging, ignore_errors=True)
+        if storage.staging is not None:
+            shutil.rmtree(storage.staging, ignore_errors=True)
         raise
