@@ -315,8 +315,13 @@ def _share(achieved: float, possible: float) -> float:
     return achieved / possible
 
 
+# Below this possible gain (a FLOP bound of 1.05x), the share of the gain is timing noise over a near-zero
+# denominator: a 2% timing wobble would read as 40% of the gain.
+MIN_POSSIBLE_GAIN = 0.05
+
+
 def _gain_share(achieved: float, possible: float) -> float | None:
-    return (achieved - 1) / (possible - 1) if possible != 1 else None
+    return (achieved - 1) / (possible - 1) if abs(possible - 1) >= MIN_POSSIBLE_GAIN else None
 
 
 @dataclass
@@ -324,7 +329,8 @@ class BenchReport:
     """Dense and sliced measurements and their ratios. Each plain ratio is the sliced value over the
     dense one (tokens/s for throughput, ms/token for latency); speed-ups are dense time / sliced time; a
     `*_share` is the achieved speed-up divided by the FLOP bound (1.0 = all of it); a `*_gain_share` is
-    the achieved gain divided by the possible gain, (speed-up - 1) / (bound - 1)."""
+    the achieved gain divided by the possible gain, (speed-up - 1) / (bound - 1), None where the bound is
+    within `MIN_POSSIBLE_GAIN` of 1."""
 
     settings: BenchSettings
     dense: ModelBench

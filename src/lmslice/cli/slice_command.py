@@ -15,8 +15,8 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_extra, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
-from lmslice.io.models import (BUILTIN_MODELS, builtin_model_path, check_finite, check_output_dir, load_tokenizer,
-                               load_with_tokenizer, process_tag, resolve_dtype, save_sliced)
+from lmslice.io.models import (check_finite, check_output_dir, load_tokenizer,
+                               load_with_tokenizer, model_path, process_tag, resolve_dtype, save_sliced)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.offload:
         require_extra("accelerate", "offload", "--offload")
     require_text_sources(args.calib, args.eval_data)
-    source = builtin_model_path(args.model) if args.model in BUILTIN_MODELS else args.model
-    output = check_output_dir(args.output, args.overwrite, protect=[source])
+    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     if args.offload:
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
                                         overwrite=args.overwrite)

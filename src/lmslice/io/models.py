@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -12,7 +13,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,16 @@ def builtin_model_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
+def model_path(source: str | os.PathLike[str]) -> Path:
+    """Where a model source lives on disk (a built-in name becomes its file; a hub id stays as it is)."""
+    return builtin_model_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+
+
 def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu",
                         ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    path = builtin_model_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+    path = model_path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmsliceError(f"GGUF file not found: {path}")
@@ -169,7 +175,8 @@ def _from_pretrained(cls: Any, source: str | Path, *, exact: bool = False, **kwa
     try:
         if not exact:
             return cls.from_pretrained(source, **kwargs)
-        model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+        # mismatched shapes are reported in `info` (and refused below) instead of raised with a multi-line table
+        model, info = cls.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except LOAD_ERRORS as error:
         raise LmsliceError(f"cannot load model from {source}: {first_line(error)}") from error
     problems = {kind: sorted(info.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
@@ -217,9 +224,16 @@ def check_finite(module: nn.Module, prefix: str = "") -> None:
                                "refusing to slice it")
 
 
-def cannot_write(out: Path, error: BaseException) -> LmsliceError:
-    """A failed write (disk full, permissions) as one line; callers remove what they staged."""
-    return LmsliceError(f"cannot write {out}: {first_line(error)} (nothing was saved)")
+@contextlib.contextmanager
+def discarded_on_failure(staging: Path, out: Path) -> Iterator[None]:
+    """Removes `staging` if the body fails; a failed write (disk full, permissions) becomes one line."""
+    try:
+        yield
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, (OSError, SafetensorError)):
+            raise LmsliceError(f"cannot write {out}: {first_line(error)} (nothing was saved)") from error
+        raise
 
 
 def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool,
@@ -307,13 +321,8 @@ def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out
     and `extra_files` (name -> text) into a temporary directory moved into place only when complete."""
     out = check_output_dir(out_dir, overwrite)
     staging = staging_dir(out)
-    try:
+    with discarded_on_failure(staging, out):
         model.save_pretrained(staging, safe_serialization=True)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, (OSError, SafetensorError)):
-            raise cannot_write(out, error) from error
-        raise
     return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
 
 
@@ -331,7 +340,7 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
     """Adds the tokenizer, modeling code and `extra_files` to the weights and config in `staging`, then
     moves it to `out`. On any failure the staging directory is removed."""
     layout = model.config.lmslice
-    try:
+    with discarded_on_failure(staging, out):
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MODELING_FILE).write_text(
@@ -346,11 +355,6 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise cannot_write(out, error) from error
-        raise
     return move_into_place(staging, out, overwrite)
 
 
@@ -360,7 +364,7 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:
     directory, except between the two renames, where a kill leaves the old one set aside under a name
     `clear_leftovers` recognises and puts back on the next run."""
     aside = out.parent / f".{out.name}.old-{process_tag()}"
-    try:
+    with discarded_on_failure(staging, out):
         if out.exists():
             if not overwrite:
                 raise LmsliceError(f"output directory {out} appeared while working; not replacing it")
@@ -372,8 +376,5 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:
                 raise
         else:
             staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     shutil.rmtree(aside, ignore_errors=True)
     return out

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
-from lmslice.io.models import cannot_write, check_finite, check_output_dir, finish_output, staging_dir
+from lmslice.io.models import check_finite, check_output_dir, discarded_on_failure, finish_output, staging_dir
 from lmslice.slicing import SliceResult, slice_model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -94,14 +94,16 @@ class OffloadedBlocks:
                          {f"{self.blocks_path}.{index}.{name}": tensor for name, tensor in block.state_dict().items()})
         block.to("meta")
 
-    def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+    def staging_path(self) -> Path:
+        """The staging directory, created on first use."""
         if self.staging is None:
             self.staging = staging_dir(self.out)
-        try:
+        return self.staging
+
+    def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+        with discarded_on_failure(self.staging_path(), self.out):
             save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
-                      self.staging / filename, metadata={"format": "pt"})
-        except (OSError, SafetensorError) as error:
-            raise cannot_write(self.out, error) from error
+                      self.staging_path() / filename, metadata={"format": "pt"})
         self.weight_map.update({name: filename for name in tensors})
 
 
@@ -144,19 +146,14 @@ def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTra
     blocks = model.get_submodule(storage.blocks_path)
     block_names = {f"{storage.blocks_path}.{name}" for name in blocks.state_dict()}
     rest = {name: tensor for name, tensor in model.state_dict().items() if name not in block_names}
-    try:
+    staging = storage.staging_path()
+    with discarded_on_failure(staging, out):
         storage.write_shard("model-rest.safetensors", rest)
-        total = sum(os.path.getsize(storage.staging / file) for file in set(storage.weight_map.values()))
-        (storage.staging / INDEX_FILE).write_text(json.dumps(
+        total = sum(os.path.getsize(staging / file) for file in set(storage.weight_map.values()))
+        (staging / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
-        model.config.save_pretrained(storage.staging)
-    except BaseException as error:
-        if storage.staging is not None:
-            shutil.rmtree(storage.staging, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise cannot_write(out, error) from error
-        raise
-    return finish_output(model, tokenizer, storage.staging, out, overwrite, extra_files)
+        model.config.save_pretrained(staging)
+    return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
 
 
 def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype,
