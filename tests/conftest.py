@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import PreTrainedTokenizerFast
 
+import tiny_models
 from tiny_models import VOCAB
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,4 +40,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(corpus_text()[:60_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny dense Llama with its tokenizer, saved once per test module (tests must not change it)."""
+    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
+    tiny_models.build("llama", torch.float32).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
     return path

@@ -13,7 +13,7 @@ from lmslice.adapters import find_adapter
 from lmslice.calibration import ActivationStore
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
-                                peak_memory_gib, require_extra, require_text_sources, require_tokenizer)
+                                peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
 from lmslice.io.models import (check_finite, check_output_dir, load_tokenizer,
                                load_with_tokenizer, model_path, process_tag, resolve_dtype, save_sliced)
@@ -57,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
     if args.offload and args.eval_data:
         raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
                            "with `lmslice ppl OUTPUT`")
-    if args.offload:
-        require_extra("accelerate", "offload", "--offload")
     require_text_sources(args.calib, args.eval_data)
     output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     if args.offload:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import inspect
 import json
@@ -21,7 +22,7 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmslice import modeling
 from lmslice.errors import LmsliceError
@@ -289,7 +290,7 @@ def clear_leftovers(out: Path) -> None:
         return
     for pattern in LEFTOVER_PATTERNS:
         prefix = pattern.format(name=out.name)
-        for path in out.parent.glob(f"{glob_escape(prefix)}*"):
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
             pid, _, host = path.name[len(prefix):].partition("-")
             same_host = host == socket.gethostname() or host.startswith(socket.gethostname() + "-")
             if not pid.isdigit() or not same_host or _process_alive(int(pid)):
@@ -299,10 +300,6 @@ def clear_leftovers(out: Path) -> None:
                 logger.warning(f"lmslice: restored {out} from {path.name}, set aside by a run that was killed")
             else:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{char}]" if char in "*?[" else char for char in text)
 
 
 def _process_alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -113,10 +114,6 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
-    try:
-        from accelerate import init_empty_weights
-    except ImportError as error:
-        raise LmsliceError("--offload needs accelerate: pip install 'lmslice[offload]'") from error
     checkpoint = Checkpoint(directory)
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
