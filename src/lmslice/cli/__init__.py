@@ -51,5 +51,5 @@ def main(argv: list[str] | None = None) -> int:
         print("lmslice: interrupted", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:
+        if in_main_thread and previous is not None:  # None: the old handler was not set from Python
             signal.signal(signal.SIGTERM, previous)

@@ -170,19 +170,36 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _describe_key(key: str | tuple[Any, ...]) -> str:
+    """A tensor name, or for a shape mismatch (name, shape in the file, shape the config implies)."""
+    if isinstance(key, str):
+        return key
+    name, in_file, expected = key
+    return f"{name} {'x'.join(map(str, in_file))} in the file, {'x'.join(map(str, expected))} by the config"
+
+
 def _from_pretrained(cls: Any, source: str | Path, *, exact: bool = False, **kwargs: Any) -> nn.Module:
     """`cls.from_pretrained`; with `exact`, a checkpoint whose tensors do not match the structure one to
     one is refused (transformers would initialise what is missing at random and only warn)."""
+    shown = Path(source) / kwargs["gguf_file"] if "gguf_file" in kwargs else source
+    verbosity = transformers.logging.get_verbosity()
     try:
         if not exact:
             return cls.from_pretrained(source, **kwargs)
-        # mismatched shapes are reported in `info` (and refused below) instead of raised with a multi-line table
+        # Missing, unexpected and mismatched tensors come back in `info` and are refused below in one line;
+        # transformers' own load report would print them again as a table.
+        transformers.logging.set_verbosity_error()
         model, info = cls.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except LOAD_ERRORS as error:
-        raise LmsliceError(f"cannot load model from {source}: {first_line(error)}") from error
-    problems = {kind: sorted(info.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
+        damaged = isinstance(error, (SafetensorError, struct.error, EOFError))
+        raise LmsliceError(f"cannot load model from {shown}: {first_line(error)}"
+                           + ("; the file is truncated or damaged" if damaged else "")) from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    problems = {kind: sorted(map(_describe_key, info.get(f"{kind}_keys") or ()))
+                for kind in ("missing", "unexpected", "mismatched")}
     if any(problems.values()):
-        found = "; ".join(f"{kind}: {', '.join(map(str, names[:3]))}{' ...' if len(names) > 3 else ''}"
+        found = "; ".join(f"{kind}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                           for kind, names in problems.items() if names)
         raise LmsliceError(f"{source} is damaged: its tensors do not match its config ({found}); slice the model "
                            "again")
