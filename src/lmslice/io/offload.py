@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,31 +26,43 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
 from lmslice.io.models import check_output_dir, finish_output, staging_dir
+from lmslice.modeling import base_key_mapping
 from lmslice.slicing import SliceResult, slice_model
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class Checkpoint:
-    """Tensor names → files of a (possibly sharded) safetensors checkpoint."""
+    """Tensor names → files of a (possibly sharded) safetensors checkpoint.
 
-    def __init__(self, directory: Path) -> None:
+    Names are the model's: `key_mapping` ({regex: replacement}, see `modeling.base_key_mapping`) renames
+    those stored under another name, as loading does (GPT-NeoX stores its head as `embed_out`)."""
+
+    def __init__(self, directory: Path, key_mapping: dict[str, str] | None = None) -> None:
         index = directory / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
+            stored = {name: directory / file for name, file in weight_map.items()}
         elif (directory / "model.safetensors").is_file():
             with safe_open(directory / "model.safetensors", framework="pt") as handle:
-                self.files = {name: directory / "model.safetensors" for name in handle.keys()}
+                stored = {name: directory / "model.safetensors" for name in handle.keys()}
         else:
             raise LmsliceError(f"--offload reads safetensors checkpoints; {directory} has none "
                                "(convert it with save_pretrained, or slice without --offload)")
+        self.stored_names = {_renamed(name, key_mapping or {}): name for name in stored}
+        self.files = {name: stored[stored_name] for name, stored_name in self.stored_names.items()}
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         if name not in self.files:
             raise LmsliceError(f"the checkpoint has no tensor {name}; it does not match its config")
         with safe_open(self.files[name], framework="pt", device=str(device)) as handle:
-            return handle.get_tensor(name).to(dtype)
+            return handle.get_tensor(self.stored_names[name]).to(dtype)
+
+
+def _renamed(name: str, key_mapping: dict[str, str]) -> str:
+    for pattern, replacement in key_mapping.items():
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def materialise(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype,
@@ -101,10 +114,10 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
-    checkpoint = Checkpoint(directory)
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    checkpoint = Checkpoint(directory, base_key_mapping(type(model)))
     blocks = model.get_submodule(blocks_path_of(model))
     tied = {}
     if getattr(config, "tie_word_embeddings", False):
