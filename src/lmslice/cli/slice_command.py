@@ -16,7 +16,8 @@ from lmslice.cli.common import (add_eval_window_options, add_model_options, add_
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
+from lmslice.io.models import (DTYPES, check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype,
+                               round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.slicing import count_parameters, slice_model, sliced_width
 
@@ -44,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the calibration activations on disk, one file per batch, next to the output "
                              "(removed at the end): one batch resident instead of all of them")
+    parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
+                             "bfloat16 for GGUF files). Slicing itself computes in --dtype")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -54,16 +58,19 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     output = check_output_dir(args.output, args.overwrite)
     sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
+    requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     if args.offload:
         if args.eval_data:
             raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
                                "with `lmslice ppl OUTPUT`")
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
-                                        overwrite=args.overwrite)
+                                        overwrite=args.overwrite, save_dtype=requested_save_dtype)
         tokenizer = load_tokenizer(args.model)
+        save_dtype = storage.save_dtype
     else:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
         storage = None
+        save_dtype = requested_save_dtype or source_dtype(args.model)
     find_adapter(model)  # an unsupported model fails before the slow work
     if tokenizer is None:
         raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
@@ -96,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
     sliced_ppl = evaluate()
+    saved_ppl = sliced_ppl
+    if eval_tokens is not None and save_dtype != resolve_dtype(args.dtype):
+        round_to_dtype(model, save_dtype)  # measures the weights as written: the rounding is idempotent
+        saved_ppl = evaluate()
     summary = {
         "model": str(args.model),
         "family": result.family,
@@ -109,11 +120,13 @@ def run(args: argparse.Namespace) -> int:
         "slicing_seconds": round(result.seconds, 2),
         "perplexity_dense": dense_ppl,
         "perplexity_sliced": sliced_ppl,
+        "save_dtype": str(save_dtype).removeprefix("torch."),
+        "perplexity_saved": saved_ppl,
         "eval_data": args.eval_data,
         "output": str(output),
     }
     if storage is None:
-        save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+        save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype)
     else:
         save_offloaded(model, storage, tokenizer, output, args.overwrite)
     summary["total_seconds"] = round(time.perf_counter() - started, 2)
@@ -136,11 +149,13 @@ def format_summary(summary: dict) -> str:
         before, after = summary["perplexity_dense"], summary["perplexity_sliced"]
         lines.append(f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on "
                      f"{summary['eval_data']} ({after['tokens']} tokens, windows of {after['seqlen']})")
+        lines.append(f"                 {summary['perplexity_saved']['perplexity']:.3f} as saved "
+                     f"({summary['save_dtype']} weights)")
     lines += [
         f"  calibration    {calibration['source']}, {calibration['samples']} x {calibration['seqlen']} tokens, "
         f"seed {calibration['seed']}",
         f"  time           slicing {summary['slicing_seconds']:.1f} s, total {summary['total_seconds']:.1f} s",
         f"  peak memory    {summary['peak_memory_gib']:.2f} GiB",
-        f"  saved to       {summary['output']}",
+        f"  saved to       {summary['output']} ({summary['save_dtype']})",
     ]
     return "\n".join(lines)

@@ -7,11 +7,13 @@ import inspect
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -27,6 +29,61 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise LmsliceError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
+# A quantised GGUF has no float type of its own. bfloat16: it is what the GGUF families are trained and
+# published in, it keeps float32's range (a float16 copy loaded by transformers' default dtype="auto"
+# computes in float16, where large activations overflow), and its rounding is small beside the
+# quantisation's own error (SmolLM2-135M sliced 25%: see README, "Output precision").
+GGUF_SAVE_DTYPE = torch.bfloat16
+
+
+def source_dtype(source: str | os.PathLike[str]) -> torch.dtype:
+    """The dtype `source`'s checkpoint stores its weights in: what a sliced copy of it is saved in by
+    default (slicing computes in the `--dtype` it is loaded in, float32 by default)."""
+    path = builtin_model_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+    if path.suffix == ".gguf":
+        return GGUF_SAVE_DTYPE
+    weights = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weights = path / next(iter(json.loads(index.read_text())["weight_map"].values()))
+    if weights.is_file():
+        with safe_open(weights, framework="pt") as handle:
+            stored = [handle.get_slice(name).get_dtype() for name in handle.keys()]
+        floating = [SAFETENSORS_DTYPES[name] for name in stored if name in SAFETENSORS_DTYPES]
+        if floating:
+            return Counter(floating).most_common(1)[0][0]
+    try:
+        configured = getattr(AutoConfig.from_pretrained(str(path)), "dtype", None)
+    except (OSError, ValueError):
+        configured = None
+    if isinstance(configured, str):
+        configured = DTYPES.get(configured)
+    return configured if isinstance(configured, torch.dtype) else torch.float32
+
+
+def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Rounds the floating weights in place to what `dtype` can hold, keeping their own dtype: the model
+    then computes as its copy saved in `dtype` will, once loaded in the dtype it has now."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # what is saved (not buffers rebuilt on load)
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating point (None: as it is); integer buffers keep their type."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def record_saved_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """Makes config.json name the dtype the weights were written in (what dtype="auto" loads)."""
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def is_sliced(path: str | os.PathLike[str]) -> bool:
@@ -133,13 +190,17 @@ def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
 
 
 def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike[str], *,
-                overwrite: bool = False) -> Path:
-    """Writes safetensors weights, a config that records the slicing, the tokenizer and the modeling
-    code, into a temporary directory renamed into place only when complete."""
+                overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Writes safetensors weights (in `dtype`; by default the model's own), a config that records the
+    slicing, the tokenizer and the modeling code, into a temporary directory renamed into place only
+    when complete."""
     out = check_output_dir(out_dir, overwrite)
     staging = staging_dir(out)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        weights = {name: cast_floating(tensor, dtype) for name, tensor in model.state_dict().items()}
+        model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
+        if dtype is not None:
+            record_saved_dtype(staging, dtype)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -25,7 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
-from lmslice.io.models import check_output_dir, finish_output, staging_dir
+from lmslice.io.models import (cast_floating, check_output_dir, finish_output, record_saved_dtype, source_dtype,
+                               staging_dir)
 from lmslice.modeling import base_key_mapping
 from lmslice.slicing import SliceResult, slice_model
 
@@ -86,12 +87,13 @@ class OffloadedBlocks:
     """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard."""
 
     def __init__(self, checkpoint: Checkpoint, blocks_path: str, staging: Path, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, save_dtype: torch.dtype | None = None) -> None:
         self.checkpoint = checkpoint
         self.blocks_path = blocks_path
         self.staging = staging
         self.dtype = dtype
         self.device = device
+        self.save_dtype = save_dtype or dtype
         self.weight_map: dict[str, str] = {}
 
     def load(self, index: int, block: nn.Module) -> None:
@@ -103,8 +105,8 @@ class OffloadedBlocks:
         block.to("meta")
 
     def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, self.staging / filename,
-                  metadata={"format": "pt"})
+        save_file({name: cast_floating(tensor, self.save_dtype).contiguous().cpu() for name, tensor in tensors.items()},
+                  self.staging / filename, metadata={"format": "pt"})
         self.weight_map.update({name: filename for name in tensors})
 
 
@@ -146,28 +148,34 @@ def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTra
     (storage.staging / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
     model.config.save_pretrained(storage.staging)
+    record_saved_dtype(storage.staging, storage.save_dtype)
     return finish_output(model, tokenizer, storage.staging, out, overwrite)
 
 
 
 
 def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype,
-                   device: torch.device | str, overwrite: bool = False) -> tuple[nn.Module, OffloadedBlocks]:
-    """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`."""
+                   device: torch.device | str, overwrite: bool = False, save_dtype: torch.dtype | None = None,
+                   ) -> tuple[nn.Module, OffloadedBlocks]:
+    """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`
+    in `save_dtype` (by default the dtype `source` stores)."""
     output = check_output_dir(out, overwrite)
     model, checkpoint = load_skeleton(source, dtype, device, lambda skeleton: find_adapter(skeleton).blocks)
-    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, staging_dir(output), dtype, device)
+    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, staging_dir(output), dtype, device,
+                                  save_dtype or source_dtype(source))
 
 
 def slice_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str],
                     batches: list[dict[str, torch.Tensor]], sparsity: float, *,
                     tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", overwrite: bool = False, **slice_options: Any,
-                    ) -> tuple[nn.Module, SliceResult]:
-    """Slices the checkpoint in `source` into `out` holding one block in memory at a time.
+                    device: torch.device | str = "cpu", overwrite: bool = False,
+                    save_dtype: torch.dtype | None = None, **slice_options: Any) -> tuple[nn.Module, SliceResult]:
+    """Slices the checkpoint in `source` into `out` holding one block in memory at a time, saved in
+    `save_dtype` (by default the dtype `source` stores).
 
     Returns the model skeleton (blocks on the meta device) and what slicing did."""
-    model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite)
+    model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite,
+                                    save_dtype=save_dtype)
     result = slice_with_storage(model, storage, batches, sparsity, **slice_options)
     save_offloaded(model, storage, tokenizer, Path(out), overwrite)
     return model, result
