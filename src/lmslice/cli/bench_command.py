@@ -47,6 +47,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    previous_threads = torch.get_num_threads()
+    try:
+        return measure(args)
+    finally:  # --threads sets torch's global thread count; `main` may run inside a longer-lived process
+        torch.set_num_threads(previous_threads)
+
+
+def measure(args: argparse.Namespace) -> int:
     check_device(args.device)
     for name in ("seqlen", "repeats", "prompt_len", "new_tokens"):
         if getattr(args, name) < 1:
