@@ -32,10 +32,11 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
-# A quantised GGUF has no float type of its own. bfloat16: it is what the GGUF families are trained and
-# published in, it keeps float32's range (a float16 copy loaded by transformers' default dtype="auto"
-# computes in float16, where large activations overflow), and its rounding is small beside the
-# quantisation's own error (SmolLM2-135M sliced 25%: see README, "Output precision").
+# A quantised GGUF has no float type of its own. bfloat16: GGUFs are quantised from the bfloat16 weights
+# these families are published in, and it keeps float32's range (a float16 copy, loaded by transformers'
+# default dtype="auto", computes in float16, where large activations overflow). Its rounding costs more
+# than float16's but little: SmolLM2-135M sliced 25% (pydoc, 4 windows of 256), perplexity 45.006 in
+# float32, 45.178 as bfloat16, 45.033 as float16 (`--save-dtype float16` to choose it).
 GGUF_SAVE_DTYPE = torch.bfloat16
 
 
