@@ -105,8 +105,8 @@ class OffloadedBlocks:
         block.to("meta")
 
     def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file({name: cast_floating(tensor, self.save_dtype).contiguous().cpu() for name, tensor in tensors.items()},
-                  self.staging / filename, metadata={"format": "pt"})
+        written = {name: cast_floating(tensor, self.save_dtype).contiguous().cpu() for name, tensor in tensors.items()}
+        save_file(written, self.staging / filename, metadata={"format": "pt"})
         self.weight_map.update({name: filename for name in tensors})
 
 
