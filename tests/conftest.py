@@ -15,7 +15,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
 WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# OMP_NUM_THREADS when set: torch.set_num_threads overrides it, and two spinning threads on a busy shared
+# machine made the tiny models' tests ten times slower (test_save_load's decode tests: 161 s vs 15 s).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 def corpus_text() -> str:

@@ -335,3 +335,14 @@ def test_phi_with_qk_layernorm_is_supported_and_exact() -> None:
         difference = (rotated(input_ids=ids, attention_mask=mask).logits
                       - dense(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max()
     assert difference <= 1e-8
+
+
+def test_an_adapter_that_does_not_match_its_model_is_reported_not_asserted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If installing the sliced structure did not leave a shortcut projection where the adapter says (its
+    paths disagree with the model), slicing stops with an error naming the path, also under `python -O`."""
+    import lmslice.rotate
+
+    monkeypatch.setattr(lmslice.rotate, "install_block", lambda *args: None)
+    with pytest.raises(LmsliceError, match="self_attn.o_proj is not a shortcut projection"):
+        slice_model(tiny_models.build("llama", torch.float32), tiny_models.random_batches(count=1), 0.25,
+                    progress=False)

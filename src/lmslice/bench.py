@@ -31,6 +31,7 @@ from torch import nn
 
 from lmslice.errors import LmsliceError
 from lmslice.modeling import ShortcutLinear
+from lmslice.slicing import count_parameters
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -433,7 +434,7 @@ def benchmark(dense: nn.Module, sliced: nn.Module, *, seqlen: int = 128, max_bat
     decode_context = prompt_len + (new_tokens + 1) / 2  # mean cache length over the decode steps
     results = {
         name: ModelBench(
-            parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            parameters=count_parameters(model),
             flops_forward=count_flops(model, seqlen),
             flops_decode=count_flops(model, decode_context),
             throughput=throughput[name],

@@ -69,6 +69,14 @@ def check_same_model(dense: nn.Module, sliced: nn.Module, dense_name: str, slice
 
 
 def run(args: argparse.Namespace) -> int:
+    previous_threads = torch.get_num_threads()
+    try:
+        return measure(args)
+    finally:  # --threads sets torch's global thread count; `main` may run inside a longer-lived process
+        torch.set_num_threads(previous_threads)
+
+
+def measure(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_minimums(args, {"seqlen": 1, "repeats": 1, "prompt_len": 1, "new_tokens": 1, "threads": 1,
                           "max_batch": 1, "warmup": 0})

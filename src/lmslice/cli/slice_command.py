@@ -15,8 +15,8 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
-from lmslice.io.models import (check_finite, check_output_dir, load_tokenizer,
-                               load_with_tokenizer, model_path, process_tag, resolve_dtype, save_sliced)
+from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
+                               model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
@@ -44,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the calibration activations on disk, one file per batch, next to the output "
                              "(removed at the end): one batch resident instead of all of them")
+    parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
+                             "bfloat16 for GGUF files). Slicing itself computes in --dtype")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -59,14 +62,17 @@ def run(args: argparse.Namespace) -> int:
                            "with `lmslice ppl OUTPUT`")
     require_text_sources(args.calib, args.eval_data)
     output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
+    requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     if args.offload:
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
-                                        overwrite=args.overwrite)
+                                        overwrite=args.overwrite, save_dtype=requested_save_dtype)
         tokenizer = load_tokenizer(args.model)
+        save_dtype = storage.save_dtype
     else:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
         check_finite(model)
         storage = None
+        save_dtype = requested_save_dtype or source_dtype(args.model)
     find_adapter(model)  # an unsupported model fails before the slow work
     check_widths(model, [args.sparsity], args.round_to)
     tokenizer = require_tokenizer(tokenizer, args.model)
@@ -90,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
     sliced_ppl = evaluate(model).as_dict() if evaluate else None
+    saved_ppl = sliced_ppl
+    if evaluate and save_dtype != resolve_dtype(args.dtype):
+        round_to_dtype(model, save_dtype)  # measures the weights as written: the rounding is idempotent
+        saved_ppl = evaluate(model).as_dict()
     summary = {
         "model": str(args.model),
         "family": result.family,
@@ -103,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         "slicing_seconds": round(result.seconds, 2),
         "perplexity_dense": dense_ppl,
         "perplexity_sliced": sliced_ppl,
+        "save_dtype": str(save_dtype).removeprefix("torch."),
+        "perplexity_saved": saved_ppl,
         "eval_data": args.eval_data,
         "output": str(output),
         # measured before saving: the report is written with the model, so it cannot include the save
@@ -111,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     }
     report = {REPORT_FILE: json.dumps({**summary, "spectra": result.spectra}) + "\n"}
     if storage is None:
-        save_sliced(model, tokenizer, output, overwrite=args.overwrite, extra_files=report)
+        save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=report)
     else:
         save_offloaded(model, storage, tokenizer, output, args.overwrite, extra_files=report)
     print(json.dumps(summary) if args.json else format_summary(summary))
@@ -131,11 +143,13 @@ def format_summary(summary: dict) -> str:
         before, after = summary["perplexity_dense"], summary["perplexity_sliced"]
         lines.append(f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on "
                      f"{summary['eval_data']} ({after['tokens']} tokens, windows of {after['seqlen']})")
+        lines.append(f"                 {summary['perplexity_saved']['perplexity']:.3f} as saved "
+                     f"({summary['save_dtype']} weights)")
     lines += [
         f"  calibration    {calibration['source']}, {calibration['samples']} x {calibration['seqlen']} tokens, "
         f"seed {calibration['seed']}",
         f"  time           slicing {summary['slicing_seconds']:.1f} s, total {summary['total_seconds']:.1f} s",
         f"  peak memory    {summary['peak_memory_gib']:.2f} GiB",
-        f"  saved to       {summary['output']}",
+        f"  saved to       {summary['output']} ({summary['save_dtype']})",
     ]
     return "\n".join(lines)
