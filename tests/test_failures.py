@@ -475,6 +475,8 @@ def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text
         [str(arg) for arg in slice_args(dense_dir, tmp_path / "offloaded", text_file, "--offload")],
         ["report", str(dense_dir), "--calib", str(text_file), "--eval-data", str(text_file), "-o",
          str(tmp_path / "report")],
+        ["finetune", str(out), "--data", str(text_file), "-o", str(tmp_path / "finetuned")],
+        ["eval", str(out)],
     ]
     hidden = optional_modules()
     assert {"peft", "lm_eval", "datasets", "matplotlib"} <= set(hidden)
@@ -482,8 +484,11 @@ def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     assert process.stdout.strip(), process.stderr[-3000:]
     result = json.loads(process.stdout.strip().splitlines()[-1])
-    assert result == {"codes": [0, 0, 0, 2], "leaked": []}, process.stderr
+    assert result == {"codes": [0, 0, 0, 2, 2, 2], "leaked": []}, process.stderr
+    # the commands that need an extra say which, before any work (no output directory, no model loaded)
     errors = [line for line in process.stderr.splitlines() if line.startswith("lmslice: error:")]
-    assert errors == ["lmslice: error: plotting the report needs matplotlib: pip install 'lmslice[plot]'"]
+    assert errors == ["lmslice: error: plotting the report needs matplotlib: pip install 'lmslice[plot]'",
+                      "lmslice: error: recovery fine-tuning needs peft: pip install 'lmslice[finetune]'",
+                      "lmslice: error: zero-shot evaluation needs lm-eval: pip install 'lmslice[eval]'"]
     for sliced in (out, tmp_path / "offloaded"):
         assert lmslice.load(sliced).get_input_embeddings().weight.shape[1] == 48
