@@ -15,9 +15,11 @@ from lmslice.cli.common import (add_eval_window_options, add_model_options, add_
                                 context_length, peak_memory_gib)
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
+from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
 from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
+from lmslice.shared_basis import WEIGHTINGS
 from lmslice.slicing import count_parameters, slice_model, sliced_width
 
 REPORT_FILE = "lmslice_report.json"
@@ -35,6 +37,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
     parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     add_slicing_options(parser)
+    parser.add_argument("--format", choices=("sliced", "standard"), default="sliced",
+                        help="sliced (default): a basis per block joined by shortcut matrices, loaded with "
+                             "lmslice or trust_remote_code; standard: one basis for the whole stream, written as "
+                             "the family's own architecture with a smaller hidden_size (head sliced), loadable "
+                             "by plain transformers and convertible to GGUF (RMSNorm families)")
+    parser.add_argument("--basis-weighting", choices=WEIGHTINGS, default="unit-rms",
+                        help="--format standard: how the norm inputs enter the shared basis (default: unit-rms)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="--format standard, source with tied embeddings: keep the head tied to the "
+                             "embedding (smaller, approximate: the final norm's scale is refitted) or untie it "
+                             f"(exact) (default: {'tied' if TIE_BY_DEFAULT else 'untied'})")
     parser.add_argument("--eval-data", help="also report dense and sliced perplexity on this text's test split")
     add_eval_window_options(parser)
     parser.add_argument("--offload", action="store_true",
@@ -54,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     output = check_output_dir(args.output, args.overwrite)
     sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
+    standard = args.format == "standard"
+    if standard and args.offload:
+        raise LmsliceError("--format standard needs the whole model in memory (one dense pass for its basis): "
+                           "drop --offload")
     if args.offload:
         if args.eval_data:
             raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
@@ -64,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
         storage = None
-    find_adapter(model)  # an unsupported model fails before the slow work
+    adapter = find_adapter(model)  # an unsupported model fails before the slow work
+    if standard:
+        check_family(adapter)
     if tokenizer is None:
         raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
 
@@ -86,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
                    "batch_size": args.calib_batch_size, "seed": args.seed}
     options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
                    metadata={"calibration": calibration, "source_model": str(args.model)})
+    if standard:
+        options.update(rotation="shared", weighting=args.basis_weighting)
     with contextlib.ExitStack() as cleanup:
         if args.offload_activations:
             spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".lmslice-activations-",
@@ -95,11 +116,17 @@ def run(args: argparse.Namespace) -> int:
             result = slice_model(model, batches, args.sparsity, **options)
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
+    if standard:
+        tie = args.tie_embeddings
+        if tie is None:
+            tie = TIE_BY_DEFAULT and model.config.lmslice["tied_embeddings"]
+        model = standard_model(model, tie_embeddings=tie, head_input=result.head_input)
     sliced_ppl = evaluate()
     summary = {
         "model": str(args.model),
         "family": result.family,
         "sparsity": args.sparsity,
+        "format": args.format,
         "hidden_size": result.hidden_size,
         "width": result.width,
         "head_width": result.head_width,
@@ -128,7 +155,8 @@ def format_summary(summary: dict) -> str:
     calibration = summary["calibration"]
     head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
     lines = [
-        f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}",
+        f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}"
+        + (", standard format" if summary.get("format") == "standard" else ""),
         f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]

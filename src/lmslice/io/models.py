@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lmslice import modeling
 from lmslice.errors import LmsliceError
+from lmslice.export import is_standard
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -30,8 +31,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def is_sliced(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds a model in lmslice's sliced layout (a standard-format model is a plain one)."""
     config = Path(path) / "config.json"
-    return config.is_file() and "lmslice" in json.loads(config.read_text())
+    if not config.is_file():
+        return False
+    layout = json.loads(config.read_text()).get("lmslice")
+    return layout is not None and not is_standard(layout)
 
 
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
@@ -163,16 +168,17 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
     try:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / MODELING_FILE).write_text(
-            inspect.getsource(modeling)
-            + f"\n\nimport transformers  # noqa: E402\n\n"
-            + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
-        )
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text())
-        config["architectures"] = [layout["base_architecture"]]
-        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if not is_standard(layout):  # the standard format is the family's own model: no remote code
+            (staging / MODELING_FILE).write_text(
+                inspect.getsource(modeling)
+                + f"\n\nimport transformers  # noqa: E402\n\n"
+                + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
+            )
+            config_path = staging / "config.json"
+            config = json.loads(config_path.read_text())
+            config["architectures"] = [layout["base_architecture"]]
+            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if out.exists():
             if not overwrite:
                 raise LmsliceError(f"output directory {out} appeared while slicing; not replacing it")
