@@ -17,14 +17,13 @@ from torch import nn
 
 import lmslice
 import tiny_models
-from lmslice.adapters import find_adapter
 from lmslice.bench import count_flops
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.export import standard_model
 from lmslice.finetune import finetune
-from lmslice.modeling import get_module
 from lmslice.slicing import slice_model
+from test_adapters import confine_stream_before_last_write
 from test_invariance import exact_rms_norms  # noqa: F401 - autouse: exact float64 reference norms
 
 RMS_FAMILIES = ["gemma", "llama", "mistral", "phi3", "qwen2"]
@@ -66,30 +65,12 @@ def test_standard_at_sparsity_zero_keeps_logits(family: str, tied: bool) -> None
     assert difference <= 1e-8, f"max |Δlogit| = {difference:.3g}"
 
 
-@torch.no_grad()
-def confine_stream(model: nn.Module, rank: int = 40) -> None:
-    """Makes everything written to the residual stream lie in one random rank-40 subspace, so that one
-    basis of width 48 holds the whole stream and slicing 25% loses nothing."""
-    adapter = find_adapter(model)
-    generator = torch.Generator().manual_seed(3)
-    basis = torch.linalg.qr(torch.randn(model.config.hidden_size, rank, generator=generator,
-                                        dtype=torch.float64))[0].to(model.dtype)
-    projection = basis @ basis.T
-    for path in adapter.embeddings:
-        embedding = get_module(model, path)
-        embedding.weight.copy_(embedding.weight @ projection)
-    for block in get_module(model, adapter.blocks):
-        for residual in adapter.residuals:
-            for path in residual.writes:
-                get_module(block, path).weight.copy_(projection @ get_module(block, path).weight)
-
-
 @pytest.mark.parametrize("family", RMS_FAMILIES)
 def test_standard_is_exact_when_the_stream_fits_the_kept_width(family: str) -> None:
     """What sparsity 0 cannot see: epsilon and scale of norms over D' features, head_dim kept while
     hidden_size shrinks, Gemma's √hidden_size embedding multiplier."""
     dense = with_tying(tiny_models.build(family), False)
-    confine_stream(dense)
+    confine_stream_before_last_write(dense, spare_last_write=False)  # one basis of 48 holds the stream
     standard = sliced_standard(dense, 0.25, centre_embeddings=False)  # centring leaves the subspace
     assert standard.config.hidden_size == 48 and standard.get_input_embeddings().weight.shape[1] == 48
     difference = (logits(standard) - logits(dense)).abs().max()
@@ -99,7 +80,7 @@ def test_standard_is_exact_when_the_stream_fits_the_kept_width(family: str) -> N
 def test_the_exactness_test_can_fail() -> None:
     """Guards the test above: with the norms' epsilon left at ε (not ε·D/D') the logits move."""
     dense = with_tying(tiny_models.build("llama"), False)
-    confine_stream(dense)
+    confine_stream_before_last_write(dense, spare_last_write=False)  # one basis of 48 holds the stream
     standard = sliced_standard(dense, 0.25, centre_embeddings=False)
     for module in standard.modules():
         if hasattr(module, "variance_epsilon"):
