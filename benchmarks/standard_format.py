@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--candidate-sparsity", type=float, default=0.25)
     parser.add_argument("--weightings", default="unit-rms,raw,reader-gain")
     parser.add_argument("--full-head", action="store_true", help="also per-block slices with a full-width head")
+    parser.add_argument("--heads", default="untied,tied", help="standard-format heads to measure (tied: if the "
+                                                                "source ties them)")
+    parser.add_argument("--uncentred", action="store_true", help="also the unit-RMS basis without centring")
     parser.add_argument("--skip-budgets", action="store_true")
     parser.add_argument("--skip-candidates", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -56,6 +59,7 @@ def main() -> None:
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
     dense_parameters = count_parameters(model)
     tied_source = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    ties = tuple(head == "tied" for head in args.heads.split(",") if tied_source or head == "untied")
 
     def measure(candidate: torch.nn.Module) -> float:
         return perplexity(candidate, eval_tokens, args.eval_seqlen, max_windows=args.eval_max_windows,
@@ -101,16 +105,16 @@ def main() -> None:
             if args.full_head:
                 row(f"per-block {sparsity:.2f}, full head", *per_block(sparsity, False))
             budget = row(f"per-block {sparsity:.2f}, sliced head", *per_block(sparsity, True))
-            row("standard, untied", *standard(int(budget / per_width_untied) // 8 * 8, (False,))[0])
-            if tied_source:
-                row("standard, tied", *standard(int(budget / per_width_tied) // 8 * 8, (True,))[0])
+            for tie in ties:
+                width = int(budget / (per_width_tied if tie else per_width_untied)) // 8 * 8
+                row(f"standard, {'tied' if tie else 'untied'}", *standard(width, (tie,))[0])
 
     if not args.skip_candidates:
         width = int((1 - args.candidate_sparsity) * hidden) // 8 * 8
         print(f"\n### shared-basis candidates at width {width} (sparsity {args.candidate_sparsity})\n")
         print(header)
-        ties = (False, True) if tied_source else (False,)
-        for weighting, centre in [(w, True) for w in args.weightings.split(",")] + [("unit-rms", False)]:
+        centring = [(w, True) for w in args.weightings.split(",")] + ([("unit-rms", False)] if args.uncentred else [])
+        for weighting, centre in centring:
             exported = standard(width, ties, weighting=weighting, centre_embeddings=centre)
             for tie, result in zip(ties, exported):
                 row(f"{weighting}, {'centred' if centre else 'uncentred'}, {'tied' if tie else 'untied'}", *result)
