@@ -116,10 +116,10 @@ def expected_sliced(s: Spec, c: Any, width: int, head_width: int) -> int:
 
 
 @torch.no_grad()
-def confine_stream_before_last_write(model: nn.Module, rank: int = 40) -> None:
+def confine_stream_before_last_write(model: nn.Module, rank: int = 40, spare_last_write: bool = True) -> None:
     """Makes everything written to the residual stream, except by the last block's last connection, lie in
     one random rank-40 subspace: slicing to 48 then loses nothing on the way, while the last block's
-    output stays full-width."""
+    output stays full-width. `spare_last_write=False` confines that one too (the whole stream)."""
     adapter = find_adapter(model)
     generator = torch.Generator().manual_seed(3)
     basis = torch.linalg.qr(torch.randn(model.config.hidden_size, rank, generator=generator,
@@ -131,7 +131,7 @@ def confine_stream_before_last_write(model: nn.Module, rank: int = 40) -> None:
     blocks = get_module(model, adapter.blocks)
     for index, block in enumerate(blocks):
         for position, residual in enumerate(adapter.residuals):
-            if index == len(blocks) - 1 and position == len(adapter.residuals) - 1:
+            if spare_last_write and index == len(blocks) - 1 and position == len(adapter.residuals) - 1:
                 continue
             for path in residual.writes:
                 linear = get_module(block, path)

@@ -15,9 +15,11 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
+from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
+from lmslice.shared_basis import WEIGHTINGS
 from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
 REPORT_FILE = "lmslice_report.json"
@@ -44,6 +46,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the calibration activations on disk, one file per batch, next to the output "
                              "(removed at the end): one batch resident instead of all of them")
+    parser.add_argument("--format", choices=("sliced", "standard"), default="sliced",
+                        help="sliced (default): a basis per block joined by shortcut matrices, loaded with "
+                             "lmslice or trust_remote_code; standard: one basis for the whole stream, written as "
+                             "the family's own architecture with a smaller hidden_size (head sliced), loadable "
+                             "by plain transformers and convertible to GGUF (RMSNorm families)")
+    parser.add_argument("--basis-weighting", choices=WEIGHTINGS, default="unit-rms",
+                        help="--format standard: how the norm inputs enter the shared basis (default: unit-rms)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="--format standard, source with tied embeddings: keep the head tied to the "
+                             "embedding (smaller, approximate: the final norm's scale is refitted) or untie it "
+                             f"(exact) (default: {'tied' if TIE_BY_DEFAULT else 'untied'})")
     parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
                              "bfloat16 for GGUF files). Slicing itself computes in --dtype")
@@ -60,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.offload and args.eval_data:
         raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
                            "with `lmslice ppl OUTPUT`")
+    standard = args.format == "standard"
+    if standard and args.offload:
+        raise LmsliceError("--format standard needs the whole model in memory (one dense pass for its basis): "
+                           "drop --offload")
     require_text_sources(args.calib, args.eval_data)
     output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
@@ -73,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         check_finite(model)
         storage = None
         save_dtype = requested_save_dtype or source_dtype(args.model)
-    find_adapter(model)  # an unsupported model fails before the slow work
+    adapter = find_adapter(model)  # an unsupported model fails before the slow work
+    if standard:
+        check_family(adapter)
     check_widths(model, [args.sparsity], args.round_to)
     tokenizer = require_tokenizer(tokenizer, args.model)
 
@@ -85,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                    "batch_size": args.calib_batch_size, "seed": args.seed}
     options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
                    metadata={"calibration": calibration, "source_model": str(args.model)})
+    if standard:
+        options.update(rotation="shared", weighting=args.basis_weighting)
     with contextlib.ExitStack() as cleanup:
         if args.offload_activations:
             # named with this process, so a later run can tell a killed run's activations from a live one's
@@ -95,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
             result = slice_model(model, batches, args.sparsity, **options)
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
+    if standard:
+        tie = args.tie_embeddings
+        if tie is None:
+            tie = TIE_BY_DEFAULT and model.config.lmslice["tied_embeddings"]
+        model = standard_model(model, tie_embeddings=tie, head_input=result.head_input)
     sliced_ppl = evaluate(model).as_dict() if evaluate else None
     saved_ppl = sliced_ppl
     if evaluate and save_dtype != resolve_dtype(args.dtype):
@@ -104,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "family": result.family,
         "sparsity": args.sparsity,
+        "format": args.format,
         "hidden_size": result.hidden_size,
         "width": result.width,
         "head_width": result.head_width,
@@ -135,7 +162,8 @@ def format_summary(summary: dict) -> str:
     calibration = summary["calibration"]
     head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
     lines = [
-        f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}",
+        f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}"
+        + (", standard format" if summary.get("format") == "standard" else ""),
         f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]

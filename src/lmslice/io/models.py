@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lmslice import modeling
 from lmslice.errors import LmsliceError
+from lmslice.export import is_standard
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -111,7 +112,11 @@ def record_saved_dtype(directory: Path, dtype: torch.dtype) -> None:
 
 
 def is_sliced(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / "config.json").is_file() and "lmslice" in read_config(path)
+    """Whether `path` holds a model in lmslice's sliced layout (a standard-format model is a plain one)."""
+    if not (Path(path) / "config.json").is_file():
+        return False
+    layout = read_config(path).get("lmslice")
+    return layout is not None and not is_standard(layout)
 
 
 LAYOUT_MODULE_KEYS = ("embeddings", "blocks", "residuals", "final_norm", "head")
@@ -196,7 +201,7 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
         if not (path / "config.json").is_file():
             raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
         config = read_config(path)
-        if "lmslice" in config:
+        if "lmslice" in config and not is_standard(config["lmslice"]):
             check_layout(config, path)
             base = getattr(transformers, config["lmslice"]["base_architecture"], None)
             if base is None:
@@ -419,16 +424,17 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
     with discarded_on_failure(staging, out):
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / MODELING_FILE).write_text(
-            inspect.getsource(modeling)
-            + f"\n\nimport transformers  # noqa: E402\n\n"
-            + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
-        )
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text())
-        config["architectures"] = [layout["base_architecture"]]
-        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if not is_standard(layout):  # the standard format is the family's own model: no remote code
+            (staging / MODELING_FILE).write_text(
+                inspect.getsource(modeling)
+                + f"\n\nimport transformers  # noqa: E402\n\n"
+                + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
+            )
+            config_path = staging / "config.json"
+            config = json.loads(config_path.read_text())
+            config["architectures"] = [layout["base_architecture"]]
+            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return move_into_place(staging, out, overwrite)
