@@ -8,13 +8,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import PreTrainedTokenizerFast
 
+import tiny_models
 from tiny_models import VOCAB
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
 WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# OMP_NUM_THREADS when set: torch.set_num_threads overrides it, and two spinning threads on a busy shared
+# machine made the tiny models' tests ten times slower (test_save_load's decode tests: 161 s vs 15 s).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 def corpus_text() -> str:
@@ -39,4 +42,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(corpus_text()[:60_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny dense Llama with its tokenizer, saved once per test module (tests must not change it)."""
+    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
+    tiny_models.build("llama", torch.float32).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
     return path

@@ -116,10 +116,10 @@ def expected_sliced(s: Spec, c: Any, width: int, head_width: int) -> int:
 
 
 @torch.no_grad()
-def confine_stream_before_last_write(model: nn.Module, rank: int = 40) -> None:
+def confine_stream_before_last_write(model: nn.Module, rank: int = 40, spare_last_write: bool = True) -> None:
     """Makes everything written to the residual stream, except by the last block's last connection, lie in
     one random rank-40 subspace: slicing to 48 then loses nothing on the way, while the last block's
-    output stays full-width."""
+    output stays full-width. `spare_last_write=False` confines that one too (the whole stream)."""
     adapter = find_adapter(model)
     generator = torch.Generator().manual_seed(3)
     basis = torch.linalg.qr(torch.randn(model.config.hidden_size, rank, generator=generator,
@@ -131,7 +131,7 @@ def confine_stream_before_last_write(model: nn.Module, rank: int = 40) -> None:
     blocks = get_module(model, adapter.blocks)
     for index, block in enumerate(blocks):
         for position, residual in enumerate(adapter.residuals):
-            if index == len(blocks) - 1 and position == len(adapter.residuals) - 1:
+            if spare_last_write and index == len(blocks) - 1 and position == len(adapter.residuals) - 1:
                 continue
             for path in residual.writes:
                 linear = get_module(block, path)
@@ -335,3 +335,14 @@ def test_phi_with_qk_layernorm_is_supported_and_exact() -> None:
         difference = (rotated(input_ids=ids, attention_mask=mask).logits
                       - dense(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max()
     assert difference <= 1e-8
+
+
+def test_an_adapter_that_does_not_match_its_model_is_reported_not_asserted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If installing the sliced structure did not leave a shortcut projection where the adapter says (its
+    paths disagree with the model), slicing stops with an error naming the path, also under `python -O`."""
+    import lmslice.rotate
+
+    monkeypatch.setattr(lmslice.rotate, "install_block", lambda *args: None)
+    with pytest.raises(LmsliceError, match="self_attn.o_proj is not a shortcut projection"):
+        slice_model(tiny_models.build("llama", torch.float32), tiny_models.random_batches(count=1), 0.25,
+                    progress=False)

@@ -62,7 +62,13 @@ def test_flop_counts_match_a_count_by_hand(models) -> None:
 
 def test_benchmark_reports_every_measurement(models) -> None:
     dense, sliced = models
-    report = benchmark(dense, sliced, threads=1, **TINY)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        report = benchmark(dense, sliced, threads=1, **TINY)
+        assert torch.get_num_threads() == 3  # the run's thread count is restored afterwards
+    finally:
+        torch.set_num_threads(previous)
     result = report.as_dict()
     assert set(result) == {"settings", "models", "dense", "sliced", "ratios"}
     assert result["settings"]["threads"] == 1 and result["settings"]["seqlen"] == SEQLEN
@@ -86,7 +92,6 @@ def test_benchmark_reports_every_measurement(models) -> None:
         assert ratios[key] > 0 and math.isfinite(ratios[key])
     table = report.table()
     assert "throughput" in table and "ms/token" in table and "FLOP" in table
-    assert torch.get_num_threads() >= 1
 
 
 def test_decode_matches_a_full_forward(models) -> None:
@@ -108,10 +113,12 @@ def test_cli_bench_json(models, tiny_tokenizer, tmp_path: Path, capsys: pytest.C
     dense.save_pretrained(tmp_path / "dense")
     tiny_tokenizer.save_pretrained(tmp_path / "dense")
     lmslice.save_sliced(sliced, tiny_tokenizer, tmp_path / "sliced")
+    threads = torch.get_num_threads()
     code = main(["bench", str(tmp_path / "dense"), str(tmp_path / "sliced"), "--seqlen", str(SEQLEN),
-                 "--max-batch", "1", "--repeats", "1", "--prompt-len", "4", "--new-tokens", "2", "--threads", "1",
-                 "--json"])
+                 "--max-batch", "1", "--repeats", "1", "--prompt-len", "4", "--new-tokens", "2", "--threads",
+                 str(threads + 1), "--json"])
     assert code == 0
+    assert torch.get_num_threads() == threads
     result = json.loads(capsys.readouterr().out)
     assert result["models"] == {"dense": str(tmp_path / "dense"), "sliced": str(tmp_path / "sliced")}
     assert result["dense"]["throughput"]["by_batch"].keys() == {"1"}

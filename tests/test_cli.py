@@ -8,18 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import tiny_models
 from lmslice.cli import main
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
-    tiny_models.build("llama", torch.float32).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

@@ -51,6 +51,33 @@ def test_training_lowers_the_loss_and_keeps_the_structure(sliced_dir: Path) -> N
     assert "self_attn.o_proj" in result.target_modules and "mlp.down_proj" in result.target_modules
 
 
+def test_merging_keeps_what_the_trained_adapters_compute(sliced_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merged model (LoRA folded into the weights of every adapted matrix, shortcut projections
+    included) computes what the model with its trained adapters computed just before merging."""
+    from peft.tuners.lora import LoraModel
+
+    ids, mask = tiny_models.padded_inputs()
+    unmerged: list[torch.Tensor] = []
+    merge_and_unload = LoraModel.merge_and_unload
+
+    def measure_then_merge(self, *args, **kwargs):
+        self.eval()  # LoRA dropout off, as in the merged model
+        with torch.no_grad():
+            unmerged.append(self.model(input_ids=ids, attention_mask=mask).logits)
+        return merge_and_unload(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", measure_then_merge)
+    original = lmslice.load(sliced_dir)
+    with torch.no_grad():
+        before = original(ids, attention_mask=mask).logits
+    merged, _ = finetune(lmslice.load(sliced_dir), tiny_models.random_batches(count=2, seed=3), lr=1e-2, r=4,
+                         seed=0, progress=False)
+    with torch.no_grad():
+        after = merged(ids, attention_mask=mask).logits
+    assert (unmerged[0] - before).abs().max() > 0.05  # training changed the model
+    assert (after - unmerged[0]).abs().max() <= 1e-5
+
+
 def test_steps_and_time_budget_stop_training(sliced_dir: Path) -> None:
     batches = tiny_models.random_batches(count=4)
     model, by_steps = finetune(lmslice.load(sliced_dir), batches, max_steps=2, progress=False)

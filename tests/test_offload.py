@@ -22,7 +22,7 @@ from lmslice.io.offload import slice_offloaded
 from lmslice.slicing import slice_model
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
 def test_offloaded_slicing_matches_in_memory(family: str, tmp_path: Path) -> None:
     dense = tiny_models.build(family, torch.float32)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="100KB")  # several shards

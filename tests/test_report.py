@@ -31,14 +31,6 @@ def assert_png(path: Path) -> None:
     assert np.ptp(pixels[..., :3]) > 0  # something was drawn
 
 
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("report") / "dense"
-    tiny_models.build("llama", torch.float32).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
-
-
 def test_report_writes_json_table_and_plots(dense_dir: Path, text_file: Path, tmp_path: Path, tiny_tokenizer,
                                             capsys) -> None:
     out = tmp_path / "report"

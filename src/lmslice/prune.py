@@ -31,6 +31,7 @@ from lmslice import __version__
 from lmslice.adapters import Mlp, ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
+from lmslice.export import STANDARD
 from lmslice.modeling import get_module
 from lmslice.slicing import count_parameters
 
@@ -414,8 +415,9 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         "version": __version__,
         "family": adapter.family,
         "base_architecture": type(model).__name__,
+        "hidden_size": get_module(model, adapter.embeddings[0]).weight.shape[1],  # the residual stream's, kept
         # Equal widths are the family's own config; per-block widths need lmslice's layout (remote code).
-        **({"output_format": "standard"} if uniform else {"mlp_widths": plan.mlp_widths}),
+        **({"export": STANDARD} if uniform else {"mlp_widths": plan.mlp_widths}),
         "mlp_pruning": {"criterion": criterion, "damping": damping, "refit": refit_consumer,
                         "fisher_weighted": sensitivity is not None, **plan.as_dict()},
         "modules": adapter.module_map(),

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmslice.adapters import ModelAdapter
+from lmslice.errors import LmsliceError
 from lmslice.modeling import ShortcutLinear, get_module, install_block
 
 
@@ -50,5 +51,7 @@ def rotate_block(block: nn.Module, adapter: ModelAdapter, bases: list[torch.Tens
     install_block(block, adapter.module_map(), width, out_width, hidden, eps)
     for residual, basis_in, basis_out in zip(adapter.residuals, bases, bases[1:]):
         projection = get_module(block, residual.writes[0])
-        assert isinstance(projection, ShortcutLinear)
+        if not isinstance(projection, ShortcutLinear):
+            raise LmsliceError(f"{type(block).__name__}.{residual.writes[0]} is not a shortcut projection after "
+                               f"slicing: the {adapter.family} adapter's module paths do not match this model")
         projection.set_shortcut(basis_in.double().T @ basis_out.double())

@@ -18,18 +18,27 @@ from lmslice.errors import LmsliceError
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
 from lmslice.modeling import get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
+from lmslice.shared_basis import shared_basis
 
 
-def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
-    """D' = (1 - s)·D rounded down to a multiple of `round_to` (at least `round_to`)."""
+def check_sparsity(sparsity: float, round_to: int) -> None:
+    """The range of both options, checkable before the model (and its width) is known."""
     if not 0 <= sparsity < 1:
         raise LmsliceError(f"sparsity must be in [0, 1), got {sparsity}")
     if round_to < 1:
         raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+
+
+def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
+    """D' = (1 - s)·D rounded down to a multiple of `round_to`; refused where that leaves nothing."""
+    check_sparsity(sparsity, round_to)
     if sparsity == 0:
         return hidden
-    width = int((1 - sparsity) * hidden) // round_to * round_to
-    return max(width, round_to)
+    kept = int((1 - sparsity) * hidden)
+    if kept < round_to:
+        raise LmsliceError(f"sparsity {sparsity} keeps {kept} of {hidden} features, fewer than --round-to {round_to}: "
+                           "lower the sparsity or --round-to")
+    return kept // round_to * round_to
 
 
 @dataclass
@@ -42,6 +51,7 @@ class SliceResult:
     head_width: int
     seconds: float
     spectra: dict[str, list[float]] = field(default_factory=dict)
+    head_input: torch.Tensor | None = None  # shared basis: the head's input second moment, in kept coordinates
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -71,7 +81,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
                 round_to: int = 8, slice_head: bool = False, progress: bool = True,
                 metadata: dict[str, Any] | None = None, storage: BlockStorage | None = None,
                 activations: ActivationStore | None = None, centre_embeddings: bool | None = None,
-                ) -> SliceResult:
+                rotation: str = "per-block", weighting: str = "unit-rms") -> SliceResult:
     """Slices `model` in place and records what was done in `model.config.lmslice`.
 
     `batches` are calibration batches (`input_ids`, optional `attention_mask`). The head keeps its full
@@ -80,15 +90,26 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     keep all but one of them on disk, and `activations` all but one batch of the calibration stream.
     `centre_embeddings` (RMSNorm families; default: when components are deleted) removes the embeddings'
     mean, which is not exact but slices better.
+
+    `rotation` is the rotation plan: "per-block" (each block rotated into the principal components of its
+    own input, joined by shortcut matrices) or "shared" (one basis for the whole stream from a dense pass,
+    weighted as `weighting` says, see `shared_basis`): every shortcut is then the identity and the head
+    is sliced too, which `lmslice.export.standard_model` turns into the family's own architecture.
     """
+    if rotation not in ("per-block", "shared"):
+        raise LmsliceError(f"unknown rotation {rotation!r}; choose per-block or shared")
+    shared = rotation == "shared"
+    if shared and storage is not None:
+        raise LmsliceError("a shared basis needs the whole model in memory for its dense pass: drop --offload")
     start = time.perf_counter()
     adapter = find_adapter(model)
     storage = storage or InMemory()
     model.eval()
     embedding = get_module(model, adapter.embeddings[0]).weight
+    tied_embeddings = embedding is get_module(model, adapter.head).weight
     hidden = embedding.shape[1]
     width = sliced_width(hidden, sparsity, round_to)
-    head_width = width if slice_head else hidden
+    head_width = width if slice_head or shared else hidden
     batches = list(batches)
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")
@@ -101,13 +122,21 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     if centre_embeddings is None:
         centre_embeddings = width < hidden
     fuse_embeddings(model, adapter, centre=centre_embeddings)
-    streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
-    covariance = Covariance(hidden, embedding.device)
-    for stream in streams:
-        covariance.add(stream.hidden, stream.mask)
-    eigenvalues, eigenvectors = covariance.principal_components()
-    spectra = {"embeddings": eigenvalues.tolist()}
-    basis = eigenvectors[:, :width]
+    head_input = None
+    if shared:
+        plan = shared_basis(model, adapter, batches, weighting)
+        streams: list = []
+        spectra = {"shared": plan.eigenvalues.tolist()}
+        basis = plan.eigenvectors[:, :width]
+        head_input = basis.T @ plan.head_input @ basis
+    else:
+        streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
+        covariance = Covariance(hidden, embedding.device, "output of the embeddings")
+        for stream in streams:
+            covariance.add(stream.hidden, stream.mask)
+        eigenvalues, eigenvectors = covariance.principal_components()
+        spectra = {"embeddings": eigenvalues.tolist()}
+        basis = eigenvectors[:, :width]
     for path in adapter.embeddings:
         rotate_writer(get_module(model, path), basis)
     for stream in streams:
@@ -120,8 +149,14 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         for index, block in enumerate(blocks):
             storage.load(index, block)
             added_biases += [f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter)]
+            if shared:
+                rotate_block(block, adapter, [basis] * (len(adapter.residuals) + 1), hidden, eps)
+                storage.store(index, block)
+                bar.update(steps_per_block)
+                continue
             out_width = head_width if index == len(blocks) - 1 else width
-            signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update())
+            signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update(),
+                                    name=f"block {index}")
             bases = [basis] + [vectors[:, :width] for _, vectors in signals.inner]
             bases.append(signals.output[1][:, :out_width])
             for position, (values, _) in enumerate(signals.inner, start=1):
@@ -151,9 +186,12 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         "head_width": head_width,
         "eps": eps,
         "centred_embeddings": centre_embeddings,
+        "rotation": rotation,
+        **({"basis_weighting": weighting} if shared else {}),
+        "tied_embeddings": tied_embeddings,
         "added_biases": added_biases,
         "modules": adapter.module_map(),
         **(metadata or {}),
     }
     model.config.lmslice = layout
-    return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra)
+    return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra, head_input)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from typing import Any
 
 from lmslice import __version__
 from lmslice.cli import bench_command, eval_command, finetune_command, ppl, report_command, slice_command
@@ -24,13 +27,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, Slurm and docker send) unwinds like Ctrl-C, so partial outputs are removed."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.run(args) or 0
     except LmsliceError as error:
         print(f"lmslice: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("lmslice: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("lmslice: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread and previous is not None:  # None: the old handler was not set from Python
+            signal.signal(signal.SIGTERM, previous)

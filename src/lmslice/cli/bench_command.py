@@ -6,9 +6,10 @@ import argparse
 import json
 
 import torch
+from torch import nn
 
 from lmslice.bench import benchmark
-from lmslice.cli.common import add_model_options, check_device, context_length
+from lmslice.cli.common import add_model_options, check_device, check_minimums, context_length
 from lmslice.errors import LmsliceError
 from lmslice.io.models import load
 
@@ -46,20 +47,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def check_same_model(dense: nn.Module, sliced: nn.Module, dense_name: str, sliced_name: str) -> None:
+    """`sliced` is a slice of a model shaped like `dense`: same architecture, width, depth and vocabulary
+    (the weights themselves cannot be compared once rotated)."""
+    layout = getattr(sliced.config, "lmslice", None)
+    if layout is None:
+        raise LmsliceError(f"{sliced_name} is not a sliced model; give a dense model and a slice of it "
+                           "(from `lmslice slice`)")
+    if getattr(dense.config, "lmslice", None) is not None:
+        raise LmsliceError(f"{dense_name} is itself a sliced model; give the dense model it was sliced from first")
+    differences = [
+        f"{what} {dense_value} vs {sliced_value}" for what, dense_value, sliced_value in (
+            ("architecture", type(dense).__name__, layout["base_architecture"]),
+            ("hidden size", dense.get_input_embeddings().weight.shape[1], layout["hidden_size"]),
+            ("layers", dense.config.num_hidden_layers, sliced.config.num_hidden_layers),
+            ("vocabulary", dense.config.vocab_size, sliced.config.vocab_size),
+        ) if dense_value != sliced_value]
+    if differences:
+        raise LmsliceError(f"{sliced_name} is not a slice of a model like {dense_name} ({'; '.join(differences)}): "
+                           "give a dense model and a slice of it")
+
+
 def run(args: argparse.Namespace) -> int:
+    previous_threads = torch.get_num_threads()
+    try:
+        return measure(args)
+    finally:  # --threads sets torch's global thread count; `main` may run inside a longer-lived process
+        torch.set_num_threads(previous_threads)
+
+
+def measure(args: argparse.Namespace) -> int:
     check_device(args.device)
-    for name in ("seqlen", "repeats", "prompt_len", "new_tokens"):
-        if getattr(args, name) < 1:
-            raise LmsliceError(f"--{name.replace('_', '-')} must be at least 1")
+    check_minimums(args, {"seqlen": 1, "repeats": 1, "prompt_len": 1, "new_tokens": 1, "threads": 1,
+                          "max_batch": 1, "warmup": 0})
     if args.threads is not None:
-        if args.threads < 1:
-            raise LmsliceError("--threads must be at least 1")
         torch.set_num_threads(args.threads)  # also for loading
     dense = load(args.dense, dtype=args.dtype, device=args.device)
     sliced = load(args.sliced, dtype=args.dtype, device=args.device)
-    if dense.config.vocab_size != sliced.config.vocab_size:
-        raise LmsliceError(f"the models have different vocabularies ({dense.config.vocab_size} and "
-                           f"{sliced.config.vocab_size}): give a dense model and a slice of it")
+    check_same_model(dense, sliced, args.dense, args.sliced)
     seqlen = min(context_length(dense, args.seqlen), context_length(sliced, args.seqlen))
     limit = min(context_length(dense, 1 << 30), context_length(sliced, 1 << 30))
     if args.prompt_len + args.new_tokens > limit:

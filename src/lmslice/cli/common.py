@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
+from lmslice.evaluation.perplexity import Perplexity, perplexity
 from lmslice.evaluation.zeroshot import PAPER_TASKS
-from lmslice.io.data import describe_sources
+from lmslice.io.data import HUB_SOURCES, calibration_batches, describe_sources, load_text, tokenize
 from lmslice.io.models import DTYPES
+from lmslice.slicing import sliced_width
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +50,84 @@ def add_eval_window_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LmsliceError(f"device {device} requested but CUDA is not available; use --device cpu")
+    """Refuses a device that is not there, before any model is loaded."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise LmsliceError(f"unknown device {device!r}; give cpu, cuda, cuda:N or mps") from error
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LmsliceError(f"device {device} requested but CUDA is not available; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LmsliceError(f"device {device} requested but there are {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise LmsliceError(f"device {device} requested but MPS is not available; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise LmsliceError(f"device {device} is not supported; give cpu, cuda, cuda:N or mps")
+
+
+# The least value of each numeric option of `add_slicing_options` and `add_eval_window_options`.
+SLICING_MINIMUMS = {"calib_samples": 1, "calib_seqlen": 2, "calib_batch_size": 1, "eval_seqlen": 2,
+                    "eval_max_windows": 1}
+
+
+def check_minimums(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Refuses options below their minimum (option dest -> least value); unset (None) options pass."""
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise LmsliceError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Says which extra to install before any work, not after it."""
+    if importlib.util.find_spec(module) is None:
+        raise LmsliceError(f"{purpose} needs {module}: pip install 'lmslice[{extra}]'")
+
+
+def require_text_sources(*sources: str | None) -> None:
+    if any(source in HUB_SOURCES for source in sources):
+        require_extra("datasets", "data", "reading a Hugging Face dataset")
+
+
+def check_widths(model: nn.Module, sparsities: Iterable[float], round_to: int) -> None:
+    """Every sparsity leaves at least `round_to` features of this model's width (before calibration)."""
+    for sparsity in sparsities:
+        sliced_width(model.get_input_embeddings().weight.shape[1], sparsity, round_to)
+
+
+def calibration_data(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     ) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The calibration batches `add_slicing_options` describe, and their sequence length."""
+    seqlen = context_length(model, args.calib_seqlen)
+    tokens = tokenize(tokenizer, load_text(args.calib, split="train"))
+    return calibration_batches(tokens, args.calib_samples, seqlen, args.calib_batch_size, args.seed), seqlen
+
+
+@dataclass
+class Evaluation:
+    """Perplexity on one text, tokenized once, for measuring a model before and after a change."""
+
+    tokens: torch.Tensor
+    seqlen: int
+    max_windows: int | None
+    progress: bool
+
+    def __call__(self, model: nn.Module) -> Perplexity:
+        return perplexity(model, self.tokens, self.seqlen, max_windows=self.max_windows, progress=self.progress)
+
+
+def evaluation(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str,
+               progress: bool) -> Evaluation:
+    """Perplexity on `source`'s test split with the windows `add_eval_window_options` describe."""
+    tokens = tokenize(tokenizer, load_text(source, split="test"))
+    return Evaluation(tokens, context_length(model, args.eval_seqlen), args.eval_max_windows, progress)
+
+
+def require_tokenizer(tokenizer: Any, source: str) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        raise LmsliceError(f"{source} has no tokenizer; save one next to the model")
+    return tokenizer
 
 
 def context_length(model: nn.Module, requested: int) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmslice.cli.common import add_model_options, add_zero_shot_options, check_device, task_list
-from lmslice.errors import LmsliceError
+from lmslice.cli.common import (add_model_options, add_zero_shot_options, check_device, check_minimums,
+                                require_tokenizer, task_list)
 from lmslice.evaluation.zeroshot import format_table, task_manager, zero_shot
 from lmslice.io.models import load_with_tokenizer
 
@@ -28,11 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
+    check_minimums(args, {"limit": 1, "batch_size": 1})
     tasks = task_list(args.tasks)
     manager = task_manager(tasks, args.include_path)  # before the model: a wrong task name fails fast
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    if tokenizer is None:
-        raise LmsliceError(f"{args.model} has no tokenizer; save one next to the model")
+    tokenizer = require_tokenizer(tokenizer, args.model)
     result = zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
                        manager=manager)
     if args.json:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmslice.cli.common import add_eval_window_options, add_model_options, check_device, context_length
+from lmslice.cli.common import (add_eval_window_options, add_model_options, check_device, check_minimums,
+                                context_length, evaluation, require_extra, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
-from lmslice.evaluation.perplexity import perplexity
 from lmslice.finetune import LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, finetune
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_with_tokenizer, save_sliced
+from lmslice.io.models import check_output_dir, load_with_tokenizer, model_path, save_sliced
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,13 +50,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
-    output = check_output_dir(args.output, args.overwrite)
+    check_minimums(args, {"samples": 1, "seqlen": 2, "batch_size": 1, "lora_r": 1, "max_steps": 1,
+                          "eval_seqlen": 2, "eval_max_windows": 1})
+    require_extra("peft", "finetune", "recovery fine-tuning")
+    require_text_sources(args.data, args.eval_data)
+    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
     if getattr(model.config, "lmslice", None) is None:
         raise LmsliceError(f"{args.model} is not a sliced model; slice it first with `lmslice slice` "
                            "(--sparsity 0 keeps every component)")
-    if tokenizer is None:
-        raise LmsliceError(f"{args.model} has no tokenizer; save one next to the model")
+    tokenizer = require_tokenizer(tokenizer, args.model)
     seqlen = context_length(model, args.seqlen)
     train_tokens = tokenize(tokenizer, load_text(args.data, split="train"))
     if len(train_tokens) - seqlen + 1 < args.samples:
@@ -64,18 +67,12 @@ def run(args: argparse.Namespace) -> int:
                            f"windows of {seqlen}; give more text, fewer --samples or a shorter --seqlen")
     batches = calibration_batches(train_tokens, args.samples, seqlen, args.batch_size, args.seed)
     eval_source = args.eval_data or args.data
-    eval_tokens = tokenize(tokenizer, load_text(eval_source, split="test"))
-    eval_seqlen = context_length(model, args.eval_seqlen)
-
-    def evaluate() -> dict:
-        return perplexity(model, eval_tokens, eval_seqlen, max_windows=args.eval_max_windows,
-                          progress=not args.json).as_dict()
-
-    before = evaluate()
+    evaluate = evaluation(args, model, tokenizer, eval_source, not args.json)
+    before = evaluate(model).as_dict()
     model, result = finetune(model, batches, lr=args.lr, r=args.lora_r, alpha=args.lora_alpha,
                              dropout=args.lora_dropout, max_steps=args.max_steps, time_budget=args.time_budget,
                              seed=args.seed, progress=not args.json)
-    after = evaluate()
+    after = evaluate(model).as_dict()
     record = {
         "data": args.data, "samples": args.samples, "seqlen": seqlen, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "optimizer": "AdamW",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmslice.cli.common import add_model_options, check_device, context_length
-from lmslice.errors import LmsliceError
+from lmslice.cli.common import (add_model_options, check_device, check_minimums, context_length, require_text_sources,
+                                require_tokenizer)
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import describe_sources, load_text, tokenize
 from lmslice.io.models import load_with_tokenizer
@@ -31,9 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
+    check_minimums(args, {"seqlen": 2, "batch_size": 1, "max_windows": 1})
+    require_text_sources(args.data)
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    if tokenizer is None:
-        raise LmsliceError(f"{args.model} has no tokenizer; save one next to the model")
+    tokenizer = require_tokenizer(tokenizer, args.model)
     seqlen = context_length(model, args.seqlen)
     result = perplexity(model, tokenize(tokenizer, load_text(args.data, split="test")), seqlen,
                         batch_size=args.batch_size, max_windows=args.max_windows, progress=not args.json)

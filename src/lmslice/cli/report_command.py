@@ -8,15 +8,15 @@ import json
 import time
 from typing import Any
 
-from lmslice.cli.common import (add_eval_window_options, add_model_options, add_slicing_options,
-                                add_zero_shot_options, check_device, context_length, task_list)
+from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
+                                add_zero_shot_options, calibration_data, check_device, check_minimums, check_widths,
+                                evaluation, require_extra, require_text_sources, require_tokenizer, task_list)
 from lmslice.errors import LmsliceError
-from lmslice.evaluation.perplexity import perplexity
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
-from lmslice.io.data import calibration_batches, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_with_tokenizer
+from lmslice.io.models import (check_finite, check_output_dir, discarded_on_failure,
+                               load_with_tokenizer, model_path, move_into_place, staging_dir)
 from lmslice.report import format_markdown, write_report
-from lmslice.slicing import count_parameters, slice_model, sliced_width
+from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated sparsities, at least one above 0 (default: 0,0.1,0.2,0.25,0.3)")
     parser.add_argument("--eval-data", required=True, help="perplexity text (its test split)")
     parser.add_argument("-o", "--output", required=True, help="directory to write the report to")
-    parser.add_argument("--overwrite", action="store_true", help="write into the output directory if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     add_slicing_options(parser)
     add_eval_window_options(parser)
     add_zero_shot_options(parser, optional=True)
@@ -47,7 +47,7 @@ def parse_sparsities(text: str, round_to: int) -> list[float]:
     except ValueError as error:
         raise LmsliceError(f"--sparsities must be comma-separated numbers, got {text!r}") from error
     for value in values:
-        sliced_width(1024, value, round_to)  # validates the value and --round-to
+        check_sparsity(value, round_to)
     if not values or values[-1] == 0:
         raise LmsliceError("--sparsities needs at least one sparsity above 0")
     return values
@@ -56,28 +56,28 @@ def parse_sparsities(text: str, round_to: int) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
-    output = check_output_dir(args.output, args.overwrite)
+    check_minimums(args, {**SLICING_MINIMUMS, "limit": 1, "batch_size": 1})
+    require_extra("matplotlib", "plot", "plotting the report")
+    require_text_sources(args.calib, args.eval_data)
     sparsities = parse_sparsities(args.sparsities, args.round_to)
+    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     tasks = task_list(args.tasks) if args.tasks else None
     # checked before the slow work, so a wrong task name fails fast
     manager = task_manager(tasks, args.include_path) if tasks else None
     dense, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    if tokenizer is None:
-        raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
-    calib_seqlen = context_length(dense, args.calib_seqlen)
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  calib_seqlen, args.calib_batch_size, args.seed)
-    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test"))
-    eval_seqlen = context_length(dense, args.eval_seqlen)
-    dense_parameters = count_parameters(dense)
+    check_finite(dense)
+    check_widths(dense, sparsities, args.round_to)
+    tokenizer = require_tokenizer(tokenizer, args.model)
+    batches, calib_seqlen = calibration_data(args, dense, tokenizer)
     progress = not args.json
+    evaluate = evaluation(args, dense, tokenizer, args.eval_data, progress)
+    dense_parameters = count_parameters(dense)
 
     def measure(model: Any, sparsity: float, width: int) -> dict[str, Any]:
         parameters = count_parameters(model)
         row = {"sparsity": sparsity, "width": width, "parameters": parameters,
                "parameters_fraction": parameters / dense_parameters,
-               "perplexity": perplexity(model, eval_tokens, eval_seqlen, max_windows=args.eval_max_windows,
-                                        progress=progress).perplexity,
+               "perplexity": evaluate(model).perplexity,
                "zero_shot_average": None, "zero_shot": None}
         if tasks:
             result = zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
@@ -96,18 +96,22 @@ def run(args: argparse.Namespace) -> int:
         rows.append({**row, "slicing_seconds": round(result.seconds, 2)})
         spectra = spectra or {"sparsity": sparsity, "values": result.spectra}
     report = {
-        "model": str(args.model), "eval_data": args.eval_data, "eval_seqlen": eval_seqlen,
+        "model": str(args.model), "eval_data": args.eval_data, "eval_seqlen": evaluate.seqlen,
         "eval_max_windows": args.eval_max_windows, "tasks": tasks, "limit": args.limit,
         "calibration": {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                         "batch_size": args.calib_batch_size, "seed": args.seed},
         "round_to": args.round_to, "slice_head": args.slice_head, "parameters_dense": dense_parameters,
         "rows": rows, "total_seconds": round(time.perf_counter() - started, 2), "spectra": spectra,
     }
-    paths = write_report(report, output)
+    staging = staging_dir(output)
+    with discarded_on_failure(staging, output):
+        files = [path.name for path in write_report(report, staging).values()]
+    move_into_place(staging, output, args.overwrite)
+    paths = [output / name for name in files]
     if args.json:
         print(json.dumps({**{key: value for key, value in report.items() if key != "spectra"},
-                          "files": [str(path) for path in paths.values()]}))
+                          "files": [str(path) for path in paths]}))
     else:
         print(format_markdown(report))
-        print(f"\nwrote {', '.join(path.name for path in paths.values())} to {output}")
+        print(f"\nwrote {', '.join(files)} to {output}")
     return 0

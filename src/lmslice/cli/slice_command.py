@@ -11,15 +11,17 @@ from pathlib import Path
 
 from lmslice.adapters import find_adapter
 from lmslice.calibration import ActivationStore
-from lmslice.cli.common import (add_eval_window_options, add_model_options, add_slicing_options, check_device,
-                                context_length, peak_memory_gib)
+from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
+                                calibration_data, check_device, check_minimums, check_widths, evaluation,
+                                peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
-from lmslice.evaluation.perplexity import perplexity
-from lmslice.io.data import calibration_batches, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_tokenizer, load_with_tokenizer, resolve_dtype, save_sliced
+from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
+from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
+                               model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, plan_uniform, prune_to_budget
-from lmslice.slicing import count_parameters, slice_model, sliced_width
+from lmslice.shared_basis import WEIGHTINGS
+from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
 REPORT_FILE = "lmslice_report.json"
 
@@ -56,6 +58,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the calibration activations on disk, one file per batch, next to the output "
                              "(removed at the end): one batch resident instead of all of them")
+    parser.add_argument("--format", choices=("sliced", "standard"), default="sliced",
+                        help="sliced (default): a basis per block joined by shortcut matrices, loaded with "
+                             "lmslice or trust_remote_code; standard: one basis for the whole stream, written as "
+                             "the family's own architecture with a smaller hidden_size (head sliced), loadable "
+                             "by plain transformers and convertible to GGUF (RMSNorm families)")
+    parser.add_argument("--basis-weighting", choices=WEIGHTINGS, default="unit-rms",
+                        help="--format standard: how the norm inputs enter the shared basis (default: unit-rms)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="--format standard, source with tied embeddings: keep the head tied to the "
+                             "embedding (smaller, approximate: the final norm's scale is refitted) or untie it "
+                             f"(exact) (default: {'tied' if TIE_BY_DEFAULT else 'untied'})")
+    parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
+                             "bfloat16 for GGUF files). Slicing itself computes in --dtype")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -64,50 +80,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
-    output = check_output_dir(args.output, args.overwrite)
+    check_minimums(args, SLICING_MINIMUMS)
     if args.target_params is None:
-        sliced_width(1024, args.sparsity, args.round_to)  # validates both before the slow work
-    elif args.offload or args.slice_head:
-        raise LmsliceError("--target-params prunes MLP channels in memory; --offload and --slice-head apply to "
-                           "--sparsity")
+        check_sparsity(args.sparsity, args.round_to)
+    elif args.offload or args.slice_head or args.format == "standard":
+        raise LmsliceError("--target-params prunes MLP channels in memory; --offload, --slice-head and --format "
+                           "standard apply to --sparsity")
+    if args.offload and args.eval_data:
+        raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
+                           "with `lmslice ppl OUTPUT`")
+    standard = args.format == "standard"
+    if standard and args.offload:
+        raise LmsliceError("--format standard needs the whole model in memory (one dense pass for its basis): "
+                           "drop --offload")
+    require_text_sources(args.calib, args.eval_data)
+    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
+    requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     if args.offload:
-        if args.eval_data:
-            raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
-                               "with `lmslice ppl OUTPUT`")
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
-                                        overwrite=args.overwrite)
+                                        overwrite=args.overwrite, save_dtype=requested_save_dtype)
         tokenizer = load_tokenizer(args.model)
+        save_dtype = storage.save_dtype
     else:
         model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        check_finite(model)
         storage = None
-    find_adapter(model)  # an unsupported model fails before the slow work
-    if args.target_params is not None:
+        save_dtype = requested_save_dtype or source_dtype(args.model)
+    adapter = find_adapter(model)  # an unsupported model fails before the slow work
+    if standard:
+        check_family(adapter)
+    if args.target_params is None:
+        check_widths(model, [args.sparsity], args.round_to)
+    else:
         plan_uniform(model, args.target_params, args.round_to)  # an unreachable budget fails before the slow work
-    if tokenizer is None:
-        raise LmsliceError(f"{args.model} has no tokenizer; calibration needs one next to the model")
+    tokenizer = require_tokenizer(tokenizer, args.model)
 
-    calib_seqlen = context_length(model, args.calib_seqlen)
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  calib_seqlen, args.calib_batch_size, args.seed)
-    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test")) if args.eval_data else None
-    eval_seqlen = context_length(model, args.eval_seqlen)
-
-    def evaluate() -> dict | None:
-        if eval_tokens is None:
-            return None
-        return perplexity(model, eval_tokens, eval_seqlen, max_windows=args.eval_max_windows,
-                          progress=not args.json).as_dict()
-
+    batches, calib_seqlen = calibration_data(args, model, tokenizer)
+    evaluate = evaluation(args, model, tokenizer, args.eval_data, not args.json) if args.eval_data else None
     dense_parameters = count_parameters(model)
-    dense_ppl = evaluate()
+    dense_ppl = evaluate(model).as_dict() if evaluate else None
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                    "batch_size": args.calib_batch_size, "seed": args.seed}
     options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
                    metadata={"calibration": calibration, "source_model": str(args.model)})
+    if standard:
+        options.update(rotation="shared", weighting=args.basis_weighting)
     with contextlib.ExitStack() as cleanup:
         if args.offload_activations:
-            spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".lmslice-activations-",
-                                                                      dir=Path(output).absolute().parent))
+            # named with this process, so a later run can tell a killed run's activations from a live one's
+            spill = cleanup.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent))
             options["activations"] = ActivationStore(spill)
         if args.target_params is not None:
             result = prune_to_budget(model, batches, args.target_params, widths=args.mlp_widths,
@@ -117,12 +139,21 @@ def run(args: argparse.Namespace) -> int:
             result = slice_model(model, batches, args.sparsity, **options)
         else:
             result = slice_with_storage(model, storage, batches, args.sparsity, **options)
-    sliced_ppl = evaluate()
+    if standard:
+        tie = args.tie_embeddings
+        if tie is None:
+            tie = TIE_BY_DEFAULT and model.config.lmslice["tied_embeddings"]
+        model = standard_model(model, tie_embeddings=tie, head_input=result.head_input)
+    sliced_ppl = evaluate(model).as_dict() if evaluate else None
+    saved_ppl = sliced_ppl
+    if evaluate and save_dtype != resolve_dtype(args.dtype):
+        round_to_dtype(model, save_dtype)  # measures the weights as written: the rounding is idempotent
+        saved_ppl = evaluate(model).as_dict()
     summary = {
         "model": str(args.model),
         "family": result.family,
-        **({"sparsity": args.sparsity, "hidden_size": result.hidden_size, "width": result.width,
-            "head_width": result.head_width} if args.target_params is None else
+        **({"sparsity": args.sparsity, "format": args.format, "hidden_size": result.hidden_size,
+            "width": result.width, "head_width": result.head_width} if args.target_params is None else
            {"target_params": args.target_params, "mlp_widths": result.plan.mlp_widths,
             "prune_criterion": args.prune_criterion}),
         "parameters_dense": dense_parameters,
@@ -131,16 +162,19 @@ def run(args: argparse.Namespace) -> int:
         "slicing_seconds": round(result.seconds, 2),
         "perplexity_dense": dense_ppl,
         "perplexity_sliced": sliced_ppl,
+        "save_dtype": str(save_dtype).removeprefix("torch."),
+        "perplexity_saved": saved_ppl,
         "eval_data": args.eval_data,
         "output": str(output),
+        # measured before saving: the report is written with the model, so it cannot include the save
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_gib": round(peak_memory_gib(args.device), 3),
     }
+    report = {REPORT_FILE: json.dumps({**summary, "spectra": getattr(result, "spectra", {})}) + "\n"}
     if storage is None:
-        save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+        save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=report)
     else:
-        save_offloaded(model, storage, tokenizer, output, args.overwrite)
-    summary["total_seconds"] = round(time.perf_counter() - started, 2)
-    summary["peak_memory_gib"] = round(peak_memory_gib(args.device), 3)
-    (Path(output) / REPORT_FILE).write_text(json.dumps({**summary, "spectra": getattr(result, "spectra", {})}) + "\n")
+        save_offloaded(model, storage, tokenizer, output, args.overwrite, extra_files=report)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
@@ -157,7 +191,8 @@ def format_summary(summary: dict) -> str:
     else:
         head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
         lines = [
-            f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}",
+            f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}"
+            + (", standard format" if summary.get("format") == "standard" else ""),
             f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
         ]
     lines += [
@@ -167,12 +202,14 @@ def format_summary(summary: dict) -> str:
         before, after = summary["perplexity_dense"], summary["perplexity_sliced"]
         lines.append(f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on "
                      f"{summary['eval_data']} ({after['tokens']} tokens, windows of {after['seqlen']})")
+        lines.append(f"                 {summary['perplexity_saved']['perplexity']:.3f} as saved "
+                     f"({summary['save_dtype']} weights)")
     lines += [
         f"  calibration    {calibration['source']}, {calibration['samples']} x {calibration['seqlen']} tokens, "
         f"seed {calibration['seed']}",
         f"  time           slicing {summary['slicing_seconds']:.1f} s, total {summary['total_seconds']:.1f} s",
         f"  peak memory    {summary['peak_memory_gib']:.2f} GiB",
-        f"  saved to       {summary['output']}",
+        f"  saved to       {summary['output']} ({summary['save_dtype']})",
     ]
     return "\n".join(lines)
 

@@ -30,6 +30,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, *, batch_siz
                max_windows: int | None = None, progress: bool = True) -> Perplexity:
     """Splits `tokens` into whole windows of `seqlen` (the tail is dropped, as in the paper) and
     averages the next-token NLL over every predicted token."""
+    if seqlen < 2 or batch_size < 1:
+        raise LmsliceError(f"perplexity needs windows of at least 2 tokens and batches of at least 1 window, got "
+                           f"{seqlen} and {batch_size}")
     windows = len(tokens) // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)

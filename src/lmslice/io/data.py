@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -20,6 +21,10 @@ HUB_SOURCES = {
 }
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 BUILTIN_SOURCES = ("pydoc",)
+# Above this share of undecodable bytes a .txt file is not UTF-8 text (binary, or another encoding such as
+# Latin-1 outside ASCII) and calibrating on it would calibrate on replacement characters.
+MAX_UNDECODABLE = 0.01
+logger = logging.getLogger("lmslice")
 
 
 def describe_sources() -> str:
@@ -39,17 +44,30 @@ def load_text(source: str, split: str = "train") -> str:
 
 
 def _read_local(path: Path) -> str:
+    data = path.read_bytes()
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line.decode("utf-8"))["text"]
+            except UnicodeDecodeError as error:
+                raise LmsliceError(f"{path}:{number}: not UTF-8 text; convert the file to UTF-8") from error
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise LmsliceError(f"{path}:{number}: each line must be a JSON object with a \"text\" field") from error
+            if not isinstance(text, str):
+                raise LmsliceError(f"{path}:{number}: \"text\" must be a string, got {type(text).__name__}")
+            texts.append(text)
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if undecodable > MAX_UNDECODABLE * max(len(text), 1):
+        raise LmsliceError(f"{path} is not UTF-8 text ({undecodable} undecodable byte sequences in {len(data)} "
+                           "bytes): give a text file, converted to UTF-8 if it uses another encoding (iconv -t UTF-8)")
+    if undecodable:
+        logger.warning(f"lmslice: warning: {path}: {undecodable} byte sequences are not UTF-8; read as U+FFFD")
+    return text
 
 
 def _pydoc_text(split: str) -> str:

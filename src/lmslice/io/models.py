@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import importlib.util
 import inspect
 import json
+import logging
+import math
 import os
 import shutil
+import socket
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmslice import modeling
 from lmslice.errors import LmsliceError
+from lmslice.export import is_standard
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 MODELING_FILE = "modeling_lmslice.py"
+# The `format` that `slice_model` records and this version of lmslice reads.
+FORMAT_VERSION = 1
+logger = logging.getLogger("lmslice")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -29,15 +43,124 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The directory's config.json as a dict; a damaged file is an `LmsliceError`, not a traceback."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LmsliceError(f"{path} is not valid JSON ({error}): the file is damaged; restore or re-save it") from error
+    if not isinstance(config, dict):
+        raise LmsliceError(f"{path} is not a JSON object: the file is damaged; restore or re-save it")
+    return config
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
+# A quantised GGUF has no float type of its own. bfloat16: GGUFs are quantised from the bfloat16 weights
+# these families are published in, and it keeps float32's range (a float16 copy, loaded by transformers'
+# default dtype="auto", computes in float16, where large activations overflow). Its rounding costs more
+# than float16's but little: SmolLM2-135M sliced 25% (pydoc, 4 windows of 256), perplexity 45.006 in
+# float32, 45.178 as bfloat16, 45.033 as float16 (`--save-dtype float16` to choose it).
+GGUF_SAVE_DTYPE = torch.bfloat16
+
+
+def source_dtype(source: str | os.PathLike[str]) -> torch.dtype:
+    """The dtype `source`'s checkpoint stores its weights in: what a sliced copy of it is saved in by
+    default (slicing computes in the `--dtype` it is loaded in, float32 by default)."""
+    path = model_path(source)
+    if path.suffix == ".gguf":
+        return GGUF_SAVE_DTYPE
+    weights = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weights = path / next(iter(json.loads(index.read_text())["weight_map"].values()))
+    if weights.is_file():
+        with safe_open(weights, framework="pt") as handle:
+            stored = [handle.get_slice(name).get_dtype() for name in handle.keys()]
+        floating = [SAFETENSORS_DTYPES[name] for name in stored if name in SAFETENSORS_DTYPES]
+        if floating:
+            return Counter(floating).most_common(1)[0][0]
+    try:
+        configured = getattr(AutoConfig.from_pretrained(str(path)), "dtype", None)
+    except (OSError, ValueError):
+        configured = None
+    if isinstance(configured, str):
+        configured = DTYPES.get(configured)
+    return configured if isinstance(configured, torch.dtype) else torch.float32
+
+
+def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Rounds the floating weights in place to what `dtype` can hold, keeping their own dtype: the model
+    then computes as its copy saved in `dtype` will, once loaded in the dtype it has now."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # what is saved (not buffers rebuilt on load)
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating point (None: as it is); integer buffers keep their type."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def record_saved_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """Makes config.json name the dtype the weights were written in (what dtype="auto" loads)."""
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def is_sliced(path: str | os.PathLike[str]) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and "lmslice" in json.loads(config.read_text())
+    """Whether `path` holds a model in lmslice's sliced layout (a standard-format model is a plain one)."""
+    if not (Path(path) / "config.json").is_file():
+        return False
+    layout = read_config(path).get("lmslice")
+    return layout is not None and not is_standard(layout)
 
 
-def is_standard(layout: dict[str, Any]) -> bool:
-    """Whether an lmslice output is its family's own architecture (MLP channels pruned, nothing
-    rotated): plain `from_pretrained` builds it, and it carries no modeling code."""
-    return layout.get("output_format") == "standard"
+LAYOUT_MODULE_KEYS = ("embeddings", "blocks", "residuals", "final_norm", "head")
+CONFIG_EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+
+
+def check_layout(config: dict[str, Any], path: Path) -> None:
+    """Refuses an `lmslice` record in config.json that cannot describe the saved tensors: an unknown
+    format, missing or mistyped entries, widths or an epsilon that disagree with the model's config."""
+    layout = config["lmslice"]
+
+    def damaged(problem: str) -> LmsliceError:
+        return LmsliceError(f"{path / 'config.json'}: {problem}; the file was edited or damaged (slice the model "
+                            "again)")
+
+    if not isinstance(layout, dict):
+        raise damaged("the \"lmslice\" entry is not a mapping")
+    version = layout.get("format")
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise LmsliceError(f"{path} was written by a newer lmslice (format {version}; this one reads format "
+                               f"{FORMAT_VERSION}): pip install --upgrade lmslice")
+        raise damaged(f"unknown lmslice format {version!r} (expected {FORMAT_VERSION})")
+    if "width" not in layout and "mlp_widths" in layout:  # MLP channels pruned, the residual stream untouched
+        return
+    for key in ("base_architecture", "hidden_size", "width", "head_width", "eps", "modules"):
+        if key not in layout:
+            raise damaged(f"lmslice.{key} is missing")
+    sizes = {key: layout[key] for key in ("hidden_size", "width", "head_width")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in sizes.values()):
+        raise damaged(f"lmslice widths must be positive integers, got {sizes}")
+    if sizes["width"] > sizes["hidden_size"] or sizes["head_width"] not in (sizes["width"], sizes["hidden_size"]):
+        raise damaged(f"inconsistent lmslice widths {sizes}")
+    if config.get("hidden_size", sizes["hidden_size"]) != sizes["hidden_size"]:
+        raise damaged(f"lmslice.hidden_size {sizes['hidden_size']} differs from hidden_size {config['hidden_size']}")
+    eps = layout["eps"]
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise damaged(f"lmslice.eps must be a positive number, got {eps!r}")
+    config_eps = next((config[key] for key in CONFIG_EPS_KEYS if isinstance(config.get(key), (int, float))), None)
+    if config_eps is not None and not math.isclose(eps, config_eps, rel_tol=1e-6):
+        raise damaged(f"lmslice.eps {eps} differs from the model's norm epsilon {config_eps}")
+    modules = layout["modules"]
+    if not isinstance(modules, dict) or any(key not in modules for key in LAYOUT_MODULE_KEYS):
+        raise damaged(f"lmslice.modules must be a mapping with {', '.join(LAYOUT_MODULE_KEYS)}")
 
 
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
@@ -60,11 +183,16 @@ def builtin_model_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
+def model_path(source: str | os.PathLike[str]) -> Path:
+    """Where a model source lives on disk (a built-in name becomes its file; a hub id stays as it is)."""
+    return builtin_model_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+
+
 def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu",
                         ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    path = builtin_model_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+    path = model_path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmsliceError(f"GGUF file not found: {path}")
@@ -74,12 +202,13 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
-        config = AutoConfig.from_pretrained(path) if is_sliced(path) else None
-        if config is not None and not is_standard(config.lmslice):
-            base = getattr(transformers, config.lmslice["base_architecture"], None)
+        config = read_config(path)
+        if "lmslice" in config and not is_standard(config["lmslice"]):
+            check_layout(config, path)
+            base = getattr(transformers, config["lmslice"]["base_architecture"], None)
             if base is None:
-                raise LmsliceError(f"this transformers has no {config.lmslice['base_architecture']}; upgrade it")
-            model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype)
+                raise LmsliceError(f"this transformers has no {config['lmslice']['base_architecture']}; upgrade it")
+            model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype, exact=True)
         else:
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype)
         tokenizer = load_tokenizer(path)
@@ -96,12 +225,49 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) <= 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
 
 
-def _from_pretrained(cls: Any, source: str | Path, **kwargs: Any) -> nn.Module:
+# What damaged or truncated files raise inside `from_pretrained` (safetensors, json and gguf readers).
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, struct.error, EOFError)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _describe_key(key: str | tuple[Any, ...]) -> str:
+    """A tensor name, or for a shape mismatch (name, shape in the file, shape the config implies)."""
+    if isinstance(key, str):
+        return key
+    name, in_file, expected = key
+    return f"{name} {'x'.join(map(str, in_file))} in the file, {'x'.join(map(str, expected))} by the config"
+
+
+def _from_pretrained(cls: Any, source: str | Path, *, exact: bool = False, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained`; with `exact`, a checkpoint whose tensors do not match the structure one to
+    one is refused (transformers would initialise what is missing at random and only warn)."""
+    shown = Path(source) / kwargs["gguf_file"] if "gguf_file" in kwargs else source
+    verbosity = transformers.logging.get_verbosity()
     try:
-        return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LmsliceError(f"cannot load model from {source}: {first_line}") from error
+        if not exact:
+            return cls.from_pretrained(source, **kwargs)
+        # Missing, unexpected and mismatched tensors come back in `info` and are refused below in one line;
+        # transformers' own load report would print them again as a table.
+        transformers.logging.set_verbosity_error()
+        model, info = cls.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except LOAD_ERRORS as error:
+        damaged = isinstance(error, (SafetensorError, struct.error, EOFError))
+        raise LmsliceError(f"cannot load model from {shown}: {first_line(error)}"
+                           + ("; the file is truncated or damaged" if damaged else "")) from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    problems = {kind: sorted(map(_describe_key, info.get(f"{kind}_keys") or ()))
+                for kind in ("missing", "unexpected", "mismatched")}
+    if any(problems.values()):
+        found = "; ".join(f"{kind}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                          for kind, names in problems.items() if names)
+        raise LmsliceError(f"{source} is damaged: its tensors do not match its config ({found}); slice the model "
+                           "again")
+    return model
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -109,12 +275,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def load_tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase | None:
     """The tokenizer saved with the model, or None if there is none."""
-    if Path(source).is_dir() and "gguf_file" not in kwargs and not any(
-            (Path(source) / name).is_file() for name in TOKENIZER_FILES):
+    local_files = Path(source).is_dir() and "gguf_file" not in kwargs
+    if local_files and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError):
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception on bad files
+        if local_files:
+            raise LmsliceError(f"the tokenizer files in {source} cannot be read ({first_line(error)}): they are "
+                               "damaged; save the tokenizer again") from error
         return None
 
 
@@ -128,69 +297,168 @@ def _dequantised_to_plain_float(model: nn.Module) -> None:
     model.is_quantized = False
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Fails early, before any work, if saving to `out_dir` would clobber something."""
+def check_finite(module: nn.Module, prefix: str = "") -> None:
+    """Refuses weights with NaN or inf: slicing would spread them into every saved tensor."""
+    for name, parameter in module.named_parameters():
+        if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
+            bad = int((~torch.isfinite(parameter)).sum())
+            raise LmsliceError(f"weight {prefix}{name} has {bad} NaN or inf values: the model is damaged; "
+                               "refusing to slice it")
+
+
+@contextlib.contextmanager
+def discarded_on_failure(staging: Path, out: Path) -> Iterator[None]:
+    """Removes `staging` if the body fails; a failed write (disk full, permissions) becomes one line."""
+    try:
+        yield
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, (OSError, SafetensorError)):
+            raise LmsliceError(f"cannot write {out}: {first_line(error)} (nothing was saved)") from error
+        raise
+
+
+def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool,
+                     protect: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Fails early, before any work, if saving to `out_dir` would clobber something or cannot succeed:
+    it exists (without `overwrite`), it is the working directory, a path in `protect` (the source model)
+    or a directory holding either, or its parent cannot be written. Clears what killed runs left there."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LmsliceError(f"output directory {out} already exists; choose another or pass --overwrite")
+    target = out.resolve()
+    for kept in (Path.cwd(), *(Path(path) for path in protect if Path(path).exists())):
+        kept = kept.resolve()
+        if target == kept or target in kept.parents:
+            what = "the working directory" if kept == Path.cwd().resolve() else f"the source {kept}"
+            raise LmsliceError(f"output {out} is {what} or holds it; replacing it would delete it: choose another "
+                               "output directory")
     if out.exists() and not out.is_dir():
         raise LmsliceError(f"output path {out} exists and is not a directory")
+    _check_writable(target.parent, out)
+    clear_leftovers(out)
+    if out.exists() and not overwrite:
+        raise LmsliceError(f"output directory {out} already exists; choose another or pass --overwrite")
     return out
 
 
+def _check_writable(parent: Path, out: Path) -> None:
+    """The nearest existing directory above `out` accepts a new directory (probed, not guessed)."""
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LmsliceError(f"cannot create output {out}: {existing} is a file, not a directory")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
+    except OSError as error:
+        raise LmsliceError(f"cannot write output {out}: {existing} is not writable ({error.strerror}); choose "
+                           "another output directory") from error
+    probe.rmdir()
+
+
+# Leftovers beside an output, each named with `process_tag()` of the process that made it.
+LEFTOVER_PATTERNS = (".{name}.partial-", ".{name}.old-", ".lmslice-activations-")
+
+
+def process_tag() -> str:
+    """This process's id and host: on a shared file system, a leftover is judged dead only by its own host."""
+    return f"{os.getpid()}-{socket.gethostname()}"
+
+
+def clear_leftovers(out: Path) -> None:
+    """Removes the staging, set-aside and activation directories of processes that no longer run (a
+    SIGKILL or power loss leaves them), and puts back an output a killed `--overwrite` had set aside."""
+    if not out.parent.is_dir():
+        return
+    for pattern in LEFTOVER_PATTERNS:
+        prefix = pattern.format(name=out.name)
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid, _, host = path.name[len(prefix):].partition("-")
+            same_host = host == socket.gethostname() or host.startswith(socket.gethostname() + "-")
+            if not pid.isdigit() or not same_host or _process_alive(int(pid)):
+                continue
+            if pattern == ".{name}.old-" and not out.exists():
+                path.rename(out)
+                logger.warning(f"lmslice: restored {out} from {path.name}, set aside by a run that was killed")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike[str], *,
-                overwrite: bool = False) -> Path:
-    """Writes safetensors weights, a config that records the slicing, the tokenizer and the modeling
-    code, into a temporary directory renamed into place only when complete."""
+                overwrite: bool = False, dtype: torch.dtype | None = None,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """Writes safetensors weights (in `dtype`; by default the model's own), a config that records the
+    slicing, the tokenizer, the modeling code and `extra_files` (name -> text) into a temporary directory
+    moved into place only when complete."""
     out = check_output_dir(out_dir, overwrite)
     staging = staging_dir(out)
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return finish_output(model, tokenizer, staging, out, overwrite)
+    with discarded_on_failure(staging, out):
+        weights = {name: cast_floating(tensor, dtype) for name, tensor in model.state_dict().items()}
+        model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
+        if dtype is not None:
+            record_saved_dtype(staging, dtype)
+    return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
 
 
 def staging_dir(out: Path) -> Path:
     """An empty directory beside `out` that becomes `out` once everything is written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging = out.parent / f".{out.name}.partial-{process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
 
 
 def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, staging: Path, out: Path,
-                  overwrite: bool) -> Path:
-    """Adds the tokenizer and modeling code to the weights and config in `staging`, then renames it to
-    `out`. On any failure the staging directory is removed."""
+                  overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
+    """Adds the tokenizer, modeling code and `extra_files` to the weights and config in `staging`, then
+    moves it to `out`. On any failure the staging directory is removed."""
     layout = model.config.lmslice
-    try:
+    with discarded_on_failure(staging, out):
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if is_standard(layout):
-            return _move_into_place(staging, out, overwrite)
-        (staging / MODELING_FILE).write_text(
-            inspect.getsource(modeling)
-            + f"\n\nimport transformers  # noqa: E402\n\n"
-            + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
-        )
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text())
-        config["architectures"] = [layout["base_architecture"]]
-        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return _move_into_place(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if not is_standard(layout):  # the standard format is the family's own model: no remote code
+            (staging / MODELING_FILE).write_text(
+                inspect.getsource(modeling)
+                + f"\n\nimport transformers  # noqa: E402\n\n"
+                + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
+            )
+            config_path = staging / "config.json"
+            config = json.loads(config_path.read_text())
+            config["architectures"] = [layout["base_architecture"]]
+            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+    return move_into_place(staging, out, overwrite)
 
 
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:
-    if out.exists():
-        if not overwrite:
-            raise LmsliceError(f"output directory {out} appeared while slicing; not replacing it")
-        shutil.rmtree(out)
-    staging.rename(out)
+def move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:
+    """Renames the complete `staging` directory to `out`. An existing `out` (with `overwrite`) is first
+    renamed aside and deleted only after the swap, so at every instant `out` is the complete old or new
+    directory, except between the two renames, where a kill leaves the old one set aside under a name
+    `clear_leftovers` recognises and puts back on the next run."""
+    aside = out.parent / f".{out.name}.old-{process_tag()}"
+    with discarded_on_failure(staging, out):
+        if out.exists():
+            if not overwrite:
+                raise LmsliceError(f"output directory {out} appeared while working; not replacing it")
+            out.rename(aside)
+            try:
+                staging.rename(out)
+            except BaseException:
+                aside.rename(out)
+                raise
+        else:
+            staging.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)
     return out

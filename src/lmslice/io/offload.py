@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,32 +25,45 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
-from lmslice.io.models import check_output_dir, finish_output, staging_dir
+from lmslice.io.models import (cast_floating, check_finite, check_output_dir, discarded_on_failure, finish_output,
+                               record_saved_dtype, source_dtype, staging_dir)
+from lmslice.modeling import base_key_mapping
 from lmslice.slicing import SliceResult, slice_model
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class Checkpoint:
-    """Tensor names → files of a (possibly sharded) safetensors checkpoint."""
+    """Tensor names → files of a (possibly sharded) safetensors checkpoint.
 
-    def __init__(self, directory: Path) -> None:
+    Names are the model's: `key_mapping` ({regex: replacement}, see `modeling.base_key_mapping`) renames
+    those stored under another name, as loading does (GPT-NeoX stores its head as `embed_out`)."""
+
+    def __init__(self, directory: Path, key_mapping: dict[str, str] | None = None) -> None:
         index = directory / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
+            stored = {name: directory / file for name, file in weight_map.items()}
         elif (directory / "model.safetensors").is_file():
             with safe_open(directory / "model.safetensors", framework="pt") as handle:
-                self.files = {name: directory / "model.safetensors" for name in handle.keys()}
+                stored = {name: directory / "model.safetensors" for name in handle.keys()}
         else:
             raise LmsliceError(f"--offload reads safetensors checkpoints; {directory} has none "
                                "(convert it with save_pretrained, or slice without --offload)")
+        self.stored_names = {_renamed(name, key_mapping or {}): name for name in stored}
+        self.files = {name: stored[stored_name] for name, stored_name in self.stored_names.items()}
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         if name not in self.files:
             raise LmsliceError(f"the checkpoint has no tensor {name}; it does not match its config")
         with safe_open(self.files[name], framework="pt", device=str(device)) as handle:
-            return handle.get_tensor(name).to(dtype)
+            return handle.get_tensor(self.stored_names[name]).to(dtype)
+
+
+def _renamed(name: str, key_mapping: dict[str, str]) -> str:
+    for pattern, replacement in key_mapping.items():
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def materialise(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype,
@@ -70,28 +84,42 @@ def materialise(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: t
 
 
 class OffloadedBlocks:
-    """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard."""
+    """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard.
 
-    def __init__(self, checkpoint: Checkpoint, blocks_path: str, staging: Path, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    The staging directory for `out` is created with the first shard, so a run that fails before slicing
+    (bad calibration text, say) leaves nothing behind."""
+
+    def __init__(self, checkpoint: Checkpoint, blocks_path: str, out: Path, dtype: torch.dtype,
+                 device: torch.device | str, save_dtype: torch.dtype | None = None) -> None:
         self.checkpoint = checkpoint
         self.blocks_path = blocks_path
-        self.staging = staging
+        self.out = out
+        self.staging: Path | None = None
         self.dtype = dtype
         self.device = device
+        self.save_dtype = save_dtype or dtype
         self.weight_map: dict[str, str] = {}
 
     def load(self, index: int, block: nn.Module) -> None:
-        materialise(block, f"{self.blocks_path}.{index}.", self.checkpoint, self.dtype, self.device)
+        prefix = f"{self.blocks_path}.{index}."
+        materialise(block, prefix, self.checkpoint, self.dtype, self.device)
+        check_finite(block, prefix)
 
     def store(self, index: int, block: nn.Module) -> None:
         self.write_shard(f"block-{index:05d}.safetensors",
                          {f"{self.blocks_path}.{index}.{name}": tensor for name, tensor in block.state_dict().items()})
         block.to("meta")
 
+    def staging_path(self) -> Path:
+        """The staging directory, created on first use."""
+        if self.staging is None:
+            self.staging = staging_dir(self.out)
+        return self.staging
+
     def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, self.staging / filename,
-                  metadata={"format": "pt"})
+        written = {name: cast_floating(tensor, self.save_dtype).contiguous().cpu() for name, tensor in tensors.items()}
+        with discarded_on_failure(self.staging_path(), self.out):
+            save_file(written, self.staging_path() / filename, metadata={"format": "pt"})
         self.weight_map.update({name: filename for name in tensors})
 
 
@@ -101,10 +129,10 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
-    checkpoint = Checkpoint(directory)
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    checkpoint = Checkpoint(directory, base_key_mapping(type(model)))
     blocks = model.get_submodule(blocks_path_of(model))
     tied = {}
     if getattr(config, "tie_word_embeddings", False):
@@ -112,6 +140,7 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
         output_name = _parameter_name(model, model.get_output_embeddings().weight)
         tied = {output_name: input_name}
     materialise(model, "", checkpoint, dtype, device, skip=blocks, tied=tied)
+    check_finite(model)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model.eval(), checkpoint
@@ -123,38 +152,45 @@ def _parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
 
 
 def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTrainedTokenizerBase | None,
-                   out: Path, overwrite: bool) -> Path:
-    """Writes what is not a block, the shard index and the side files, then moves the output in place."""
+                   out: Path, overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
+    """Writes what is not a block, the shard index and the side files (`extra_files`: name -> text), then
+    moves the output in place."""
     blocks = model.get_submodule(storage.blocks_path)
     block_names = {f"{storage.blocks_path}.{name}" for name in blocks.state_dict()}
     rest = {name: tensor for name, tensor in model.state_dict().items() if name not in block_names}
-    storage.write_shard("model-rest.safetensors", rest)
-    total = sum(os.path.getsize(storage.staging / file) for file in set(storage.weight_map.values()))
-    (storage.staging / INDEX_FILE).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
-    model.config.save_pretrained(storage.staging)
-    return finish_output(model, tokenizer, storage.staging, out, overwrite)
-
-
+    staging = storage.staging_path()
+    with discarded_on_failure(staging, out):
+        storage.write_shard("model-rest.safetensors", rest)
+        total = sum(os.path.getsize(staging / file) for file in set(storage.weight_map.values()))
+        (staging / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
+        model.config.save_pretrained(staging)
+        record_saved_dtype(staging, storage.save_dtype)
+    return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
 
 
 def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype,
-                   device: torch.device | str, overwrite: bool = False) -> tuple[nn.Module, OffloadedBlocks]:
-    """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`."""
-    output = check_output_dir(out, overwrite)
+                   device: torch.device | str, overwrite: bool = False, save_dtype: torch.dtype | None = None,
+                   ) -> tuple[nn.Module, OffloadedBlocks]:
+    """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`
+    in `save_dtype` (by default the dtype `source` stores)."""
+    output = check_output_dir(out, overwrite, protect=[source])
     model, checkpoint = load_skeleton(source, dtype, device, lambda skeleton: find_adapter(skeleton).blocks)
-    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, staging_dir(output), dtype, device)
+    return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, output, dtype, device,
+                                  save_dtype or source_dtype(source))
 
 
 def slice_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str],
                     batches: list[dict[str, torch.Tensor]], sparsity: float, *,
                     tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", overwrite: bool = False, **slice_options: Any,
-                    ) -> tuple[nn.Module, SliceResult]:
-    """Slices the checkpoint in `source` into `out` holding one block in memory at a time.
+                    device: torch.device | str = "cpu", overwrite: bool = False,
+                    save_dtype: torch.dtype | None = None, **slice_options: Any) -> tuple[nn.Module, SliceResult]:
+    """Slices the checkpoint in `source` into `out` holding one block in memory at a time, saved in
+    `save_dtype` (by default the dtype `source` stores).
 
     Returns the model skeleton (blocks on the meta device) and what slicing did."""
-    model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite)
+    model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite,
+                                    save_dtype=save_dtype)
     result = slice_with_storage(model, storage, batches, sparsity, **slice_options)
     save_offloaded(model, storage, tokenizer, Path(out), overwrite)
     return model, result
@@ -166,5 +202,6 @@ def slice_with_storage(model: nn.Module, storage: OffloadedBlocks, batches: list
     try:
         return slice_model(model, batches, sparsity, storage=storage, **slice_options)
     except BaseException:
-        shutil.rmtree(storage.staging, ignore_errors=True)
+        if storage.staging is not None:
+            shutil.rmtree(storage.staging, ignore_errors=True)
         raise

@@ -1,0 +1,155 @@
+"""The standard format: a model sliced with one shared basis, written as its family's own architecture.
+
+With one basis every shortcut is the identity, so the sliced model is the base architecture with
+`hidden_size` D' (`slice_model(..., rotation="shared")`). What the family's config must then say:
+
+* `head_dim`, explicitly: attention keeps its width while `hidden_size` shrinks;
+* the norms: lmslice's weightless norm divides by the original D. An RMSNorm over D' features with
+  epsilon ε·D/D' and scale √(D/D') computes the same thing, since x/√(|x|²/D + ε) =
+  √(D/D')·x/√(|x|²/D' + ε·D/D'). The norm scales themselves stay folded into the readers;
+* embedding multipliers that the family derives from `hidden_size` (Gemma's √hidden_size) change
+  with it: the embedding weights are rescaled to compensate;
+* the MLP width, read from the weights (it may have been changed elsewhere).
+
+The result loads with plain `AutoModelForCausalLM.from_pretrained(dir)`: no remote code, no lmslice,
+and every runtime that serves the family serves it (llama.cpp after its own `convert_hf_to_gguf.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from lmslice.adapters import ModelAdapter, find_adapter
+from lmslice.errors import LmsliceError
+from lmslice.modeling import ShortcutLinear, get_module
+
+STANDARD = "standard"
+# Whether a source with tied embeddings keeps them tied in the standard format when not told.
+TIE_BY_DEFAULT = False
+
+
+def is_standard(layout: dict[str, Any] | None) -> bool:
+    """Whether an lmslice record describes a model in the standard format (a plain family model)."""
+    return isinstance(layout, dict) and layout.get("export") == STANDARD
+
+
+def check_family(adapter: ModelAdapter) -> None:
+    """Refuses, before any work, the families whose own architecture cannot hold a shared-basis slice."""
+    if adapter.norm_kind == "layer":
+        raise LmsliceError(f"{adapter.family} cannot be written in the standard format: its LayerNorm would "
+                           "subtract a mean the rotated stream does not have, and its config ties the attention "
+                           "width to hidden_size; use --format sliced")
+
+
+def _check_exportable(model: nn.Module, adapter: ModelAdapter, layout: dict[str, Any]) -> None:
+    check_family(adapter)
+    if layout.get("rotation") != "shared":
+        raise LmsliceError("the standard format needs one basis for the whole stream: slice with "
+                           "rotation='shared' (--format standard does)")
+    if layout.get("added_biases"):
+        raise LmsliceError(f"the standard format cannot express the biases folded norms added: "
+                           f"{', '.join(layout['added_biases'])}")
+    for name, module in model.named_modules():
+        if isinstance(module, ShortcutLinear) and module.shortcut_minus_identity.abs().max() > 1e-5:
+            raise LmsliceError(f"{name} carries a shortcut that is not the identity; the standard format has none")
+
+
+def _uniform(values: list[int], what: str) -> int:
+    if len(set(values)) != 1:
+        raise LmsliceError(f"the standard format has one {what} for every block, but the blocks have "
+                           f"{sorted(set(values))}")
+    return values[0]
+
+
+def standard_config(model: nn.Module, adapter: ModelAdapter, tie_embeddings: bool) -> Any:
+    """The family's config for the sliced widths, with the lmslice record marked as standard."""
+    layout = model.config.lmslice
+    hidden, width = layout["hidden_size"], layout["width"]
+    config = copy.deepcopy(model.config)
+    if not hasattr(config, "rms_norm_eps"):
+        raise LmsliceError(f"{type(config).__name__} has no rms_norm_eps; the standard format cannot set its norms")
+    blocks = get_module(model, adapter.blocks)
+    attention_width = _uniform([get_module(block, adapter.residuals[0].writes[0]).in_features for block in blocks],
+                               "attention width")
+    config.head_dim = getattr(config, "head_dim", None) or attention_width // config.num_attention_heads
+    if hasattr(config, "intermediate_size"):
+        config.intermediate_size = _uniform(
+            [get_module(block, adapter.residuals[-1].writes[0]).in_features for block in blocks], "MLP width")
+    config.hidden_size = width
+    config.rms_norm_eps = layout["eps"] * hidden / width
+    config.tie_word_embeddings = tie_embeddings
+    if hasattr(config, "auto_map"):
+        del config.auto_map
+    config.lmslice = {**layout, "export": STANDARD, "tied_embeddings": tie_embeddings}
+    return config
+
+
+@torch.no_grad()
+def fit_tied_scale(embedding: torch.Tensor, head: torch.Tensor, head_input: torch.Tensor | None) -> torch.Tensor:
+    """The per-feature scale w that makes the tied head `embedding · diag(w)` closest to `head` in logits:
+    argmin E‖(E diag(w) − H) h‖² over head inputs h with second moment C, i.e. (EᵀE ∘ C) w = diag(EᵀH C).
+    The source's final norm scale is what keeps tying from being exact after the rotation."""
+    e, h = embedding.double(), head.double()
+    c = head_input.double() if head_input is not None else torch.eye(e.shape[1], dtype=torch.float64)
+    return torch.linalg.solve((e.T @ e) * c, torch.diagonal(e.T @ h @ c))
+
+
+@torch.no_grad()
+def standard_model(model: nn.Module, *, tie_embeddings: bool = False,
+                   head_input: torch.Tensor | None = None) -> nn.Module:
+    """The family's own model (hidden size D') computing what `model`, sliced with a shared basis, does.
+
+    `tie_embeddings` shares the embedding with the head, which is then only approximate: the final norm
+    takes the scale `fit_tied_scale` finds from `head_input`, the head's input second moment in the kept
+    coordinates (`SliceResult.head_input`; identity if None). Untied, the result is exact.
+    """
+    layout = getattr(model.config, "lmslice", None)
+    if layout is None:
+        raise LmsliceError("the standard format writes sliced models; slice the model first")
+    if tie_embeddings and not layout.get("tied_embeddings"):
+        raise LmsliceError("the source model's embeddings were not tied to its head: nothing to tie")
+    adapter = find_adapter(model)
+    _check_exportable(model, adapter, layout)
+    config = standard_config(model, adapter, tie_embeddings)
+    base = getattr(transformers, layout["base_architecture"])
+    dtype = model.get_input_embeddings().weight.dtype
+    standard = base(config).to(dtype).eval()
+
+    state = {name: tensor for name, tensor in model.state_dict().items()
+             if not name.endswith("shortcut_minus_identity")}
+    for path in adapter.embeddings:
+        source_scale = getattr(get_module(model, path), "embed_scale", None)
+        target_scale = getattr(get_module(standard, path), "embed_scale", None)
+        if source_scale is not None and target_scale is not None:
+            state[f"{path}.weight"] = state[f"{path}.weight"] * (float(source_scale) / float(target_scale))
+
+    scale = torch.full((config.hidden_size,), math.sqrt(layout["hidden_size"] / config.hidden_size),
+                       dtype=torch.float64)
+    head_key, embedding_key = f"{adapter.head}.weight", f"{adapter.embeddings[0]}.weight"
+    norms = [f"{adapter.blocks}.{index}.{norm}.weight" for index in range(len(get_module(model, adapter.blocks)))
+             for residual in adapter.residuals for norm in residual.reads]
+    for key in norms:
+        state[key] = _norm_weight(scale, adapter.norm_kind, dtype)
+    final_scale = scale
+    if tie_embeddings:
+        final_scale = scale * fit_tied_scale(state[embedding_key], state[head_key], head_input)
+        state[head_key] = state[embedding_key]
+    state[f"{adapter.final_norm}.weight"] = _norm_weight(final_scale, adapter.norm_kind, dtype)
+
+    expected = set(standard.state_dict())
+    if set(state) != expected:
+        raise LmsliceError(f"cannot map the sliced weights onto {base.__name__}: missing "
+                           f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}")
+    standard.load_state_dict(state, strict=True)
+    return standard
+
+
+def _norm_weight(scale: torch.Tensor, norm_kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The stored norm weight giving the elementwise `scale` (Gemma stores scale - 1)."""
+    return (scale - 1 if norm_kind == "rms_plus_one" else scale).to(dtype)

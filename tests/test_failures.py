@@ -1,0 +1,494 @@
+"""Bad input and faults: no data is destroyed, no garbage is saved or loaded as a model, and every
+problem is one line (`lmslice: error: ...`, exit 2) before the expensive work where it can be."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lmslice
+import tiny_models
+from lmslice.bench import _gain_share
+from lmslice.cli import main
+from lmslice.errors import LmsliceError
+from lmslice.io.data import load_text
+from lmslice.io.models import check_output_dir, staging_dir
+from lmslice.slicing import slice_model, sliced_width
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+
+
+@pytest.fixture(scope="module")
+def sliced_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    model = tiny_models.build("llama", torch.float32)
+    slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    return lmslice.save_sliced(model, tiny_tokenizer, tmp_path_factory.mktemp("sliced") / "tiny-sliced")
+
+
+def copy_of(directory: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(directory, tmp_path / directory.name))
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
+    """Exit code and the one error line; fails the test on a traceback or a message of several lines."""
+    code = main([str(arg) for arg in args])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("lmslice: error: ")]
+    assert "Traceback" not in stderr
+    return code, errors[-1] if errors else ""
+
+
+def slice_args(model: Path, out: Path, corpus: Path, *extra: object) -> list[object]:
+    return ["slice", model, "--sparsity", "0.25", "--calib", corpus, "-o", out, "--calib-samples", "4",
+            "--calib-seqlen", "32", "--calib-batch-size", "2", *extra]
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith("."))
+
+
+# ---------------------------------------------------------------- 1. the output never destroys data
+
+
+def test_output_in_the_working_directory_is_refused_and_nothing_deleted(capsys, dense_dir, text_file, tmp_path,
+                                                                       monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for output in (".", "..", str(work)):
+        code, error = run_cli(capsys, *slice_args(dense_dir, Path(output), text_file, "--overwrite"))
+        assert code == 2 and "working directory" in error
+    assert (work / "precious.txt").read_text() == "keep me"
+
+
+def test_output_on_the_source_model_is_refused(capsys, dense_dir, text_file, tmp_path) -> None:
+    source = copy_of(dense_dir, tmp_path)
+    before = sorted(path.name for path in source.iterdir())
+    for output in (source, source.parent):
+        code, error = run_cli(capsys, *slice_args(source, output, text_file, "--overwrite"))
+        assert code == 2 and "the source" in error
+    assert sorted(path.name for path in source.iterdir()) == before
+    lmslice.load(source)
+
+
+def test_unusable_output_locations_fail_before_any_work(capsys, dense_dir, text_file, tmp_path, monkeypatch) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("lmslice.cli.slice_command.load_with_tokenizer", no_loading)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for output, expected in ((a_file / "out", "is a file"), ("/proc/lmslice-out", "not writable"),
+                             (a_file, "not a directory")):
+        code, error = run_cli(capsys, *slice_args(dense_dir, output, text_file, "--overwrite"))
+        assert code == 2 and expected in error
+
+
+# --------------------------------------------------- 2. non-finite weights and signals are refused
+
+
+def test_nan_weight_is_refused_with_its_name(capsys, dense_dir, text_file, tmp_path) -> None:
+    source = copy_of(dense_dir, tmp_path)
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    for extra in ((), ("--offload",)):
+        out = tmp_path / f"out{len(extra)}"
+        code, error = run_cli(capsys, *slice_args(source, out, text_file, *extra))
+        assert code == 2 and "model.layers.1.mlp.up_proj.weight has 1 NaN or inf" in error
+        assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_non_finite_calibration_signal_names_the_block() -> None:
+    model = tiny_models.build("llama", torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(LmsliceError, match="output of block 1 has NaN or inf"):
+        slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+
+
+# ------------------------------------------------------------ 3. widths that cannot be saved
+
+
+def test_round_to_wider_than_the_kept_width_is_refused(capsys, dense_dir, text_file, tmp_path) -> None:
+    assert sliced_width(64, 0.25, 48) == 48 and sliced_width(64, 0, 1000) == 64
+    for hidden, sparsity, round_to in ((64, 0.25, 65), (64, 0.25, 1000), (576, 0.999, 8)):
+        with pytest.raises(LmsliceError, match="fewer than --round-to"):
+            sliced_width(hidden, sparsity, round_to)
+    out = tmp_path / "out"
+    code, error = run_cli(capsys, *slice_args(dense_dir, out, text_file, "--round-to", "65"))
+    assert code == 2 and "keeps 48 of 64 features, fewer than --round-to 65" in error and not out.exists()
+
+
+# ------------------------------------------------------- 4. damaged sliced directories are refused
+
+
+def edit_config(directory: Path, edit) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+LAYOUT_EDITS = {
+    "format 99": (lambda c: c["lmslice"].update(format=99), "newer lmslice (format 99"),
+    "not a mapping": (lambda c: c.update(lmslice=[1, 2]), "is not a mapping"),
+    "no modules": (lambda c: c["lmslice"].pop("modules"), "lmslice.modules is missing"),
+    "width": (lambda c: c["lmslice"].update(width=40, head_width=40), "do not match its config"),
+    "hidden_size": (lambda c: c["lmslice"].update(hidden_size=56), "inconsistent lmslice widths"),
+    "hidden_size and head": (lambda c: c["lmslice"].update(hidden_size=56, head_width=56),
+                             "lmslice.hidden_size 56 differs from hidden_size 64"),
+    "eps": (lambda c: c["lmslice"].update(eps=0.5), "lmslice.eps 0.5 differs"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(LAYOUT_EDITS))
+def test_inconsistent_lmslice_record_is_refused(edit: str, sliced_dir: Path, tmp_path: Path) -> None:
+    damaged = copy_of(sliced_dir, tmp_path)
+    change, expected = LAYOUT_EDITS[edit]
+    edit_config(damaged, change)
+    with pytest.raises(LmsliceError, match=expected.replace("(", r"\(")):
+        lmslice.load(damaged)
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_sliced_directory_with_wrong_tensors_is_refused(change: str, sliced_dir: Path, tmp_path: Path) -> None:
+    damaged = copy_of(sliced_dir, tmp_path)
+    weights = load_file(damaged / "model.safetensors")
+    if change == "missing":
+        del weights["model.layers.0.mlp.up_proj.weight"]
+    else:
+        weights["model.layers.0.extra"] = torch.zeros(3)
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LmsliceError, match=f"do not match its config \\({change}: model.layers.0"):
+        lmslice.load(damaged)
+
+
+# ---------------------------------------------- 5. every file is written before the output appears
+
+
+def test_slice_report_is_written_before_the_output_appears(capsys, dense_dir, text_file, tmp_path,
+                                                           monkeypatch) -> None:
+    real_write_text = Path.write_text
+
+    def disk_full_for_the_report(path: Path, *args, **kwargs):
+        if path.name == "lmslice_report.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_for_the_report)
+    out = tmp_path / "out"
+    code, error = run_cli(capsys, *slice_args(dense_dir, out, text_file))
+    assert code == 2 and "cannot write" in error and "No space left on device" in error
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_disk_full_while_saving_weights_is_one_line(capsys, dense_dir, text_file, tmp_path, monkeypatch) -> None:
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", disk_full, raising=False)
+    monkeypatch.setattr("lmslice.io.offload.save_file", disk_full)
+    for extra in ((), ("--offload",)):
+        out = tmp_path / f"out{len(extra)}"
+        code, error = run_cli(capsys, *slice_args(dense_dir, out, text_file, *extra))
+        assert code == 2 and "No space left on device" in error
+        assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_report_is_written_whole_or_not_at_all(capsys, dense_dir, text_file, tmp_path, monkeypatch) -> None:
+    def broken_plot(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lmslice.report.plot_spectra", broken_plot)
+    out = tmp_path / "report"
+    code, error = run_cli(capsys, "report", dense_dir, "--sparsities", "0,0.25", "--calib", text_file,
+                          "--eval-data", text_file, "--calib-samples", "2", "--calib-seqlen", "16",
+                          "--eval-seqlen", "32", "--eval-max-windows", "1", "-o", out)
+    assert code == 2 and "No space left on device" in error
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# ------------------------------------------ 7. interrupted, killed and terminated runs leave nothing
+
+
+def test_offload_creates_no_staging_before_calibration_is_valid(capsys, dense_dir, tmp_path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    code, error = run_cli(capsys, *slice_args(dense_dir, out, empty, "--offload", "--offload-activations"))
+    assert code == 2 and "empty" in error
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_dead_processes_are_cleared_and_a_set_aside_output_restored(tmp_path: Path) -> None:
+    host = socket.gethostname()
+    tag = f"{dead_pid()}-{host}"
+    alive, elsewhere = f".out.partial-{os.getpid()}-{host}", f".out.partial-{dead_pid()}-otherhost"
+    out = tmp_path / "out"
+    for name in (f".out.partial-{tag}", f".out.old-{tag}", f".lmslice-activations-{tag}-x1y2", alive, elsewhere):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "marker").write_text(name)
+    check_output_dir(out, overwrite=True)
+    assert (out / "marker").read_text() == f".out.old-{tag}"  # the old output, put back
+    # only what a dead process of this host left is touched
+    assert leftovers(tmp_path) == sorted([alive, elsewhere])
+
+
+KILL_DURING_OVERWRITE = textwrap.dedent("""
+    import json, os, shutil, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)  # no thread pool for the forked children to inherit
+    sys.path.insert(0, sys.argv[2])
+    import tiny_models, lmslice
+    from lmslice.io.models import check_output_dir
+    from lmslice.slicing import slice_model
+    model = tiny_models.build("llama", torch.float32)
+    slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    root = Path(sys.argv[1])
+    results = []
+    for step in range(1, 6):
+        out = root / f"step{step}" / "out"
+        out.mkdir(parents=True)
+        (out / "old-marker").write_text("old")
+        pid = os.fork()
+        if pid == 0:  # dies (SIGKILL: no handler, no finally) at the step-th rename or delete near `out`
+            calls = []
+            def dies_at_step(real):
+                def call(path, *args, **kwargs):
+                    if Path(path).name == "out" or Path(path).name.startswith(".out."):
+                        calls.append(path)
+                        if len(calls) == step:
+                            os.kill(os.getpid(), 9)
+                    return real(path, *args, **kwargs)
+                return call
+            os.rename, shutil.rmtree = dies_at_step(os.rename), dies_at_step(shutil.rmtree)
+            lmslice.save_sliced(model, None, out, overwrite=True)
+            os._exit(0)
+        killed = os.waitpid(pid, 0)[1] != 0
+        check_output_dir(out, overwrite=True)  # what the next run does first
+        names = sorted(path.name for path in out.iterdir()) if out.exists() else []
+        state = ("old" if names == ["old-marker"] else
+                 "new" if {"config.json", "model.safetensors"} <= set(names) and "old-marker" not in names else
+                 f"broken: {names}")
+        results.append({"step": step, "killed": killed, "state": state,
+                        "leftovers": sorted(p.name for p in out.parent.iterdir() if p.name != "out")})
+    print(json.dumps(results))
+""")
+
+
+def test_kill_during_overwrite_leaves_the_old_or_the_new_output(tmp_path: Path) -> None:
+    """`save_sliced(..., overwrite=True)` killed with SIGKILL at each rename or delete it makes beside the
+    output, and once after all of them: once the next run has started, the output is the complete old or
+    new directory and nothing else is left."""
+    process = subprocess.run([sys.executable, "-c", KILL_DURING_OVERWRITE, str(tmp_path), str(TESTS)],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(SRC)})
+    results = json.loads(process.stdout.strip().splitlines()[-1])
+    for result in results:
+        assert result["state"] in ("old", "new") and result["leftovers"] == [], result
+    # killed at each of the swap's four file operations, then a run that completes
+    assert [result["killed"] for result in results] == [True] * 4 + [False]
+    assert results[-1]["state"] == "new"
+
+
+def test_failure_during_overwrite_keeps_the_old_output(tmp_path: Path, monkeypatch) -> None:
+    from lmslice.io.models import move_into_place
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    staging = staging_dir(out)
+    (staging / "weights").write_text("new")
+    real_rename = os.rename
+    calls = []
+
+    def second_rename_fails(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(*args)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(LmsliceError, match="cannot write .*Input/output error"):
+        move_into_place(staging, out, overwrite=True)
+    assert (out / "weights").read_text() == "old" and leftovers(tmp_path) == []
+
+
+SIGTERM_DURING_SLICING = textwrap.dedent("""
+    import os, signal, sys
+    import lmslice.io.offload as offload
+    store = offload.OffloadedBlocks.store
+    def store_then_terminate(self, index, block):
+        store(self, index, block)
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    offload.OffloadedBlocks.store = store_then_terminate
+    from lmslice.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_removes_staging_and_activations(dense_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [str(arg) for arg in slice_args(dense_dir, out, text_file, "--offload", "--offload-activations")]
+    process = subprocess.run([sys.executable, "-c", SIGTERM_DURING_SLICING, *args[0:]], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert process.returncode == 128 + signal.SIGTERM, process.stderr
+    assert process.stderr.strip().splitlines()[-1] == "lmslice: terminated"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ 8, 9. report and bench
+
+
+def test_report_without_matplotlib_fails_before_any_work(capsys, dense_dir, text_file, tmp_path,
+                                                         monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr("lmslice.cli.report_command.load_with_tokenizer", pytest.fail)
+    code, error = run_cli(capsys, "report", dense_dir, "--calib", text_file, "--eval-data", text_file,
+                          "-o", tmp_path / "report")
+    assert code == 2 and "pip install 'lmslice[plot]'" in error
+
+
+def test_bench_refuses_models_that_are_not_a_dense_and_its_slice(capsys, sliced_dir, tmp_path) -> None:
+    opt = tmp_path / "opt"
+    tiny_models.build("opt", torch.float32).save_pretrained(opt)
+    llama = tmp_path / "llama"
+    tiny_models.build("llama", torch.float32).save_pretrained(llama)
+    for dense, sliced, expected in ((opt, sliced_dir, "architecture OPTForCausalLM vs LlamaForCausalLM"),
+                                    (sliced_dir, sliced_dir, "is itself a sliced model"),
+                                    (llama, llama, "is not a sliced model")):
+        code, error = run_cli(capsys, "bench", dense, sliced, "--repeats", "1")
+        assert code == 2 and expected in error
+
+
+def test_share_of_the_gain_is_not_divided_by_almost_zero() -> None:
+    assert _gain_share(1.2, 1.4) == pytest.approx(0.5)
+    assert _gain_share(1.3, 1.003) is None and _gain_share(0.97, 0.99) is None
+
+
+# ------------------------------------------------------------- damaged files: one line each
+
+
+def test_damaged_model_files_are_one_line(capsys, dense_dir, tmp_path) -> None:
+    truncated = copy_of(dense_dir, tmp_path)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    bad_json = copy_of(dense_dir, tmp_path / "json")
+    (bad_json / "config.json").write_text('{"model_type": "llama",')
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x05" * 92)
+    bad_tokenizer = copy_of(dense_dir, tmp_path / "tokenizer")
+    (bad_tokenizer / "tokenizer.json").write_text('{"model": ')
+    for model, expected in ((truncated, "cannot load model"), (bad_json, "config.json is not valid JSON"),
+                            (gguf, "cannot load model"), (bad_tokenizer, "tokenizer files in")):
+        code, error = run_cli(capsys, "ppl", model, "--data", "pydoc")
+        assert code == 2 and expected in error, (model, error)
+
+
+def test_bad_text_files_are_one_line(capsys, dense_dir, tmp_path, caplog) -> None:
+    cases = {
+        "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), "latin1.jsonl:1: not UTF-8"),
+        "number.jsonl": (b'{"text": "fine"}\n{"text": 5}\n', 'number.jsonl:2: "text" must be a string'),
+        "binary.txt": (bytes(range(256)) * 40, "is not UTF-8 text"),
+    }
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        code, error = run_cli(capsys, "ppl", dense_dir, "--data", tmp_path / name)
+        assert code == 2 and expected in error
+    # a few stray Latin-1 bytes in long UTF-8 text are read, with a warning, not silently
+    (tmp_path / "mostly.txt").write_bytes(b"plain english text " * 100 + "na\xefve".encode("latin-1"))
+    with caplog.at_level("WARNING", logger="lmslice"):
+        assert "plain english" in load_text(str(tmp_path / "mostly.txt"))
+    assert "1 byte sequences are not UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["ppl", "{model}", "--data", "pydoc", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["ppl", "{model}", "--data", "pydoc", "--seqlen", "1"], "--seqlen must be at least 2"),
+    (["ppl", "{model}", "--data", "pydoc", "--device", "foo"], "unknown device 'foo'"),
+    (["eval", "{model}", "--limit", "0"], "--limit must be at least 1"),
+    (["slice", "{model}", "--sparsity", "0.2", "--calib", "pydoc", "-o", "x", "--eval-seqlen", "1"],
+     "--eval-seqlen must be at least 2"),
+])
+def test_bad_options_fail_before_loading(args: list[str], expected: str, capsys, dense_dir, monkeypatch) -> None:
+    for command in ("ppl", "eval_command", "slice_command"):
+        monkeypatch.setattr(f"lmslice.cli.{command}.load_with_tokenizer", pytest.fail)
+    code, error = run_cli(capsys, *(arg.format(model=dense_dir) for arg in args))
+    assert code == 2 and expected in error
+
+
+# -------------------------------------------------------- the base install runs slice and ppl
+
+
+BASE_ONLY = textwrap.dedent("""
+    import json, sys
+    OPTIONAL = json.loads(sys.argv[2])
+    for name in OPTIONAL:
+        sys.modules[name] = None  # import fails, importlib.util.find_spec says it is not installed
+    from lmslice.cli import main
+    codes = [main(command) for command in json.loads(sys.argv[1])]
+    leaked = sorted(name for name in sys.modules if name.split(".")[0] in OPTIONAL and sys.modules[name])
+    print(json.dumps({"codes": codes, "leaked": leaked}))
+""")
+
+
+def optional_modules() -> list[str]:
+    """The import names of what pyproject.toml lists only among the extras."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[ ;]", requirement)[0].lower().replace("-", "_") for requirement in requirements}
+
+    extras = set().union(*map(names, project["optional-dependencies"].values()))
+    return sorted(extras - names(project["dependencies"]) - {"lmslice"})
+
+
+def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    commands = [
+        [str(arg) for arg in slice_args(dense_dir, out, text_file, "--json")],
+        ["ppl", str(out), "--data", str(text_file), "--seqlen", "32", "--max-windows", "2", "--json"],
+        [str(arg) for arg in slice_args(dense_dir, tmp_path / "offloaded", text_file, "--offload")],
+        ["report", str(dense_dir), "--calib", str(text_file), "--eval-data", str(text_file), "-o",
+         str(tmp_path / "report")],
+        ["finetune", str(out), "--data", str(text_file), "-o", str(tmp_path / "finetuned")],
+        ["eval", str(out)],
+    ]
+    hidden = optional_modules()
+    assert {"peft", "lm_eval", "datasets", "matplotlib"} <= set(hidden)
+    process = subprocess.run([sys.executable, "-c", BASE_ONLY, json.dumps(commands), json.dumps(hidden)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert process.stdout.strip(), process.stderr[-3000:]
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0, 0, 0, 2, 2, 2], "leaked": []}, process.stderr
+    # the commands that need an extra say which, before any work (no output directory, no model loaded)
+    errors = [line for line in process.stderr.splitlines() if line.startswith("lmslice: error:")]
+    assert errors == ["lmslice: error: plotting the report needs matplotlib: pip install 'lmslice[plot]'",
+                      "lmslice: error: recovery fine-tuning needs peft: pip install 'lmslice[finetune]'",
+                      "lmslice: error: zero-shot evaluation needs lm-eval: pip install 'lmslice[eval]'"]
+    for sliced in (out, tmp_path / "offloaded"):
+        assert lmslice.load(sliced).get_input_embeddings().weight.shape[1] == 48
