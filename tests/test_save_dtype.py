@@ -80,3 +80,15 @@ def test_a_model_rounded_to_the_save_dtype_computes_as_its_saved_copy(tmp_path: 
     with torch.no_grad():
         assert torch.equal(lmslice.load(tmp_path / "half")(ids, attention_mask=mask).logits,
                            model(ids, attention_mask=mask).logits)
+
+
+def test_finetune_keeps_the_precision_of_the_sliced_model_it_trains(bfloat16_dir: Path, text_file: Path,
+                                                                   tmp_path: Path, capsys) -> None:
+    sliced, tuned = tmp_path / "sliced", tmp_path / "tuned"
+    assert main(slice_args(bfloat16_dir, sliced, text_file)) == 0
+    assert main(["finetune", str(sliced), "--data", str(text_file), "-o", str(tuned), "--samples", "2",
+                 "--seqlen", "32", "--max-steps", "1", "--eval-seqlen", "32", "--eval-max-windows", "1",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert stored_dtypes(tuned) == {"BF16"}
+    assert json.loads((tuned / "config.json").read_text())["dtype"] == "bfloat16"

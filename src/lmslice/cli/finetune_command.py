@@ -10,7 +10,7 @@ from lmslice.cli.common import (add_eval_window_options, add_model_options, chec
 from lmslice.errors import LmsliceError
 from lmslice.finetune import LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, finetune
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_with_tokenizer, model_path, save_sliced
+from lmslice.io.models import check_output_dir, load_with_tokenizer, model_path, save_sliced, source_dtype
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                              dropout=args.lora_dropout, max_steps=args.max_steps, time_budget=args.time_budget,
                              seed=args.seed, progress=not args.json)
     after = evaluate(model).as_dict()
+    # training ran in --dtype; the output keeps the precision its source was stored in
+    save_dtype = source_dtype(args.model)
     record = {
         "data": args.data, "samples": args.samples, "seqlen": seqlen, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "optimizer": "AdamW",
@@ -82,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
         "stopped_by": result.stopped_by, "first_loss": result.losses[0] if result.losses else None,
         "last_loss": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 2),
         "eval_data": eval_source, "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+        "save_dtype": str(save_dtype).removeprefix("torch."),
     }
     model.config.lmslice = {**model.config.lmslice, "finetune": record}
-    save_sliced(model, tokenizer, output, overwrite=args.overwrite)
+    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype)
     summary = {"model": str(args.model), "output": str(output), **record,
                "perplexity_before": before, "perplexity_after": after}
     print(json.dumps(summary) if args.json else format_summary(summary))
@@ -103,5 +106,5 @@ def format_summary(summary: dict) -> str:
         f"  adapted        {', '.join(lora['target_modules'])}",
         f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on {summary['eval_data']} "
         f"({after['tokens']} tokens, windows of {after['seqlen']})",
-        f"  saved to       {summary['output']}",
+        f"  saved to       {summary['output']} ({summary['save_dtype']})",
     ])
