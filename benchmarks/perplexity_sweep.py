@@ -13,37 +13,19 @@ import copy
 import resource
 import time
 
-import torch
+from protocol import add_protocol_options, load_protocol
 
-import lmslice
-from lmslice.evaluation.perplexity import perplexity
-from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.slicing import count_parameters, slice_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="pydoc")
-    parser.add_argument("--eval-data", default="pydoc")
+    add_protocol_options(parser, seqlen=512, eval_max_windows=None, threads=2)
     parser.add_argument("--sparsities", default="0,0.1,0.2,0.25,0.3")
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--eval-max-windows", type=int, default=None)
     parser.add_argument("--slice-head", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, tokenizer = lmslice.load_with_tokenizer(args.model)
-    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test"))
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  args.calib_seqlen, 8, seed=42)
-
-    def measure(candidate: torch.nn.Module) -> float:
-        return perplexity(candidate, eval_tokens, args.eval_seqlen, max_windows=args.eval_max_windows,
-                          progress=False).perplexity
+    protocol = load_protocol(args)
+    model, batches, measure = protocol.model, protocol.batches, protocol.perplexity
 
     dense_ppl = measure(model)
     dense_parameters = count_parameters(model)

@@ -1,7 +1,7 @@
 """Perplexity against *real* parameters: MLP channel pruning vs SliceGPT per-block slicing, equal sizes.
 
     OMP_NUM_THREADS=1 python benchmarks/prune_frontier.py --budgets 0.9,0.8,0.7,0.6 \
-        --modes slicegpt,mlp:obs --eval pydoc,../shared/data/wikitext-2/wiki.test.raw
+        --modes slicegpt,mlp:obs --eval-data pydoc,../shared/data/wikitext-2/wiki.test.raw
 
 For each budget F (fraction of the dense model's parameters, every tensor once, a tied embedding once)
 and each mode, the model loaded once is deep-copied and compressed:
@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-import lmslice
+from protocol import add_protocol_options, load_protocol
+
 from lmslice.adapters import find_adapter
-from lmslice.evaluation.perplexity import perplexity
-from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.modeling import apply_layout, get_module
 from lmslice.prune import output_sensitivity, plan_by_importance, plan_uniform, prune_model
 from lmslice.slicing import count_parameters, slice_model
@@ -89,28 +88,13 @@ def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="pydoc")
-    parser.add_argument("--eval", default="pydoc", help="comma-separated evaluation texts (test split)")
+    add_protocol_options(parser)
     parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6")
     parser.add_argument("--modes", default="slicegpt,mlp:obs")
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-seqlen", type=int, default=256)
-    parser.add_argument("--eval-seqlen", type=int, default=256)
-    parser.add_argument("--eval-max-windows", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, tokenizer = lmslice.load_with_tokenizer(args.model)
-    sources = args.eval.split(",")
-    eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test")) for source in sources}
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  args.calib_seqlen, 8, seed=42)
-
-    def measure(candidate: torch.nn.Module) -> dict[str, float]:
-        return {source: perplexity(candidate, tokens, args.eval_seqlen, max_windows=args.eval_max_windows,
-                                   progress=False).perplexity for source, tokens in eval_tokens.items()}
+    protocol = load_protocol(args)
+    model, batches, measure = protocol.model, protocol.batches, protocol.measure
+    sources = list(protocol.eval_tokens)
 
     dense_ppl = measure(model)
     dense_parameters = count_parameters(model)

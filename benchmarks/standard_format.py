@@ -18,10 +18,9 @@ import time
 
 import torch
 
-import lmslice
-from lmslice.evaluation.perplexity import perplexity
+from protocol import add_protocol_options, load_protocol
+
 from lmslice.export import standard_model
-from lmslice.io.data import calibration_batches, load_text, tokenize
 from lmslice.slicing import count_parameters, slice_model
 
 
@@ -32,13 +31,7 @@ def sparsity_for_width(hidden: int, width: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="pydoc")
-    parser.add_argument("--eval-data", default="pydoc")
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-seqlen", type=int, default=256)
-    parser.add_argument("--eval-seqlen", type=int, default=256)
-    parser.add_argument("--eval-max-windows", type=int, default=40)
+    add_protocol_options(parser)
     parser.add_argument("--budget-sparsities", default="0.25,0.35,0.45")
     parser.add_argument("--candidate-sparsity", type=float, default=0.25)
     parser.add_argument("--weightings", default="unit-rms,raw,reader-gain")
@@ -48,22 +41,15 @@ def main() -> None:
     parser.add_argument("--uncentred", action="store_true", help="also the unit-RMS basis without centring")
     parser.add_argument("--skip-budgets", action="store_true")
     parser.add_argument("--skip-candidates", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, tokenizer = lmslice.load_with_tokenizer(args.model)
-    eval_tokens = tokenize(tokenizer, load_text(args.eval_data, split="test"))
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  args.calib_seqlen, 8, seed=42)
+    protocol = load_protocol(args)
+    model, batches = protocol.model, protocol.batches
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
     dense_parameters = count_parameters(model)
     tied_source = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     ties = tuple(head == "tied" for head in args.heads.split(",") if tied_source or head == "untied")
 
-    def measure(candidate: torch.nn.Module) -> float:
-        return perplexity(candidate, eval_tokens, args.eval_seqlen, max_windows=args.eval_max_windows,
-                          progress=False).perplexity
+    measure = protocol.perplexity
 
     dense_ppl = measure(model)
     print(f"model {args.model} (D={hidden}, {dense_parameters / 1e6:.2f}M parameters, tied={tied_source}); "

@@ -7,7 +7,6 @@ import importlib.util
 import inspect
 
 import pytest
-import torch
 
 import lmslice
 from lmslice.errors import LmsliceError

@@ -21,7 +21,6 @@ from lmslice.bench import count_flops
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.export import standard_model
-from lmslice.finetune import finetune
 from lmslice.slicing import slice_model
 from test_adapters import confine_stream_before_last_write
 from test_invariance import exact_rms_norms  # noqa: F401 - autouse: exact float64 reference norms

@@ -429,7 +429,7 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
         if not is_standard(layout):  # the standard format is the family's own model: no remote code
             (staging / MODELING_FILE).write_text(
                 inspect.getsource(modeling)
-                + f"\n\nimport transformers  # noqa: E402\n\n"
+                + "\n\nimport transformers  # noqa: E402\n\n"
                 + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
             )
             config_path = staging / "config.json"

@@ -1,0 +1,54 @@
+"""The measurement protocol the perplexity benchmarks share: one model, calibration windows from one
+text, held-out perplexity on one or more others, and the options that set them."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import lmslice
+from lmslice.evaluation.perplexity import perplexity
+from lmslice.io.data import calibration_batches, load_text, tokenize
+
+
+def add_protocol_options(parser: argparse.ArgumentParser, *, seqlen: int = 256, eval_max_windows: int | None = 40,
+                         threads: int = 1) -> None:
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="pydoc", help="calibration text (train split)")
+    parser.add_argument("--eval-data", default="pydoc", help="comma-separated evaluation texts (test split)")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=seqlen)
+    parser.add_argument("--eval-seqlen", type=int, default=seqlen)
+    parser.add_argument("--eval-max-windows", type=int, default=eval_max_windows)
+    parser.add_argument("--threads", type=int, default=threads)
+
+
+@dataclass
+class Protocol:
+    model: nn.Module
+    batches: list[dict[str, torch.Tensor]]
+    eval_tokens: dict[str, torch.Tensor]  # by source, in the order given
+    seqlen: int
+    max_windows: int | None
+
+    def measure(self, candidate: nn.Module) -> dict[str, float]:
+        """Perplexity of `candidate` on every evaluation text."""
+        return {source: self.perplexity(candidate, source) for source in self.eval_tokens}
+
+    def perplexity(self, candidate: nn.Module, source: str | None = None) -> float:
+        """Perplexity of `candidate` on one evaluation text (the first by default)."""
+        tokens = self.eval_tokens[source or next(iter(self.eval_tokens))]
+        return perplexity(candidate, tokens, self.seqlen, max_windows=self.max_windows, progress=False).perplexity
+
+
+def load_protocol(args: argparse.Namespace) -> Protocol:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = lmslice.load_with_tokenizer(args.model)
+    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
+                                  args.calib_seqlen, 8, seed=42)
+    eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test"))
+                   for source in args.eval_data.split(",")}
+    return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows)
