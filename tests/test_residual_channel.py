@@ -8,6 +8,7 @@ import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 import tiny_models
+from lmslice.finetune import _set_checkpointing
 from lmslice.slicing import slice_model
 
 
@@ -29,12 +30,12 @@ def test_checkpoint_recompute_without_early_stop_leaves_no_state(family: str) ->
     has taken their surplus features; the next forward must not see them."""
     model = sliced(family)
     expected = logits(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _set_checkpointing(model, True)
     model.train()
     ids, mask = tiny_models.padded_inputs()
     with set_checkpoint_early_stop(False):
         model(ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
-    model.gradient_checkpointing_disable()
+    _set_checkpointing(model, False)
     model.eval()
     assert torch.equal(logits(model), expected)
 
