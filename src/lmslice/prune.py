@@ -27,13 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmslice import __version__
 from lmslice.adapters import Mlp, ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.export import STANDARD
 from lmslice.modeling import get_module
-from lmslice.slicing import count_parameters
+from lmslice.slicing import count_parameters, layout_record
 
 CRITERIA = ("obs", "energy", "leverage")
 DEFAULT_CRITERION = "obs"
@@ -183,7 +182,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[di
             handle.remove()
         for parameter in trainable:
             parameter.requires_grad_(True)
-    return [total for total in sums]
+    return sums
 
 
 def consumer_weight(consumer: nn.Linear) -> torch.Tensor:
@@ -306,14 +305,17 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         for stream in streams:
             stream.hidden = run_block(block, stream, stream.hidden)
     steps = [0] * len(blocks)
+
+    def marginal(index: int) -> float:
+        """The error per parameter of block `index`'s next step (inf once it has none left)."""
+        if steps[index] >= len(curves[index]):
+            return math.inf
+        before = curves[index][steps[index] - 1] if steps[index] else 0.0
+        return (curves[index][steps[index]] - before) / costs[index]
+
     excess = dense - target_params * dense
     removed = 0
     while removed < excess:
-        def marginal(index: int) -> float:
-            if steps[index] >= len(curves[index]):
-                return math.inf
-            before = curves[index][steps[index] - 1] if steps[index] else 0.0
-            return (curves[index][steps[index]] - before) / costs[index]
         cheapest = min(range(len(blocks)), key=marginal)
         steps[cheapest] += 1
         removed += costs[cheapest]
@@ -410,19 +412,15 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     uniform = len(set(plan.mlp_widths)) == 1
     if uniform:
         setattr(model.config, mlp.width_config, plan.mlp_widths[0])
-    model.config.lmslice = {
-        "format": 1,
-        "version": __version__,
-        "family": adapter.family,
-        "base_architecture": type(model).__name__,
-        "hidden_size": get_module(model, adapter.embeddings[0]).weight.shape[1],  # the residual stream's, kept
+    model.config.lmslice = layout_record(
+        model, adapter,
+        hidden_size=get_module(model, adapter.embeddings[0]).weight.shape[1],  # the residual stream's, kept
         # Equal widths are the family's own config; per-block widths need lmslice's layout (remote code).
         **({"export": STANDARD} if uniform else {"mlp_widths": plan.mlp_widths}),
-        "mlp_pruning": {"criterion": criterion, "damping": damping, "refit": refit_consumer,
-                        "fisher_weighted": sensitivity is not None, **plan.as_dict()},
-        "modules": adapter.module_map(),
+        mlp_pruning={"criterion": criterion, "damping": damping, "refit": refit_consumer,
+                     "fisher_weighted": sensitivity is not None, **plan.as_dict()},
         **(metadata or {}),
-    }
+    )
     return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmslice import __version__
-from lmslice.adapters import find_adapter
+from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, Covariance, block_signals, capture_block_inputs
 from lmslice.errors import LmsliceError
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
@@ -52,6 +52,17 @@ class SliceResult:
     seconds: float
     spectra: dict[str, list[float]] = field(default_factory=dict)
     head_input: torch.Tensor | None = None  # shared basis: the head's input second moment, in kept coordinates
+
+
+# The version of the "lmslice" record in a saved config.json; loading refuses any other.
+FORMAT_VERSION = 1
+
+
+def layout_record(model: nn.Module, adapter: ModelAdapter, **fields: Any) -> dict[str, Any]:
+    """The "lmslice" record a compressed model carries in its config: what every pass writes (format,
+    version, family, base class, module paths), then the pass's own `fields`."""
+    return {"format": FORMAT_VERSION, "version": __version__, "family": adapter.family,
+            "base_architecture": type(model).__name__, "modules": adapter.module_map(), **fields}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -174,24 +185,19 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     rotate_reader(get_module(model, adapter.head), basis)
     install_final_norm(model, adapter.module_map(), width, head_width, hidden, eps)
 
-    layout = {
-        "format": 1,
-        "version": __version__,
-        "family": adapter.family,
-        "base_architecture": type(model).__name__,
-        "sparsity": sparsity,
-        "round_to": round_to,
-        "hidden_size": hidden,
-        "width": width,
-        "head_width": head_width,
-        "eps": eps,
-        "centred_embeddings": centre_embeddings,
-        "rotation": rotation,
+    model.config.lmslice = layout_record(
+        model, adapter,
+        sparsity=sparsity,
+        round_to=round_to,
+        hidden_size=hidden,
+        width=width,
+        head_width=head_width,
+        eps=eps,
+        centred_embeddings=centre_embeddings,
+        rotation=rotation,
         **({"basis_weighting": weighting} if shared else {}),
-        "tied_embeddings": tied_embeddings,
-        "added_biases": added_biases,
-        "modules": adapter.module_map(),
+        tied_embeddings=tied_embeddings,
+        added_biases=added_biases,
         **(metadata or {}),
-    }
-    model.config.lmslice = layout
+    )
     return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra, head_input)

@@ -28,12 +28,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from lmslice import modeling
 from lmslice.errors import LmsliceError
 from lmslice.export import is_standard
+from lmslice.slicing import FORMAT_VERSION
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 MODELING_FILE = "modeling_lmslice.py"
-# The `format` that `slice_model` records and this version of lmslice reads.
-FORMAT_VERSION = 1
 logger = logging.getLogger("lmslice")
 
 
