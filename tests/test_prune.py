@@ -16,13 +16,14 @@ import lmslice
 import tiny_models
 from conftest import corpus_text
 from lmslice.adapters import find_adapter
+from lmslice.adapters.llama import LLAMA
 from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
-from lmslice.prune import (channel_cost, output_sensitivity, plan_by_importance, plan_uniform, prune_block_mlp,
-                           prune_model)
-from lmslice.slicing import count_parameters
+from lmslice.prune import (channel_cost, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
+                           prune_block_mlp, prune_model, prune_to_budget)
+from lmslice.slicing import count_parameters, slice_model
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "phi3", "gpt_neox"])
@@ -87,21 +88,42 @@ def test_full_budget_leaves_the_model_exact(family: str) -> None:
 def test_least_squares_refit_beats_deleting_the_same_channels(family: str, criterion: str) -> None:
     model = tiny_models.build(family)
     adapter = find_adapter(model)
-    streams = capture_block_inputs(model, adapter, tiny_models.random_batches(count=4), ActivationStore())
+    batches = tiny_models.random_batches(count=4)
     block = get_module(model, adapter.blocks)[0]
-    targets = [run_block(block, stream, stream.hidden) for stream in streams]
+    targets = [run_block(block, stream, stream.hidden)
+               for stream in capture_block_inputs(model, adapter, batches, ActivationStore())]
 
     def block_error(refit: bool) -> tuple[float, list[int]]:
-        pruned = copy.deepcopy(block)
-        kept = prune_block_mlp(pruned, adapter.mlp, streams, 40, criterion=criterion, refit_consumer=refit)
-        error = sum((run_block(pruned, stream, stream.hidden) - target).pow(2).sum().item()
-                    for stream, target in zip(streams, targets))
+        streams = capture_block_inputs(model, adapter, batches, ActivationStore())
+        kept = prune_block_mlp(copy.deepcopy(block), adapter.mlp, streams, 40, criterion=criterion,
+                               refit_consumer=refit)
+        error = sum((stream.hidden - target).pow(2).sum().item() for stream, target in zip(streams, targets))
         return error, kept.tolist()
 
     refit_error, refit_kept = block_error(refit=True)
     deleted_error, deleted_kept = block_error(refit=False)
     assert refit_kept == deleted_kept
     assert refit_error < 0.8 * deleted_error
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_carried_stream_is_the_pruned_block_s_output(family: str, offloaded: bool, tmp_path: Path) -> None:
+    """The stream moves on by adding the consumer's change to the dense block's output (one pass per
+    block); it must equal running the pruned block, in every family (each consumer writes the stream)."""
+    model = tiny_models.build(family, torch.float64)
+    adapter = find_adapter(model)
+    batches = tiny_models.random_batches(count=2)
+    store = ActivationStore(tmp_path if offloaded else None)
+    streams = capture_block_inputs(model, adapter, batches, store)
+    inputs = [stream.hidden.clone() for stream in streams]
+    block = get_module(model, adapter.blocks)[0]
+    prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) // 2)
+    for stream, hidden in zip(streams, inputs):
+        torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
+    # the consumer inputs kept for the pass are gone again: only the streams remain
+    kept = sorted(path.stem for path in tmp_path.iterdir()) if offloaded else sorted(store.tensors)
+    assert kept == sorted(stream.name for stream in streams)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +208,40 @@ def test_cli_measured_widths_write_a_layout_finetune_accepts(pruned_dirs: tuple[
     assert count_parameters(lmslice.load(recovered)) == count_parameters(model)
 
 
-def test_target_params_and_sparsity_are_exclusive(capsys, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
-        main(["slice", "m", "--sparsity", "0.2", "--target-params", "0.8", "--calib", "pydoc", "-o",
-              str(tmp_path / "out")])
-    assert "not allowed with argument" in capsys.readouterr().err
+def test_sparsity_and_target_params_slice_then_prune(pruned_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    dense_dir, _ = pruned_dirs
+    corpus = dense_dir.parent / "corpus.txt"
+    out = tmp_path / "both"
+    assert main(["slice", str(dense_dir), "--sparsity", "0.25", "--target-params", "0.7", "--calib", str(corpus),
+                 "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2",
+                 "--json"]) == 0
+    record = json.loads((out / "config.json").read_text())["lmslice"]
+    assert record["width"] == 48 and len(set(record["mlp_widths"])) > 1  # sliced, then per-block MLP widths
+    dense = count_parameters(AutoModelForCausalLM.from_pretrained(dense_dir))
+    model = lmslice.load(out)
+    step = 8 * max(channel_cost(block, LLAMA.mlp) for block in get_module(model, LLAMA.blocks))
+    assert count_parameters(model) == record["mlp_pruning"]["parameters_planned"]
+    assert 0.7 * dense - step < count_parameters(model) <= 0.7 * dense
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi"])
+def test_carried_stream_is_exact_in_a_sliced_model(family: str) -> None:
+    """In a sliced model the consumer also adds the shortcut; the stream is still carried exactly."""
+    model = tiny_models.build(family, torch.float64)
+    batches = tiny_models.random_batches(count=2)
+    slice_model(model, batches, 0.25, slice_head=True, progress=False)
+    adapter = find_adapter(model)
+    streams = capture_block_inputs(model, adapter, batches, ActivationStore())
+    for block in get_module(model, adapter.blocks):
+        inputs = [stream.hidden.clone() for stream in streams]
+        prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
+        for stream, hidden in zip(streams, inputs):
+            torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
+
+
+def test_a_sliced_model_whose_head_reads_more_is_refused() -> None:
+    model = tiny_models.build("llama")
+    batches = tiny_models.random_batches(count=2)
+    slice_model(model, batches, 0.25, progress=False)
+    with pytest.raises(LmsliceError, match="--slice-head"):
+        prune_to_budget(model, batches, 0.7)

@@ -48,6 +48,16 @@ class ActivationStore:
             return self.tensors[name]
         return load_file(self.directory / f"{name}.safetensors", device=str(self.devices[name]))["activations"]
 
+    def take(self, name: str) -> torch.Tensor:
+        """`get`, then forget the tensor (and delete its file)."""
+        tensor = self.get(name)
+        if self.directory is None:
+            del self.tensors[name]
+        else:
+            (self.directory / f"{name}.safetensors").unlink()
+            del self.devices[name]
+        return tensor
+
 
 @dataclass
 class BlockInput:

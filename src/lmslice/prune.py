@@ -7,7 +7,7 @@ narrower; the model stays the family's own architecture with a smaller intermedi
 Blocks are pruned in order on the already-pruned calibration stream: for each block, the Gram matrix
 G = Σ hᵀh (float64) of the consumer's input is accumulated over the calibration tokens, channels are
 chosen from it, the consumer is refit by damped least squares to reproduce what it wrote with every
-channel (W·G[:, S]·(G[S, S] + λI)⁻¹), and the *finished* block is run to carry the stream forward, so
+channel (W·G[:, S]·(G[S, S] + λI)⁻¹), and the stream is carried on to the *finished* block's output, so
 the next block sees what the pruned model will really feed it.
 
 The output error is weighted per feature by the diagonal Fisher of the block's output (one backward
@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lmslice.adapters import Mlp, ModelAdapter, find_adapter
-from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
+from lmslice.calibration import ActivationStore, BlockInput, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.export import STANDARD
 from lmslice.modeling import get_module
@@ -76,10 +77,12 @@ class WidthPlan:
         return {**asdict(self), "achieved": self.achieved}
 
 
-def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8) -> WidthPlan:
-    """The widest MLP width, the same in every block, that keeps at most `target_params` of the
-    parameters: the full width, or a multiple of `round_to`. The plan then misses the budget by less
-    than one rounding step (`round_to` channels in every block)."""
+def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
+                 parameters_dense: int | None = None) -> WidthPlan:
+    """The widest MLP width, the same in every block, that keeps at most `target_params` of
+    `parameters_dense` (default: the model's own parameters; give the dense model's when `model` was
+    already sliced): the full width, or a multiple of `round_to`. The plan then misses the budget by
+    less than one rounding step (`round_to` channels in every block)."""
     if not 0 < target_params <= 1:
         raise LmsliceError(f"--target-params must be in (0, 1], got {target_params}")
     if round_to < 1:
@@ -87,79 +90,91 @@ def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8) -> W
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
     blocks = list(get_module(model, adapter.blocks))
-    dense = count_parameters(model)
+    dense = parameters_dense or count_parameters(model)
+    current = count_parameters(model)
     full = mlp_width(blocks[0], mlp)
     if any(mlp_width(block, mlp) != full for block in blocks):
         raise LmsliceError("the blocks' MLPs differ in width; uniform pruning needs equal widths")
     per_channel = sum(channel_cost(block, mlp) for block in blocks)
     budget = target_params * dense
-    if target_params == 1:
+    if current <= budget:
         width = full
     else:
-        width = min(math.floor((budget - dense + full * per_channel) / per_channel) // round_to * round_to,
+        width = min(math.floor((budget - current + full * per_channel) / per_channel) // round_to * round_to,
                     full // round_to * round_to)
     if width < round_to:
-        smallest = dense - (full - round_to) * per_channel
+        smallest = current - (full - round_to) * per_channel
         raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: the "
                            f"narrowest MLP ({round_to} channels) keeps {smallest / dense:.3f}")
-    planned = dense - (full - width) * per_channel
+    planned = current - (full - width) * per_channel
     return WidthPlan(target_params, dense, planned, [width] * len(blocks), round_to)
 
 
-def gram(block: nn.Module, mlp: Mlp, streams: list[BlockInput]) -> torch.Tensor:
-    """G = Σ h hᵀ (float64) of the consumer's input h over the calibration tokens of `streams`, with a
-    constant 1 appended to h when the consumer has a bias (so a refit can move the bias too)."""
+def observe_consumer(block: nn.Module, mlp: Mlp, streams: list[BlockInput], *, keep_inputs: bool = False,
+                     ) -> torch.Tensor:
+    """Runs the block on every stream, which moves on to the block's output, and returns G = Σ h hᵀ
+    (float64) of the consumer's input h over the calibration tokens, with a constant 1 appended to h
+    when the consumer has a bias (so a refit can move the bias too). With `keep_inputs`, each stream
+    keeps h beside it (`consumer_input`), so that a pruned consumer's change can be added to the
+    output without running the block again.
+
+    Each batch's product is taken in float32 and summed in float64: on SmolLM2-135M that is 3.7x
+    faster than float64 throughout, at a relative difference of 5e-8 in G."""
     consumer = get_module(block, mlp.consumer)
     width = consumer.in_features + (consumer.bias is not None)
     matrix = torch.zeros(width, width, dtype=torch.float64, device=consumer.weight.device)
-    mask = streams[0].mask
+    current: list[BlockInput] = []
 
-    def accumulate_and_stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        hidden = args[0]
+    def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
+        hidden, stream = args[0], current[0]
+        rows = hidden.reshape(-1, hidden.shape[-1])[stream.mask.reshape(-1).to(hidden.device)].float()
         if consumer.bias is not None:
-            hidden = torch.cat([hidden, torch.ones_like(hidden[..., :1])], dim=-1)
-        rows = hidden.reshape(-1, width)[mask.reshape(-1).to(hidden.device)].double()
-        matrix.addmm_(rows.T, rows)
-        raise StopForward
+            rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+        matrix.add_(rows.T @ rows)
+        if keep_inputs:
+            stream.store.put(consumer_input(stream), hidden)
 
-    handle = consumer.register_forward_pre_hook(accumulate_and_stop)
+    handle = consumer.register_forward_pre_hook(accumulate)
     try:
         for stream in streams:
-            mask = stream.mask
-            try:
-                run_block(block, stream, stream.hidden)
-            except StopForward:
-                pass
+            current[:] = [stream]
+            stream.hidden = run_block(block, stream, stream.hidden)
     finally:
         handle.remove()
     return matrix
 
 
+def consumer_input(stream: BlockInput) -> str:
+    return f"{stream.name}-consumer-input"
+
+
 @torch.no_grad()
 def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                        ) -> list[torch.Tensor]:
-    """Per block, Σ over the calibration tokens of (∂L/∂y)² for each feature of the block's output y
-    (L: the mean next-token loss of the dense model), float64: the diagonal Fisher that turns an error
-    in a block's output into an estimate of the loss it costs, comparable across blocks."""
+    """Per block, Σ over the calibration tokens of (∂L/∂y)² for each feature y that the block's MLP
+    consumer writes (L: the mean next-token loss of the model), float64: the diagonal Fisher that turns
+    an error in what the consumer writes into an estimate of the loss it costs, comparable across
+    blocks. The consumer's output is added to the residual stream, so in a dense model this is the
+    Fisher of the block's output; in a sliced one it also covers what a last block writes beyond the
+    stream for a head that reads more."""
     blocks = get_module(model, adapter.blocks)
+    consumer = mlp_of(adapter).consumer
     sums: list[torch.Tensor | None] = [None] * len(blocks)
 
     def track(index: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             def accumulate(gradient: torch.Tensor) -> None:
-                squares = gradient.double().pow(2).sum(dim=(0, 1))
+                squares = gradient.double().pow(2).reshape(-1, gradient.shape[-1]).sum(dim=0)
                 sums[index] = squares if sums[index] is None else sums[index] + squares
 
-            hidden.register_hook(accumulate)
+            output.register_hook(accumulate)
         return hook
 
     def make_differentiable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden.requires_grad_()
 
-    handles = [block.register_forward_hook(track(index)) for index, block in enumerate(blocks)]
+    handles = [get_module(block, consumer).register_forward_hook(track(index)) for index, block in enumerate(blocks)]
     handles.append(blocks[0].register_forward_pre_hook(make_differentiable, with_kwargs=True))
     device = model.get_input_embeddings().weight.device
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -186,7 +201,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[di
 
 
 def consumer_weight(consumer: nn.Linear) -> torch.Tensor:
-    """[W b] in float64: the bias is the weight of the constant channel that `gram` appends."""
+    """[W b] in float64: the bias is the weight of the constant channel that `observe_consumer` appends."""
     weight = consumer.weight.double()
     return weight if consumer.bias is None else torch.cat([weight, consumer.bias.double()[:, None]], dim=1)
 
@@ -273,7 +288,8 @@ def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channe
 @torch.no_grad()
 def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]], target_params: float, *,
                        round_to: int = 8, sensitivity: list[torch.Tensor] | None = None,
-                       damping: float = DEFAULT_DAMPING, activations: ActivationStore | None = None) -> WidthPlan:
+                       damping: float = DEFAULT_DAMPING, activations: ActivationStore | None = None,
+                       parameters_dense: int | None = None) -> WidthPlan:
     """Per-block MLP widths within `target_params`, spent where they cost least.
 
     On the dense model's calibration stream, each block's output error as a function of its cut is
@@ -282,7 +298,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     estimates the loss it costs, comparable across blocks). Steps are then taken greedily, the
     cheapest marginal error per parameter first, until the budget is met.
     """
-    uniform = plan_uniform(model, target_params, round_to)  # validates the budget
+    uniform = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense)  # validates the budget
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
     blocks = get_module(model, adapter.blocks)
@@ -295,15 +311,13 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         weight = consumer_weight(consumer)
         if sensitivity is not None:
             weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
-        regularised = damped(gram(block, mlp, streams), channels, damping)
+        regularised = damped(observe_consumer(block, mlp, streams), channels, damping)
         # The path in about 64 steps, interpolated linearly at every multiple of round_to.
         steps = (channels - round_to) // round_to
         stride = math.ceil(steps / 64)
         errors = obs_elimination(weight, regularised, channels, steps * round_to, stride * round_to)[1]
         curves.append([_interpolate(errors, (step + 1) / stride) for step in range(steps)])
         costs.append(round_to * channel_cost(block, mlp))
-        for stream in streams:
-            stream.hidden = run_block(block, stream, stream.hidden)
     steps = [0] * len(blocks)
 
     def marginal(index: int) -> float:
@@ -313,14 +327,15 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         before = curves[index][steps[index] - 1] if steps[index] else 0.0
         return (curves[index][steps[index]] - before) / costs[index]
 
-    excess = dense - target_params * dense
+    current = count_parameters(model)
+    excess = current - target_params * dense
     removed = 0
     while removed < excess:
         cheapest = min(range(len(blocks)), key=marginal)
         steps[cheapest] += 1
         removed += costs[cheapest]
     widths = [mlp_width(block, mlp) - round_to * step for block, step in zip(blocks, steps)]
-    return WidthPlan(target_params, dense, dense - removed, widths, round_to)
+    return WidthPlan(target_params, dense, current - removed, widths, round_to)
 
 
 def _interpolate(values: list[float], position: float) -> float:
@@ -336,31 +351,53 @@ def _interpolate(values: list[float], position: float) -> float:
 def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep: int, *,
                     criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
                     refit_consumer: bool = True, output_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input).
-    Returns the kept channel indices. Without `refit_consumer` the consumer's columns are only deleted.
-    `output_weights` (one per output feature, e.g. `output_sensitivity`)
-    weigh the output error by which channels are chosen; the refit, a least-squares fit per output
-    feature, does not depend on them."""
-    consumer = get_module(block, mlp.consumer)
+    """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input), and
+    carries `streams` on to the pruned block's output. Returns the kept channel indices. Without
+    `refit_consumer` the consumer's columns are only deleted. `output_weights` (one per output feature,
+    e.g. `output_sensitivity`) weigh the output error by which channels are chosen; the refit, a
+    least-squares fit per output feature, does not depend on them."""
+    consumer = check_consumer(block, mlp)
     channels = consumer.in_features
-    if keep >= channels:
-        return torch.arange(channels)
-    matrix = gram(block, mlp, streams)
+    # The consumer's output is added to the residual stream (it is one of the block's writers), so the
+    # pruned block's output is the dense block's plus the change in the consumer's output: one pass
+    # measures G and carries the stream.
+    matrix = observe_consumer(block, mlp, streams, keep_inputs=True)
     weight = consumer_weight(consumer)
-    selection_weight = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
-    kept = keep_channels(selection_weight, matrix, channels, keep, criterion, damping)
-    if refit_consumer:
-        new_weight = refit(weight, matrix, kept, channels, damping)
+    if keep >= channels:
+        kept, new_weight = torch.arange(channels, device=weight.device), weight
     else:
-        new_weight = torch.cat([weight[:, kept], weight[:, channels:]], dim=1)
-    _set_linear(consumer, new_weight[:, :keep].to(consumer.weight.dtype),
-                None if consumer.bias is None else new_weight[:, keep].to(consumer.bias.dtype))
+        selection_weight = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
+        kept = keep_channels(selection_weight, matrix, channels, keep, criterion, damping)
+        if refit_consumer:
+            new_weight = refit(weight, matrix, kept, channels, damping)
+        else:
+            new_weight = torch.cat([weight[:, kept], weight[:, channels:]], dim=1)
     kept = kept.to(consumer.weight.device)
+    new_bias = None if consumer.bias is None else new_weight[:, len(kept)].to(consumer.bias.dtype)
+    new_weight = new_weight[:, :len(kept)].to(consumer.weight.dtype)
+    for stream in streams:
+        inputs = stream.store.take(consumer_input(stream))
+        if len(kept) < channels:
+            change = F.linear(inputs[..., kept], new_weight, new_bias) - F.linear(inputs, consumer.weight, consumer.bias)
+            hidden = stream.hidden
+            stream.hidden = hidden + change.view_as(hidden)  # OPT's MLP reads the tokens flattened
+    _set_linear(consumer, new_weight, new_bias)
     rows = torch.cat([kept + part * channels for part in range(mlp.fused)])
     for path in mlp.producers:
         producer = get_module(block, path)
         _set_linear(producer, producer.weight[rows], None if producer.bias is None else producer.bias[rows])
     return kept.cpu()
+
+
+def check_consumer(block: nn.Module, mlp: Mlp) -> nn.Linear:
+    """The block's MLP consumer, if it writes just the residual stream. In a model sliced without its
+    head, the last block's also writes the extra features the head reads (through the final norm),
+    which neither the Fisher pass nor the one-pass stream update follows."""
+    consumer = get_module(block, mlp.consumer)
+    if getattr(consumer, "residual_width", consumer.out_features) != consumer.out_features:
+        raise LmsliceError("pruning MLP channels of a sliced model needs its head sliced too: slice with "
+                           "--slice-head (slice_head=True)")
+    return consumer
 
 
 def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -407,42 +444,68 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                                refit_consumer=refit_consumer,
                                output_weights=None if sensitivity is None else sensitivity[index])
         kept_channels.append(kept.tolist())
-        for stream in streams:
-            stream.hidden = run_block(block, stream, stream.hidden)
     uniform = len(set(plan.mlp_widths)) == 1
     if uniform:
         setattr(model.config, mlp.width_config, plan.mlp_widths[0])
-    model.config.lmslice = layout_record(
-        model, adapter,
-        hidden_size=get_module(model, adapter.embeddings[0]).weight.shape[1],  # the residual stream's, kept
-        # Equal widths are the family's own config; per-block widths need lmslice's layout (remote code).
-        **({"export": STANDARD} if uniform else {"mlp_widths": plan.mlp_widths}),
-        mlp_pruning={"criterion": criterion, "damping": damping, "refit": refit_consumer,
-                     "fisher_weighted": sensitivity is not None, **plan.as_dict()},
-        **(metadata or {}),
-    )
+    pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer,
+               "fisher_weighted": sensitivity is not None, **plan.as_dict()}
+    sliced = getattr(model.config, "lmslice", None)
+    if sliced:  # the residual stream was sliced first: its layout stays, the MLP widths join it
+        model.config.lmslice = {**sliced, "mlp_widths": plan.mlp_widths, "mlp_pruning": pruning, **(metadata or {})}
+    else:
+        model.config.lmslice = layout_record(
+            model, adapter,
+            hidden_size=get_module(model, adapter.embeddings[0]).weight.shape[1],  # the residual stream's, kept
+            # Equal widths are the family's own config; per-block widths need lmslice's layout (remote code).
+            **({"export": STANDARD} if uniform else {"mlp_widths": plan.mlp_widths}),
+            mlp_pruning=pruning,
+            **(metadata or {}),
+        )
     return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels)
 
 
 WIDTHS = ("uniform", "measured")
+# Windows the plan (Fisher and per-block widths) is measured on; the pruning itself uses every window.
+# SmolLM2-135M at 0.8 of its parameters, calibration 32 x 256: perplexity 22.408 with the plan from the
+# first 8 windows, 22.423 from all 32, for a quarter of the planning time.
+PLANNING_WINDOWS = 8
+
+
+def first_windows(batches: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+    """The first `count` calibration windows (rows), batched as given."""
+    taken = []
+    for batch in batches:
+        if count <= 0:
+            break
+        taken.append({key: value[:count] for key, value in batch.items()})
+        count -= len(batch["input_ids"])
+    return taken
 
 
 def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
                     widths: str = "measured", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
                     damping: float = DEFAULT_DAMPING, progress: bool = True,
                     activations: ActivationStore | None = None, metadata: dict[str, Any] | None = None,
-                    ) -> PruneResult:
+                    parameters_dense: int | None = None, planning_windows: int = PLANNING_WINDOWS) -> PruneResult:
     """Keeps `target_params` of the model's real parameters by pruning MLP channels: the same width in
     every block ("uniform": the family's own architecture), or per-block widths from the measured cost
     of each block's cut ("measured": lmslice's layout). Channels are chosen by their Fisher-weighted
-    output error either way."""
+    output error either way; the Fisher and the widths are measured on the first `planning_windows`
+    windows. `parameters_dense` is what `target_params` is a fraction of (default: the model's own
+    parameters; give the dense model's when `model` was sliced first)."""
     if widths not in WIDTHS:
         raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
+    if planning_windows < 1:
+        raise LmsliceError(f"planning needs at least one calibration window, got {planning_windows}")
     batches = list(batches)
-    plan = plan_uniform(model, target_params, round_to)  # validates before the slow work
-    sensitivity = output_sensitivity(model, find_adapter(model), batches)
+    # validates before the slow work
+    for block in get_module(model, find_adapter(model).blocks):
+        check_consumer(block, mlp_of(find_adapter(model)))
+    plan = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense)
+    planning = first_windows(batches, planning_windows)
+    sensitivity = output_sensitivity(model, find_adapter(model), planning)
     if widths == "measured":
-        plan = plan_by_importance(model, batches, target_params, round_to=round_to, sensitivity=sensitivity,
-                                  damping=damping, activations=activations)
+        plan = plan_by_importance(model, planning, target_params, round_to=round_to, sensitivity=sensitivity,
+                                  damping=damping, activations=activations, parameters_dense=parameters_dense)
     return prune_model(model, batches, plan, criterion=criterion, damping=damping,
                        sensitivity=sensitivity, progress=progress, activations=activations, metadata=metadata)

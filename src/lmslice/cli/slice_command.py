@@ -33,12 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "signal and delete the trailing ones (SliceGPT). Prints a summary and writes a model "
                     "directory loadable with lmslice.load or transformers (trust_remote_code=True).")
     parser.add_argument("model", help="model directory, .gguf file, hub id, or smollm2-135m (built in)")
-    budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--sparsity", type=float,
+    parser.add_argument("--sparsity", type=float,
                         help="fraction of the hidden width to delete, in [0, 1); 0 keeps the dense model")
-    budget.add_argument("--target-params", type=float, metavar="F",
+    parser.add_argument("--target-params", type=float, metavar="F",
                         help="keep this fraction, in (0, 1], of the model's real parameters (every tensor once): "
-                             "prunes MLP channels, with a least-squares refit of the down projection")
+                             "prunes MLP channels, with a least-squares refit of the down projection; with "
+                             "--sparsity too, the residual stream (and the head) is sliced first and the MLPs pruned "
+                             "to the rest of the budget")
     parser.add_argument("--mlp-widths", choices=WIDTHS, default="measured",
                         help="with --target-params: per-block widths from each block's measured cost (measured: "
                              "lmslice's layout, loads with trust_remote_code; SmolLM2-135M at 0.8: perplexity ratio "
@@ -81,11 +82,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
     check_minimums(args, SLICING_MINIMUMS)
-    if args.target_params is None:
+    if args.sparsity is None and args.target_params is None:
+        raise LmsliceError("say how much to remove: --sparsity (SliceGPT: a fraction of the hidden width) or "
+                           "--target-params (a fraction of the parameters to keep), or both")
+    if args.sparsity is not None:
         check_sparsity(args.sparsity, args.round_to)
-    elif args.offload or args.slice_head or args.format == "standard":
-        raise LmsliceError("--target-params prunes MLP channels in memory; --offload, --slice-head and --format "
-                           "standard apply to --sparsity")
+    if args.target_params is not None and (args.offload or args.format == "standard"):
+        raise LmsliceError("--target-params prunes MLP channels in memory, in lmslice's layout; --offload and "
+                           "--format standard apply to --sparsity alone")
     if args.offload and args.eval_data:
         raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
                            "with `lmslice ppl OUTPUT`")
@@ -109,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
     if standard:
         check_family(adapter)
-    if args.target_params is None:
+    if args.sparsity is not None:
         check_widths(model, [args.sparsity], args.round_to)
-    else:
+    if args.target_params is not None:
         plan_uniform(model, args.target_params, args.round_to)  # an unreachable budget fails before the slow work
     tokenizer = require_tokenizer(tokenizer, args.model)
 
@@ -121,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     dense_ppl = evaluate(model).as_dict() if evaluate else None
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                    "batch_size": args.calib_batch_size, "seed": args.seed}
-    options = dict(round_to=args.round_to, slice_head=args.slice_head, progress=not args.json,
+    # pruning after slicing needs the head to read the sliced width (see prune.check_consumer)
+    options = dict(round_to=args.round_to, slice_head=args.slice_head or args.target_params is not None,
+                   progress=not args.json,
                    metadata={"calibration": calibration, "source_model": str(args.model)})
     if standard:
         options.update(rotation="shared", weighting=args.basis_weighting)
@@ -131,19 +137,21 @@ def run(args: argparse.Namespace) -> int:
             spill = cleanup.enter_context(tempfile.TemporaryDirectory(
                 prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent))
             options["activations"] = ActivationStore(spill)
+        sliced = pruned = None
+        if args.sparsity is not None and storage is None:
+            sliced = slice_model(model, batches, args.sparsity, **options)
+        elif args.sparsity is not None:
+            sliced = slice_with_storage(model, storage, batches, args.sparsity, **options)
         if args.target_params is not None:
-            result = prune_to_budget(model, batches, args.target_params, widths=args.mlp_widths,
+            pruned = prune_to_budget(model, batches, args.target_params, widths=args.mlp_widths,
                                      round_to=args.round_to, criterion=args.prune_criterion, progress=not args.json,
-                                     activations=options.get("activations"), metadata=options["metadata"])
-        elif storage is None:
-            result = slice_model(model, batches, args.sparsity, **options)
-        else:
-            result = slice_with_storage(model, storage, batches, args.sparsity, **options)
+                                     activations=options.get("activations"), metadata=options["metadata"],
+                                     parameters_dense=dense_parameters)
     if standard:
         tie = args.tie_embeddings
         if tie is None:
             tie = TIE_BY_DEFAULT and model.config.lmslice["tied_embeddings"]
-        model = standard_model(model, tie_embeddings=tie, head_input=result.head_input)
+        model = standard_model(model, tie_embeddings=tie, head_input=sliced.head_input)
     sliced_ppl = evaluate(model).as_dict() if evaluate else None
     saved_ppl = sliced_ppl
     if evaluate and save_dtype != resolve_dtype(args.dtype):
@@ -151,15 +159,15 @@ def run(args: argparse.Namespace) -> int:
         saved_ppl = evaluate(model).as_dict()
     summary = {
         "model": str(args.model),
-        "family": result.family,
-        **({"sparsity": args.sparsity, "format": args.format, "hidden_size": result.hidden_size,
-            "width": result.width, "head_width": result.head_width} if args.target_params is None else
-           {"target_params": args.target_params, "mlp_widths": result.plan.mlp_widths,
-            "prune_criterion": args.prune_criterion}),
+        "family": (sliced or pruned).family,
+        **({"sparsity": args.sparsity, "format": args.format, "hidden_size": sliced.hidden_size,
+            "width": sliced.width, "head_width": sliced.head_width} if sliced else {}),
+        **({"target_params": args.target_params, "mlp_widths": pruned.plan.mlp_widths,
+            "prune_criterion": args.prune_criterion} if pruned else {}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
         "calibration": calibration,
-        "slicing_seconds": round(result.seconds, 2),
+        "slicing_seconds": round(sum(step.seconds for step in (sliced, pruned) if step), 2),
         "perplexity_dense": dense_ppl,
         "perplexity_sliced": sliced_ppl,
         "save_dtype": str(save_dtype).removeprefix("torch."),
@@ -170,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - started, 2),
         "peak_memory_gib": round(peak_memory_gib(args.device), 3),
     }
-    report = {REPORT_FILE: json.dumps({**summary, "spectra": getattr(result, "spectra", {})}) + "\n"}
+    report = {REPORT_FILE: json.dumps({**summary, "spectra": sliced.spectra if sliced else {}}) + "\n"}
     if storage is None:
         save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=report)
     else:
@@ -182,19 +190,20 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(summary: dict) -> str:
     dense, sliced = summary["parameters_dense"], summary["parameters_sliced"]
     calibration = summary["calibration"]
-    if "target_params" in summary:
-        lines = [
-            f"pruned {summary['model']} ({summary['family']}) to {summary['target_params']:g} of its parameters",
-            f"  MLP widths     {_describe_widths(summary['mlp_widths'])} (channels by "
-            f"{summary['prune_criterion']}, down projection refit by least squares)",
-        ]
+    model = f"{summary['model']} ({summary['family']})"
+    pruned = f"to {summary['target_params']:g} of its parameters" if "target_params" in summary else ""
+    if "sparsity" in summary:
+        lines = [f"sliced {model} at sparsity {summary['sparsity']}"
+                 + (", standard format" if summary.get("format") == "standard" else "")
+                 + (f", then pruned {pruned}" if pruned else "")]
     else:
+        lines = [f"pruned {model} {pruned}"]
+    if "sparsity" in summary:
         head = "" if summary["head_width"] == summary["width"] else f" (head reads {summary['head_width']})"
-        lines = [
-            f"sliced {summary['model']} ({summary['family']}) at sparsity {summary['sparsity']}"
-            + (", standard format" if summary.get("format") == "standard" else ""),
-            f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}",
-        ]
+        lines.append(f"  hidden width   {summary['hidden_size']} -> {summary['width']}{head}")
+    if "target_params" in summary:
+        lines.append(f"  MLP widths     {_describe_widths(summary['mlp_widths'])} (channels by "
+                     f"{summary['prune_criterion']}, down projection refit by least squares)")
     lines += [
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]
