@@ -233,11 +233,11 @@ def test_frontier_plot_draws_a_line_per_mode_and_the_dense_reference(tmp_path: P
     figure = frontier_figure(rows, 16.0)
     axes = figure.axes[0]
     lines = {line.get_label(): line for line in axes.get_lines()}
-    assert list(lines) == ["slicegpt", "mlp-uniform", "standard", "dense"]
+    assert list(lines) == ["slicegpt", "mlp-uniform", "standard", "dense (16.00)"]
     assert list(lines["slicegpt"].get_xdata()) == [0.8, 0.9] and list(lines["slicegpt"].get_ydata()) == [40, 25]
     assert list(lines["mlp-uniform"].get_xdata()) == [0.7, 0.9]  # drawn left to right, whatever the row order
     assert lines["standard"].get_marker() == "o"
-    assert set(lines["dense"].get_ydata()) == {16.0}
+    assert set(lines["dense (16.00)"].get_ydata()) == {16.0}
     assert axes.get_yscale() == "log"  # 90 is more than 4 × 16
     assert frontier_figure([row for row in rows if row["perplexity"] < 40], 16.0).axes[0].get_yscale() == "linear"
     assert_png(plot_frontier(rows, 16.0, tmp_path / "frontier.png"))

@@ -66,7 +66,7 @@ def plot_perplexity(rows: list[dict[str, Any]], path: str | os.PathLike[str], *,
     for point, sparsities in _labels(spots).items():
         axes.annotate(sparsities, point, textcoords="offset points", xytext=(4, 4), fontsize=8)
     if max(perplexities) > 4 * min(perplexities):  # a log axis only helps when perplexity explodes
-        axes.set_yscale("log")
+        _log_y(axes)
     axes.set_xlabel("fraction of parameters kept")
     axes.set_ylabel("perplexity")
     axes.set_title(title or "perplexity against size (labels: sparsity)", fontsize=9)
@@ -116,10 +116,10 @@ def frontier_figure(rows: list[dict[str, Any]], dense_perplexity: float, *, titl
     for mode in modes:
         points = sorted((row["parameters_fraction"], row["perplexity"]) for row in rows if row["mode"] == mode)
         axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=mode)
-    axes.axhline(dense_perplexity, color="grey", linestyle="--", linewidth=1, label="dense")
+    axes.axhline(dense_perplexity, color="grey", linestyle="--", linewidth=1, label=f"dense ({dense_perplexity:.2f})")
     perplexities = [dense_perplexity, *(row["perplexity"] for row in rows)]
     if max(perplexities) > 4 * min(perplexities):  # a log axis only helps when perplexity explodes
-        axes.set_yscale("log")
+        _log_y(axes)
     axes.set_xlabel("fraction of real parameters kept")
     axes.set_ylabel("perplexity")
     axes.set_title(title or "perplexity against real size", fontsize=9)
@@ -172,6 +172,15 @@ def _labels(pairs: Iterable[tuple[Any, float]]) -> dict[Any, str]:
     for spot, sparsity in pairs:
         labels.setdefault(spot, []).append(f"{sparsity:g}")
     return {spot: ", ".join(names) for spot, names in labels.items()}
+
+
+def _log_y(axes: Any) -> None:
+    """A log perplexity axis labelled 40, 60, 100 rather than 4×10¹, 6×10¹, 10²."""
+    from matplotlib.ticker import LogFormatter
+
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _figure() -> tuple[Any, Any]:
