@@ -136,6 +136,20 @@ def test_frontier_report_writes_a_row_per_budget_and_mode(dense_dir: Path, text_
     assert_png(out / "frontier.png")
 
 
+def test_frontier_report_measures_zero_shot_with_tasks(dense_dir: Path, text_file: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    out = tmp_path / "frontier"
+    tasks = write_choice_task(tmp_path / "tasks")
+    assert main(frontier_args(dense_dir, text_file, out, "--target-params", "0.8", "--modes", "mlp-uniform",
+                              "--tasks", TASK, "--include-path", str(tasks), "--limit", "2")) == 0
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["rows"]
+    for measured in (report["dense"], row):
+        assert 0 <= measured["zero_shot_average"] <= 1 and measured["zero_shot"][TASK]["items"] == 2
+    assert "zero-shot avg |" in (out / "report.md").read_text()
+    assert f"| {row['zero_shot_average']:.4f} |" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def calibration() -> list[dict[str, torch.Tensor]]:
     from lmslice.io.data import calibration_batches
