@@ -26,34 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from protocol import add_protocol_options, load_protocol
 
 from lmslice.adapters import find_adapter
-from lmslice.modeling import apply_layout, get_module
+from lmslice.frontier import MODES, describe_mlp
 from lmslice.prune import output_sensitivity, plan_by_importance, plan_uniform, prune_model
-from lmslice.slicing import count_parameters, slice_model
-
-
-def sliced_parameters(model: torch.nn.Module, width: int) -> int:
-    """Real parameters of `model` sliced per block to `width` with the head sliced, counted on a
-    weightless (meta) copy of its structure."""
-    adapter = find_adapter(model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
-    hidden = get_module(skeleton, adapter.embeddings[0]).weight.shape[1]
-    apply_layout(skeleton, {"modules": adapter.module_map(), "hidden_size": hidden, "width": width,
-                            "head_width": width, "eps": 1e-6, "added_biases": []})
-    return count_parameters(skeleton)
-
-
-def slicegpt_sparsity(model: torch.nn.Module, target: float) -> float:
-    """The sparsity whose sliced width (a multiple of 8) gives the real parameter count closest to target."""
-    dense = count_parameters(model)
-    hidden = get_module(model, find_adapter(model).embeddings[0]).weight.shape[1]
-    width = min(range(8, hidden + 1, 8), key=lambda w: abs(sliced_parameters(model, w) - target * dense))
-    return 1 - (width + 0.5) / hidden
+from lmslice.slicing import count_parameters
 
 
 def reset_peak_memory() -> None:
@@ -73,17 +52,14 @@ def peak_memory_gib() -> float:
 def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) -> str:
     """Compresses `model` in place; returns a short description of what was done."""
     if mode == "slicegpt":
-        sparsity = slicegpt_sparsity(model, budget)
-        result = slice_model(model, batches, sparsity, slice_head=True, progress=False)
-        return f"D'={result.width}"
+        return MODES["slicegpt"].compress(model, batches, budget, round_to=8, progress=False)[1]
     _, criterion, flags = (mode.split(":") + [""])[:3]
     sensitivity = None if "u" in flags else output_sensitivity(model, find_adapter(model), batches)
     plan = (plan_by_importance(model, batches, budget, sensitivity=sensitivity) if "a" in flags
             else plan_uniform(model, budget))
     prune_model(model, batches, plan, criterion=criterion, refit_consumer="d" not in flags,
                 sensitivity=sensitivity, progress=False)
-    widths = plan.mlp_widths
-    return f"MLP {widths[0]}" if len(set(widths)) == 1 else f"MLP {min(widths)}-{max(widths)}"
+    return describe_mlp(plan.mlp_widths)
 
 
 def main() -> None:

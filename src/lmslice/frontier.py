@@ -1,0 +1,225 @@
+"""Compression modes compared at equal *real* size: each keeps about a fraction of the dense model's
+parameters (`count_parameters`: every tensor once, a tied embedding once), so a report can plot
+perplexity against what a user really gets.
+
+A mode is a `Mode` in `MODES`: `supports` says whether the model's family can take it at all (the
+report's default modes are the supported ones), `check` refuses a budget before any slow work, and
+`compress` compresses the model in place and returns the model (the standard format builds a new
+one) and a short description of its shape. Add a mode: add a `Mode` to `MODES`.
+
+Residual slicing keeps a width, not a parameter count, so the slicing modes search the widths (multiples
+of `round_to`) for the one whose real parameter count is closest to the budget, counting each candidate
+on a weightless (meta-device) copy of the structure it would have.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from lmslice.adapters import find_adapter
+from lmslice.errors import LmsliceError
+from lmslice.export import check_family, standard_config, standard_model
+from lmslice.modeling import apply_layout, get_module
+from lmslice.prune import plan_uniform, prune_to_budget
+from lmslice.slicing import count_parameters, layout_record, slice_model
+
+Batches = list[dict[str, torch.Tensor]]
+
+
+def check_budget(target_params: float) -> None:
+    if not 0 < target_params <= 1:
+        raise LmsliceError(f"--target-params must be in (0, 1], got {target_params:g}")
+
+
+def residual_width(model: nn.Module) -> int:
+    return get_module(model, find_adapter(model).embeddings[0]).weight.shape[1]
+
+
+def _sliced_skeleton(model: nn.Module, width: int) -> nn.Module:
+    """A weightless copy of `model`'s structure sliced per block to `width`, head sliced too."""
+    adapter = find_adapter(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    # eps shapes no parameter; the biases that folding a LayerNorm adds (a few vectors) are not counted
+    apply_layout(skeleton, {"modules": adapter.module_map(), "hidden_size": residual_width(model), "width": width,
+                            "head_width": width, "eps": 1e-6, "added_biases": []})
+    return skeleton
+
+
+def sliced_parameters(model: nn.Module, width: int) -> int:
+    """Real parameters of `model` sliced per block to `width` with the head sliced (SliceGPT's layout:
+    shortcut matrices between blocks, the head untied from the embedding)."""
+    return count_parameters(_sliced_skeleton(model, width))
+
+
+def standard_parameters(model: nn.Module, width: int) -> int:
+    """Real parameters of `model` sliced with one basis to `width` and written in the standard format
+    with an untied head: the family's own architecture at hidden size `width`, as `standard_config` writes it."""
+    adapter = find_adapter(model)
+    skeleton = _sliced_skeleton(model, width)
+    skeleton.config.lmslice = layout_record(skeleton, adapter, hidden_size=residual_width(model), width=width,
+                                            head_width=width, eps=1e-6)
+    config = standard_config(skeleton, adapter, tie_embeddings=False)
+    with torch.device("meta"):
+        return count_parameters(AutoModelForCausalLM.from_config(config))
+
+
+def closest_width(model: nn.Module, target_params: float, parameters: Callable[[nn.Module, int], int],
+                  round_to: int) -> int:
+    """The residual width (a multiple of `round_to`, below the model's) whose real parameter count,
+    `parameters(model, width)`, is closest to `target_params` of the dense model's. Refuses a budget
+    below what the narrowest width keeps."""
+    check_budget(target_params)
+    if round_to < 1:
+        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+    hidden = residual_width(model)
+    dense = count_parameters(model)
+    target = target_params * dense
+    # The full width is left out: with its shortcut matrices and untied head it keeps more than the dense
+    # model, so it never meets a budget, and a weightless copy cannot tell whether the head would be untied.
+    widths = list(range(round_to, hidden, round_to))
+    if not widths:
+        raise LmsliceError(f"--round-to {round_to} leaves no width to slice to below the residual width {hidden}")
+    counts: dict[int, int] = {}
+
+    def count(width: int) -> int:
+        if width not in counts:
+            counts[width] = parameters(model, width)
+        return counts[width]
+
+    # more width never means fewer parameters, so the two widths around the target are found by bisection
+    above = bisect.bisect_left(widths, target, key=count)
+    if above == 0 and count(widths[0]) > target:
+        raise LmsliceError(f"slicing cannot reach {target_params:g} of the parameters: the narrowest residual "
+                           f"width ({round_to}) keeps {count(widths[0]) / dense:.3f}")
+    candidates = widths[max(0, above - 1):above + 1]
+    return min(candidates, key=lambda width: abs(count(width) - target))
+
+
+def sparsity_for_width(hidden: int, width: int) -> float:
+    """The sparsity `slice_model` turns into exactly `width` < `hidden` (`sliced_width` rounds (1 - s)·D down)."""
+    return 1 - (width + 0.5) / hidden
+
+
+def describe_mlp(widths: list[int]) -> str:
+    return f"MLP {widths[0]}" if len(set(widths)) == 1 else f"MLP {min(widths)}-{max(widths)}"
+
+
+def _slicegpt(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
+              progress: bool) -> tuple[nn.Module, str]:
+    width = closest_width(model, target_params, sliced_parameters, round_to)
+    result = slice_model(model, batches, sparsity_for_width(residual_width(model), width), round_to=round_to,
+                         slice_head=True, progress=progress)
+    return model, f"D'={result.width}"
+
+
+def _standard(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
+              progress: bool) -> tuple[nn.Module, str]:
+    width = closest_width(model, target_params, standard_parameters, round_to)
+    result = slice_model(model, batches, sparsity_for_width(residual_width(model), width), round_to=round_to,
+                         rotation="shared", slice_head=True, progress=progress)
+    return standard_model(model, tie_embeddings=False, head_input=result.head_input), f"D'={result.width}"
+
+
+def _mlp(widths: str) -> Callable[..., tuple[nn.Module, str]]:
+    def compress(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
+                 progress: bool) -> tuple[nn.Module, str]:
+        result = prune_to_budget(model, batches, target_params, widths=widths, round_to=round_to, progress=progress)
+        return model, describe_mlp(result.plan.mlp_widths)
+
+    return compress
+
+
+def _supports_everything(model: nn.Module) -> None:
+    find_adapter(model)
+
+
+def _supports_standard(model: nn.Module) -> None:
+    check_family(find_adapter(model))
+
+
+def _supports_mlp(model: nn.Module) -> None:
+    plan_uniform(model, 1.0)  # refuses families without known MLP channels, or with unequal MLP widths
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way to compress a model to a real parameter budget.
+
+    `supports(model)` raises `LmsliceError` if the model's family cannot take the mode; `check(model,
+    target_params, round_to)` raises if the budget cannot be met, cheaply, before any calibration;
+    `compress(model, batches, target_params, round_to=, progress=)` compresses `model` in place and
+    returns the compressed model (possibly a new one) and a short description of its shape.
+    """
+
+    name: str
+    summary: str
+    supports: Callable[[nn.Module], None]
+    check: Callable[[nn.Module, float, int], None]
+    compress: Callable[..., tuple[nn.Module, str]]
+
+
+def _check_width(parameters: Callable[[nn.Module, int], int]) -> Callable[[nn.Module, float, int], None]:
+    def check(model: nn.Module, target_params: float, round_to: int) -> None:
+        closest_width(model, target_params, parameters, round_to)
+
+    return check
+
+
+def _check_mlp(model: nn.Module, target_params: float, round_to: int) -> None:
+    plan_uniform(model, target_params, round_to)
+
+
+MODES: dict[str, Mode] = {mode.name: mode for mode in (
+    Mode("slicegpt", "SliceGPT: a basis per block joined by shortcut matrices, head sliced",
+         _supports_everything, _check_width(sliced_parameters), _slicegpt),
+    Mode("standard", "one basis for the whole stream, the family's own architecture (untied head)",
+         _supports_standard, _check_width(standard_parameters), _standard),
+    Mode("mlp-uniform", "MLP channels pruned with a least-squares refit, the same width in every block",
+         _supports_mlp, _check_mlp, _mlp("uniform")),
+    Mode("mlp-measured", "MLP channels pruned with a least-squares refit, per-block widths by measured cost",
+         _supports_mlp, _check_mlp, _mlp("measured")),
+)}
+
+
+def parse_modes(text: str) -> list[str]:
+    """Mode names from a comma-separated list, in order, each once; an unknown name is refused."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise LmsliceError("--modes is empty; give comma-separated mode names: " + ", ".join(MODES))
+    unknown = [name for name in names if name not in MODES]
+    if unknown:
+        raise LmsliceError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    return names
+
+
+def supported_modes(model: nn.Module) -> list[str]:
+    """The modes this model's family can take, in registry order."""
+    names = []
+    for name, mode in MODES.items():
+        try:
+            mode.supports(model)
+        except LmsliceError:
+            continue
+        names.append(name)
+    return names
+
+
+def check_frontier(model: nn.Module, modes: list[str], budgets: list[float], round_to: int) -> None:
+    """Every (mode, budget) pair can be run on this model: refused in one line before the slow work."""
+    for budget in budgets:
+        check_budget(budget)
+    for name in modes:
+        try:
+            MODES[name].supports(model)
+            for budget in budgets:
+                MODES[name].check(model, budget, round_to)
+        except LmsliceError as error:
+            raise LmsliceError(f"mode {name}: {error}") from error
