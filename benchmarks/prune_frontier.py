@@ -1,18 +1,21 @@
 """Perplexity against *real* parameters: MLP channel pruning vs SliceGPT per-block slicing, equal sizes.
 
     OMP_NUM_THREADS=1 python benchmarks/prune_frontier.py --budgets 0.9,0.8,0.7,0.6 \
-        --modes slicegpt,mlp:obs --eval-data pydoc,../shared/data/wikitext-2/wiki.test.raw
+        --modes slicegpt,standard,mlp-uniform,mlp-measured --eval-data pydoc,../shared/data/wikitext-2/wiki.test.raw
 
 For each budget F (fraction of the dense model's parameters, every tensor once, a tied embedding once)
 and each mode, the model loaded once is deep-copied and compressed:
 
-- `slicegpt`: `slice_model` with the head sliced, at the residual width (multiple of 8) whose real
-  parameter count (untied head and shortcut matrices included) is closest to F;
-- `mlp:CRITERION[:FLAGS]` (obs, energy, leverage): MLP channels pruned within F, channels chosen by
-  their Fisher-weighted output error, the down projection refit by least squares, the same width in
-  every block (`lmslice slice --target-params F`). FLAGS, for the ablations: `a` per-block widths
-  from the measured cost (`--mlp-widths measured`), `u` unweighted output error (no Fisher), `d`
-  delete the channels without a refit.
+- a mode of `lmslice.frontier.MODES` (`slicegpt`, `standard`, `mlp-uniform`, `mlp-measured`, ...): what
+  `lmslice report --target-params` runs; the slicing modes pick the residual width (multiple of 8) whose
+  real parameter count (untied head and shortcut matrices included) is closest to F;
+- `mlp:CRITERION[:FLAGS]` (obs, energy, leverage), for the ablations: MLP channels pruned within F,
+  chosen by their Fisher-weighted output error, the down projection refit by least squares, the same
+  width in every block, the Fisher and plan from every calibration window. FLAGS: `a` per-block widths
+  from the measured cost, `u` unweighted output error (no Fisher), `d` delete the channels without a refit.
+
+`--untie-head` gives the model its own copy of the head first: how the modes compare on a model that
+ships an untied head, whose embedding and head the residual slicing shrinks too.
 
 Prints a markdown table: real parameters, perplexity and ratio to dense on each evaluation text, the
 compression time and the peak resident memory of the compression step (VmHWM, reset before each step).
@@ -49,33 +52,44 @@ def peak_memory_gib() -> float:
     return float("nan")
 
 
-def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) -> str:
-    """Compresses `model` in place; returns a short description of what was done."""
-    if mode == "slicegpt":
-        return MODES["slicegpt"].compress(model, batches, budget, round_to=8, progress=False)[1]
+def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) -> tuple[torch.nn.Module, str]:
+    """Compresses `model` (in place, or into a new model for the standard format); returns the result
+    and a short description of what was done."""
+    if mode in MODES:
+        return MODES[mode].compress(model, batches, budget, round_to=8, progress=False)
     _, criterion, flags = (mode.split(":") + [""])[:3]
     sensitivity = None if "u" in flags else output_sensitivity(model, find_adapter(model), batches)
     plan = (plan_by_importance(model, batches, budget, sensitivity=sensitivity) if "a" in flags
             else plan_uniform(model, budget))
     prune_model(model, batches, plan, criterion=criterion, refit_consumer="d" not in flags,
                 sensitivity=sensitivity, progress=False)
-    return describe_mlp(plan.mlp_widths)
+    return model, describe_mlp(plan.mlp_widths)
+
+
+def untie_head(model: torch.nn.Module) -> None:
+    """Gives the model a head of its own (a copy of the embedding): a stand-in for models that ship one."""
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_options(parser)
     parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6")
-    parser.add_argument("--modes", default="slicegpt,mlp:obs")
+    parser.add_argument("--modes", default="slicegpt,standard,mlp-uniform,mlp-measured")
+    parser.add_argument("--untie-head", action="store_true", help="measure the model with an untied copy of its head")
     args = parser.parse_args()
     protocol = load_protocol(args)
     model, batches, measure = protocol.model, protocol.batches, protocol.measure
+    if args.untie_head:
+        untie_head(model)
     sources = list(protocol.eval_tokens)
 
     dense_ppl = measure(model)
     dense_parameters = count_parameters(model)
     names = [Path(source).name for source in sources]
-    print(f"model {args.model}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; evaluation "
+    print(f"model {args.model}{' (head untied)' if args.untie_head else ''}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; evaluation "
           f"{', '.join(names)} (test split, {args.eval_max_windows} windows of {args.eval_seqlen}); dense "
           + ", ".join(f"{dense_ppl[source]:.3f}" for source in sources), flush=True)
     print("| budget | mode | shape | real parameters | " + " | ".join(f"ppl {name} | × dense" for name in names)
@@ -86,7 +100,7 @@ def main() -> None:
             candidate = copy.deepcopy(model)
             reset_peak_memory()
             started = time.perf_counter()
-            shape = compress(candidate, mode, budget, batches)
+            candidate, shape = compress(candidate, mode, budget, batches)
             seconds, peak = time.perf_counter() - started, peak_memory_gib()
             ppl = measure(candidate)
             share = count_parameters(candidate) / dense_parameters

@@ -21,7 +21,7 @@ from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
-from lmslice.prune import (channel_cost, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
+from lmslice.prune import (channel_cost, first_windows, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
                            prune_block_mlp, prune_model, prune_to_budget)
 from lmslice.slicing import count_parameters, slice_model
 
@@ -66,6 +66,16 @@ def test_output_sensitivity_does_not_depend_on_batching() -> None:
     for split, whole in zip(output_sensitivity(model, find_adapter(model), batches),
                             output_sensitivity(model, find_adapter(model), joined)):
         torch.testing.assert_close(split, whole, rtol=1e-10, atol=0)
+
+
+def test_first_windows_keeps_the_batching() -> None:
+    batches = tiny_models.random_batches(count=3)  # batches of 2 windows
+    taken = first_windows(batches, 3)
+    assert [len(batch["input_ids"]) for batch in taken] == [2, 1]
+    torch.testing.assert_close(torch.cat([batch["input_ids"] for batch in taken]),
+                               torch.cat([batch["input_ids"] for batch in batches])[:3], rtol=0, atol=0)
+    with pytest.raises(LmsliceError, match="at least one calibration window"):
+        prune_to_budget(tiny_models.build("llama"), batches, 0.8, planning_windows=0)
 
 
 def test_unreachable_budget_is_refused() -> None:
