@@ -21,9 +21,9 @@ from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
-from lmslice.prune import (channel_cost, first_windows, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
-                           prune_block_mlp, prune_model, prune_to_budget)
-from lmslice.slicing import count_parameters, slice_model
+from lmslice.prune import (HeadShape, channel_cost, first_windows, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
+                           prune_block_heads, prune_block_mlp, prune_model, prune_to_budget)
+from lmslice.slicing import count_parameters, layout_record, slice_model
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "phi3", "gpt_neox"])
@@ -255,3 +255,55 @@ def test_a_sliced_model_whose_head_reads_more_is_refused() -> None:
     slice_model(model, batches, 0.25, progress=False)
     with pytest.raises(LmsliceError, match="--slice-head"):
         prune_to_budget(model, batches, 0.7)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_path: Path) -> None:
+    """Query heads leave one per key/value group (the output projection refit), then the MLP is pruned:
+    the carried stream is what the pruned block computes, and the saved model reloads identically."""
+    model = tiny_models.build(family, torch.float64)
+    adapter = find_adapter(model)
+    batches = tiny_models.random_batches(count=2)
+    streams = capture_block_inputs(model, adapter, batches, ActivationStore())
+    blocks = get_module(model, adapter.blocks)
+    heads = []
+    for block in blocks:
+        shape = HeadShape.of(block, adapter.attention)
+        inputs = [stream.hidden.clone() for stream in streams]
+        heads.append(shape.heads - shape.groups)
+        kept = prune_block_heads(block, adapter.attention, streams, heads[-1])
+        assert len(kept) == heads[-1] and get_module(block, adapter.attention.module).num_key_value_groups \
+            == heads[-1] // shape.groups
+        prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
+        for stream, hidden in zip(streams, inputs):
+            torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
+    dense = tiny_models.build(family, torch.float64)
+    widths = [mlp_width(block, adapter.mlp) for block in blocks]
+    model.config.lmslice = layout_record(model, adapter, hidden_size=64, mlp_widths=widths, attention_heads=heads)
+    lmslice.save_sliced(model, None, tmp_path / "pruned")
+    reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
+    ids, mask = tiny_models.padded_inputs()
+    logits = reloaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+    assert (logits - dense(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # really pruned
+
+
+def test_heads_compete_for_the_budget() -> None:
+    """Scaled-down value projections make every head nearly free to remove: the plan takes them first."""
+    model = tiny_models.build("llama")
+    adapter = find_adapter(model)
+    for block in get_module(model, adapter.blocks):
+        get_module(block, "self_attn.v_proj").weight.data *= 1e-4
+    batches = tiny_models.random_batches()
+    result = prune_to_budget(model, batches, 0.9, heads=True, progress=False)
+    assert result.plan.attention_heads == [2, 2, 2]
+    assert count_parameters(model) == result.plan.parameters_planned <= 0.9 * result.plan.parameters_dense
+    assert model.config.lmslice["attention_heads"] == [2, 2, 2]
+
+
+def test_head_pruning_is_refused_where_it_cannot_apply() -> None:
+    batches = tiny_models.random_batches()
+    with pytest.raises(LmsliceError, match="query heads of phi3"):
+        prune_to_budget(tiny_models.build("phi3"), batches, 0.8, heads=True)
+    with pytest.raises(LmsliceError, match="--mlp-widths measured"):
+        prune_to_budget(tiny_models.build("llama"), batches, 0.8, widths="uniform", heads=True)

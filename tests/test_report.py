@@ -21,7 +21,7 @@ from lmslice.frontier import (MODES, check_frontier, parse_modes, sliced_paramet
                               supported_modes)
 from lmslice.io.data import load_text, tokenize
 from lmslice.modeling import get_module
-from lmslice.prune import channel_cost, mlp_of
+from lmslice.prune import HeadShape, channel_cost, mlp_of
 from lmslice.report import frontier_figure, plot_frontier, plot_spectra
 from lmslice.slicing import count_parameters, sliced_width
 from test_eval import TASK, write_choice_task
@@ -181,9 +181,12 @@ def test_each_mode_lands_within_a_rounding_step_of_its_budget(mode: str, budget:
         assert abs(real - target) <= (counts[width + round_to] - counts[width]) / 2
     else:
         # pruning never exceeds the budget and stops short of it by less than one step of round_to channels:
-        # in every block (uniform) or in one block (measured)
+        # in every block (uniform) or in one block (measured), or of one query head per key/value group
         blocks = list(get_module(dense, "model.layers"))
-        costs = [round_to * channel_cost(block, mlp_of(find_adapter(dense))) for block in blocks]
+        adapter = find_adapter(dense)
+        costs = [round_to * channel_cost(block, mlp_of(adapter)) for block in blocks]
+        if mode == "mlp-heads":
+            costs += [HeadShape.of(block, adapter.attention).step_cost(block, adapter.attention) for block in blocks]
         step = sum(costs) if mode == "mlp-uniform" else max(costs)
         assert 0 <= target - real < step
     if mode == "standard":

@@ -27,7 +27,7 @@ from lmslice.adapters import find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export import check_family, standard_config, standard_model
 from lmslice.modeling import apply_layout, get_module
-from lmslice.prune import plan_uniform, prune_to_budget
+from lmslice.prune import attention_of, plan_uniform, prune_to_budget
 from lmslice.slicing import count_parameters, layout_record, slice_model
 
 Batches = list[dict[str, torch.Tensor]]
@@ -128,11 +128,14 @@ def _standard(model: nn.Module, batches: Batches, target_params: float, *, round
     return standard_model(model, tie_embeddings=False, head_input=result.head_input), f"D'={result.width}"
 
 
-def _mlp(widths: str) -> Callable[..., tuple[nn.Module, str]]:
+def _mlp(widths: str, heads: bool = False) -> Callable[..., tuple[nn.Module, str]]:
     def compress(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
                  progress: bool) -> tuple[nn.Module, str]:
-        result = prune_to_budget(model, batches, target_params, widths=widths, round_to=round_to, progress=progress)
-        return model, describe_mlp(result.plan.mlp_widths)
+        result = prune_to_budget(model, batches, target_params, widths=widths, round_to=round_to, progress=progress,
+                                 heads=heads)
+        plan = result.plan
+        return model, describe_mlp(plan.mlp_widths) + (f", heads {min(plan.attention_heads)}-"
+                                                       f"{max(plan.attention_heads)}" if plan.attention_heads else "")
 
     return compress
 
@@ -147,6 +150,11 @@ def _supports_standard(model: nn.Module) -> None:
 
 def _supports_mlp(model: nn.Module) -> None:
     plan_uniform(model, 1.0)  # refuses families without known MLP channels, or with unequal MLP widths
+
+
+def _supports_heads(model: nn.Module) -> None:
+    _supports_mlp(model)
+    attention_of(find_adapter(model))
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,8 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
          _supports_mlp, _check_mlp, _mlp("uniform")),
     Mode("mlp-measured", "MLP channels pruned with a least-squares refit, per-block widths by measured cost",
          _supports_mlp, _check_mlp, _mlp("measured")),
+    Mode("mlp-heads", "MLP channels and attention query heads pruned with least-squares refits, per block by "
+         "measured cost", _supports_heads, _check_mlp, _mlp("measured", heads=True)),
 )}
 
 

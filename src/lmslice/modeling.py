@@ -196,12 +196,15 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> None:
     (`"modules"`), the original width (`"hidden_size"`), the residual width (`"width"`), the width the
     head reads (`"head_width"`), the norm epsilon (`"eps"`) and the linear layers that gained a bias
     when LayerNorm shifts were folded into them (`"added_biases"`). `"mlp_widths"`, if present, gives
-    each block's number of MLP channels (pruned); a layout without `"width"` leaves the residual stream
-    as it is. The weights are left uninitialised: they come from the checkpoint.
+    each block's number of MLP channels (pruned), `"attention_heads"` its number of query heads; a
+    layout without `"width"` leaves the residual stream as it is. The weights are left uninitialised:
+    they come from the checkpoint.
     """
     modules = layout["modules"]
     for index, mlp_width in enumerate(layout.get("mlp_widths") or ()):
         resize_mlp(get_module(model, modules["blocks"])[index], modules["mlp"], mlp_width)
+    for index, heads in enumerate(layout.get("attention_heads") or ()):
+        resize_attention(get_module(model, modules["blocks"])[index], modules["attention"], heads)
     if "width" not in layout:
         return
     hidden, width, head_width, eps = layout["hidden_size"], layout["width"], layout["head_width"], layout["eps"]
@@ -223,6 +226,15 @@ def resize_mlp(block: nn.Module, mlp: dict[str, Any], width: int) -> None:
     for path in mlp["producers"]:
         resize_linear(get_module(block, path), out_features=width * mlp["fused"])
     resize_linear(get_module(block, mlp["consumer"]), in_features=width)
+
+
+def resize_attention(block: nn.Module, attention: dict[str, Any], heads: int) -> None:
+    """The block's attention with `heads` query heads, as many for every key/value head."""
+    module = get_module(block, attention["module"])
+    key_value_heads = get_module(block, attention["queries"]).out_features // module.head_dim // module.num_key_value_groups
+    module.num_key_value_groups = heads // key_value_heads
+    resize_linear(get_module(block, attention["queries"]), out_features=heads * module.head_dim)
+    resize_linear(get_module(block, attention["output"]), in_features=heads * module.head_dim)
 
 
 def install_final_norm(model: nn.Module, modules: dict[str, Any], width: int, head_width: int, hidden: int,

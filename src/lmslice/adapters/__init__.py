@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmslice.adapters.base import Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
 from lmslice.adapters.gemma import GEMMA
 from lmslice.adapters.gpt_neox import GPT_NEOX, GPT_NEOX_SEQUENTIAL
 from lmslice.adapters.llama import LLAMA

@@ -38,6 +38,18 @@ class Mlp:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """Grouped-query attention's heads: `queries` writes them (head_dim rows each), `output` reads them
+    (head_dim columns each), and `module` holds `head_dim` and `num_key_value_groups` (query heads per
+    key/value head). Query heads leave one from every key/value group at a time, so the keys and values
+    stay as they are."""
+
+    module: str
+    queries: str
+    output: str
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """Where the parts of one model family are, by `transformers` attribute path.
 
@@ -45,7 +57,8 @@ class ModelAdapter:
     block (token and learned position embeddings); `norm_kind` is "rms", "layer" (LayerNorm: the stream
     is mean-centred before fusing) or "rms_plus_one" (Gemma: the scale is 1 + weight).
     `unsupported` returns why a particular config of the family cannot be sliced, or None. `mlp` says
-    where the MLP's channels are, for pruning them (None: the family's MLP cannot be pruned).
+    where the MLP's channels are, for pruning them (None: the family's MLP cannot be pruned);
+    `attention` where the query heads are (None: the family's heads cannot be pruned).
     """
 
     family: str
@@ -58,6 +71,7 @@ class ModelAdapter:
     norm_kind: str = "rms"
     unsupported: Callable[[Any], str | None] = field(default=lambda config: None)
     mlp: Mlp | None = None
+    attention: Attention | None = None
 
     @property
     def parallel(self) -> bool:
@@ -67,6 +81,9 @@ class ModelAdapter:
         """The paths, in the JSON form stored in a sliced model's config."""
         mlp = {} if self.mlp is None else {"mlp": {"producers": list(self.mlp.producers),
                                                    "consumer": self.mlp.consumer, "fused": self.mlp.fused}}
+        if self.attention is not None:
+            mlp["attention"] = {"module": self.attention.module, "queries": self.attention.queries,
+                                "output": self.attention.output}
         return {
             "embeddings": list(self.embeddings),
             "blocks": self.blocks,

@@ -1,6 +1,6 @@
 """Llama (Llama-2/3, SmolLM2, TinyLlama): RMSNorm, sequential attention then gated MLP."""
 
-from lmslice.adapters.base import Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
 
 LLAMA = ModelAdapter(
     family="llama",
@@ -20,4 +20,5 @@ LLAMA = ModelAdapter(
     final_norm="model.norm",
     head="lm_head",
     mlp=Mlp(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj"),
+    attention=Attention(module="self_attn", queries="self_attn.q_proj", output="self_attn.o_proj"),
 )

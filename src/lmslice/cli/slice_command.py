@@ -19,7 +19,7 @@ from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
-from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, plan_uniform, prune_to_budget
+from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, plan_uniform, prune_to_budget
 from lmslice.shared_basis import WEIGHTINGS
 from lmslice.slicing import check_sparsity, count_parameters, slice_model
 
@@ -45,6 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "lmslice's layout, loads with trust_remote_code; SmolLM2-135M at 0.8: perplexity ratio "
                              "1.20), or the same width in every block (uniform: the family's own architecture, "
                              "served by any runtime; 1.33) (default: measured)")
+    parser.add_argument("--prune-heads", action="store_true",
+                        help="with --target-params and measured widths: attention query heads (one from every "
+                             "key/value group at a time, the output projection refit) compete with MLP channels "
+                             "for the budget (Llama, Mistral, Qwen2, Gemma)")
     parser.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                         help=f"with --target-params: how MLP channels are chosen (default: {DEFAULT_CRITERION})")
     parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
@@ -87,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
                            "--target-params (a fraction of the parameters to keep), or both")
     if args.sparsity is not None:
         check_sparsity(args.sparsity, args.round_to)
+    if args.prune_heads and (args.target_params is None or args.mlp_widths != "measured"):
+        raise LmsliceError("--prune-heads spends a --target-params budget on per-block widths: give --target-params "
+                           "and keep --mlp-widths measured")
     if args.target_params is not None and (args.offload or args.format == "standard"):
         raise LmsliceError("--target-params prunes MLP channels in memory, in lmslice's layout; --offload and "
                            "--format standard apply to --sparsity alone")
@@ -117,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         check_widths(model, [args.sparsity], args.round_to)
     if args.target_params is not None:
         plan_uniform(model, args.target_params, args.round_to)  # an unreachable budget fails before the slow work
+    if args.prune_heads:
+        attention_of(adapter)
     tokenizer = require_tokenizer(tokenizer, args.model)
 
     batches, calib_seqlen = calibration_data(args, model, tokenizer)
@@ -146,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             pruned = prune_to_budget(model, batches, args.target_params, widths=args.mlp_widths,
                                      round_to=args.round_to, criterion=args.prune_criterion, progress=not args.json,
                                      activations=options.get("activations"), metadata=options["metadata"],
-                                     parameters_dense=dense_parameters)
+                                     parameters_dense=dense_parameters, heads=args.prune_heads)
     if standard:
         tie = args.tie_embeddings
         if tie is None:
@@ -163,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         **({"sparsity": args.sparsity, "format": args.format, "hidden_size": sliced.hidden_size,
             "width": sliced.width, "head_width": sliced.head_width} if sliced else {}),
         **({"target_params": args.target_params, "mlp_widths": pruned.plan.mlp_widths,
-            "prune_criterion": args.prune_criterion} if pruned else {}),
+            "attention_heads": pruned.plan.attention_heads, "prune_criterion": args.prune_criterion}
+           if pruned else {}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
         "calibration": calibration,
@@ -204,6 +214,8 @@ def format_summary(summary: dict) -> str:
     if "target_params" in summary:
         lines.append(f"  MLP widths     {_describe_widths(summary['mlp_widths'])} (channels by "
                      f"{summary['prune_criterion']}, down projection refit by least squares)")
+        if summary["attention_heads"]:
+            lines.append(f"  query heads    {_describe_widths(summary['attention_heads'])} (output projection refit)")
     lines += [
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]

@@ -139,7 +139,7 @@ def check_layout(config: dict[str, Any], path: Path) -> None:
             raise LmsliceError(f"{path} was written by a newer lmslice (format {version}; this one reads format "
                                f"{FORMAT_VERSION}): pip install --upgrade lmslice")
         raise damaged(f"unknown lmslice format {version!r} (expected {FORMAT_VERSION})")
-    if "width" not in layout and "mlp_widths" in layout:  # MLP channels pruned, the residual stream untouched
+    if "width" not in layout and ("mlp_widths" in layout or "attention_heads" in layout):  # pruned, stream untouched
         return
     for key in ("base_architecture", "hidden_size", "width", "head_width", "eps", "modules"):
         if key not in layout:
