@@ -139,3 +139,11 @@ def test_cli_bench_help_lists_every_option() -> None:
     for option in ("--seqlen", "--device", "--dtype", "--max-batch", "--repeats", "--new-tokens", "--prompt-len",
                    "--threads", "--warmup", "--json"):
         assert option in help_text
+
+
+def test_pruned_query_heads_count_as_they_are() -> None:
+    model = tiny_models.build("llama")  # 3 layers of 4 heads of 16
+    dense = count_flops(model, context=100).attention
+    model.config.lmslice = {"attention_heads": [2, 4, 2]}
+    assert dense == 4 * 3 * 4 * 16 * 100
+    assert count_flops(model, context=100).attention == dense * 8 / 12

@@ -68,11 +68,13 @@ def linear_flops_per_token(model: nn.Module) -> tuple[int, int]:
 
 def attention_flops_per_token(config: Any, context: float) -> float:
     """FLOPs per token of attention's two matrix products when each query sees `context` keys:
-    q·kᵀ and p·v each cost 2·heads·head_dim per key, in every layer. Slicing leaves them unchanged."""
+    q·kᵀ and p·v each cost 2·heads·head_dim per key, in every layer. Slicing leaves them unchanged;
+    pruned query heads (`attention_heads` of the lmslice record, per layer) count as they are."""
     config = getattr(config, "text_config", None) or config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 4.0 * config.num_hidden_layers * heads * head_dim * context
+    per_layer = (getattr(config, "lmslice", None) or {}).get("attention_heads") or [heads] * config.num_hidden_layers
+    return 4.0 * sum(per_layer) * head_dim * context
 
 
 def count_flops(model: nn.Module, context: float) -> FlopCount:
