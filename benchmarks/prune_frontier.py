@@ -14,6 +14,9 @@ and each mode, the model loaded once is deep-copied and compressed:
   width in every block, the Fisher and plan from every calibration window. FLAGS: `a` per-block widths
   from the measured cost, `u` unweighted output error (no Fisher), `d` delete the channels without a refit.
 
+- `sliceS+mlp`: residual slicing at sparsity S (per block, head sliced), then MLP channels pruned to F with
+  measured widths (`lmslice slice --sparsity S --target-params F`).
+
 `--untie-head` gives the model its own copy of the head first: how the modes compare on a model that
 ships an untied head, whose embedding and head the residual slicing shrinks too.
 
@@ -34,8 +37,8 @@ from protocol import add_protocol_options, load_protocol
 
 from lmslice.adapters import find_adapter
 from lmslice.frontier import MODES, describe_mlp
-from lmslice.prune import output_sensitivity, plan_by_importance, plan_uniform, prune_model
-from lmslice.slicing import count_parameters
+from lmslice.prune import output_sensitivity, plan_by_importance, plan_uniform, prune_model, prune_to_budget
+from lmslice.slicing import count_parameters, slice_model
 
 
 def reset_peak_memory() -> None:
@@ -57,6 +60,12 @@ def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) ->
     and a short description of what was done."""
     if mode in MODES:
         return MODES[mode].compress(model, batches, budget, round_to=8, progress=False)
+    if mode.startswith("slice"):  # sliceS+mlp: slice S of the residual stream (head too), then prune the MLPs
+        dense = count_parameters(model)
+        sliced = slice_model(model, batches, float(mode.removeprefix("slice").split("+")[0]), slice_head=True,
+                             progress=False)
+        pruned = prune_to_budget(model, batches, budget, parameters_dense=dense, progress=False)
+        return model, f"D'={sliced.width}, {describe_mlp(pruned.plan.mlp_widths)}"
     _, criterion, flags = (mode.split(":") + [""])[:3]
     sensitivity = None if "u" in flags else output_sensitivity(model, find_adapter(model), batches)
     plan = (plan_by_importance(model, batches, budget, sensitivity=sensitivity) if "a" in flags

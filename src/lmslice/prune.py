@@ -1,8 +1,11 @@
-"""Structured pruning of MLP channels with a least-squares refit of the layer that reads them.
+"""Structured pruning of MLP channels (and attention query heads) with a least-squares refit of the
+layer that reads them.
 
 A channel of an MLP is one output row of each producer (gate and up projections, or fc1) and the
 matching input column of the consumer (down projection, or fc2). Deleting channels makes the MLP
-narrower; the model stays the family's own architecture with a smaller intermediate size.
+narrower; the model stays the family's own architecture with a smaller intermediate size. A query
+head is head_dim rows of the query projection and the matching columns of the output projection, its
+consumer; heads leave one from every key/value group at a time, so keys and values stay.
 
 Blocks are pruned in order on the already-pruned calibration stream: for each block, the Gram matrix
 G = Σ hᵀh (float64) of the consumer's input is accumulated over the calibration tokens, channels are
@@ -10,9 +13,10 @@ chosen from it, the consumer is refit by damped least squares to reproduce what 
 channel (W·G[:, S]·(G[S, S] + λI)⁻¹), and the stream is carried on to the *finished* block's output, so
 the next block sees what the pruned model will really feed it.
 
-The output error is weighted per feature by the diagonal Fisher of the block's output (one backward
-pass of the dense model on the calibration text), which makes it an estimate of the loss a cut costs:
-it chooses the channels, and, comparable across blocks, it spends a budget on per-block widths.
+The output error is weighted per feature by the diagonal Fisher of what the consumer writes into the
+residual stream (one backward pass of the dense model on the calibration text), which makes it an
+estimate of the loss a cut costs: it chooses the channels and heads, and, comparable across blocks and
+kinds of cut, it spends a budget on per-block widths.
 """
 
 from __future__ import annotations
