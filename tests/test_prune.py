@@ -307,3 +307,9 @@ def test_head_pruning_is_refused_where_it_cannot_apply() -> None:
         prune_to_budget(tiny_models.build("phi3"), batches, 0.8, heads=True)
     with pytest.raises(LmsliceError, match="--mlp-widths measured"):
         prune_to_budget(tiny_models.build("llama"), batches, 0.8, widths="uniform", heads=True)
+
+
+def test_cli_refuses_heads_without_measured_widths(capsys, tmp_path: Path) -> None:
+    assert main(["slice", "m", "--target-params", "0.8", "--mlp-widths", "uniform", "--prune-heads", "--calib",
+                 "pydoc", "-o", str(tmp_path / "out")]) == 2
+    assert "--prune-heads spends a --target-params budget on per-block widths" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def _standard(model: nn.Module, batches: Batches, target_params: float, *, round
     return standard_model(model, tie_embeddings=False, head_input=result.head_input), f"D'={result.width}"
 
 
-def _mlp(widths: str, heads: bool = False) -> Callable[..., tuple[nn.Module, str]]:
+def _mlp(widths: str, heads: bool) -> Callable[..., tuple[nn.Module, str]]:
     def compress(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
                  progress: bool) -> tuple[nn.Module, str]:
         result = prune_to_budget(model, batches, target_params, widths=widths, round_to=round_to, progress=progress,
@@ -191,9 +191,9 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("standard", "one basis for the whole stream, the family's own architecture (untied head)",
          _supports_standard, _check_width(standard_parameters), _standard),
     Mode("mlp-uniform", "MLP channels pruned with a least-squares refit, the same width in every block",
-         _supports_mlp, _check_mlp, _mlp("uniform")),
+         _supports_mlp, _check_mlp, _mlp("uniform", heads=False)),
     Mode("mlp-measured", "MLP channels pruned with a least-squares refit, per-block widths by measured cost",
-         _supports_mlp, _check_mlp, _mlp("measured")),
+         _supports_mlp, _check_mlp, _mlp("measured", heads=False)),
     Mode("mlp-heads", "MLP channels and attention query heads pruned with least-squares refits, per block by "
          "measured cost", _supports_heads, _check_mlp, _mlp("measured", heads=True)),
 )}

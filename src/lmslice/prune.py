@@ -621,26 +621,30 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                     damping: float = DEFAULT_DAMPING, progress: bool = True,
                     activations: ActivationStore | None = None, metadata: dict[str, Any] | None = None,
                     parameters_dense: int | None = None, planning_windows: int = PLANNING_WINDOWS,
-                    heads: bool = False) -> PruneResult:
+                    heads: bool | None = None) -> PruneResult:
     """Keeps `target_params` of the model's real parameters by pruning MLP channels: the same width in
     every block ("uniform": the family's own architecture), or per-block widths from the measured cost
     of each block's cut ("measured": lmslice's layout). Channels are chosen by their Fisher-weighted
     output error either way; the Fisher and the widths are measured on the first `planning_windows`
     windows. `parameters_dense` is what `target_params` is a fraction of (default: the model's own
     parameters; give the dense model's when `model` was sliced first). With `heads` (measured widths
-    only), query heads compete with MLP channels for the budget too."""
+    only; by default wherever the family's heads are known), query heads compete with MLP channels for
+    the budget too: SmolLM2-135M at 0.9 / 0.8 / 0.7 / 0.6 of its parameters, perplexity 1.050 / 1.178 /
+    1.477 / 1.953 x dense with heads, 1.050 / 1.201 / 1.505 / 2.008 without."""
     if widths not in WIDTHS:
         raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
+    adapter = find_adapter(model)
+    if heads is None:
+        heads = widths == "measured" and adapter.attention is not None
     if heads and widths != "measured":
         raise LmsliceError("pruning attention heads needs per-block widths (--mlp-widths measured)")
     if planning_windows < 1:
         raise LmsliceError(f"planning needs at least one calibration window, got {planning_windows}")
     batches = list(batches)
     # validates before the slow work
-    for block in get_module(model, find_adapter(model).blocks):
-        check_consumer(block, mlp_of(find_adapter(model)))
+    for block in get_module(model, adapter.blocks):
+        check_consumer(block, mlp_of(adapter))
     plan = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense)
-    adapter = find_adapter(model)
     consumers = [mlp_of(adapter).consumer] + ([attention_of(adapter).output] if heads else [])
     planning = first_windows(batches, planning_windows)
     sensitivities = consumer_sensitivity(model, adapter, planning, consumers)
