@@ -280,16 +280,24 @@ def obs_elimination(weight: torch.Tensor, regularised: torch.Tensor, channels: i
         costs = weight.pow(2).sum(0) / inverse.diagonal().clamp_min(torch.finfo(inverse.dtype).tiny)
         costs[alive >= channels] = math.inf  # the constant channel of a bias is never removed
         removed = torch.topk(costs, min(step, remove), largest=False).indices
-        pivot = torch.linalg.inv(inverse[removed][:, removed])
-        error += torch.trace(weight[:, removed] @ pivot @ weight[:, removed].T).item()
+        error += remove_jointly(weight, inverse, removed)
         errors.append(error)
-        weight -= weight[:, removed] @ pivot @ inverse[removed]
-        inverse -= inverse[:, removed] @ pivot @ inverse[removed]
         left = torch.ones(len(alive), dtype=torch.bool, device=alive.device)
         left[removed] = False
         alive, weight, inverse = alive[left], weight[:, left], inverse[left][:, left]
         remove -= len(removed)
     return alive[alive < channels], errors
+
+
+def remove_jointly(weight: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) -> float:
+    """Removes the input columns `removed` of W with the others refit by least squares: updates W and
+    G⁻¹ in place (the removed entries become zero) and returns the output error that adds,
+    tr(W_S ((G⁻¹)_SS)⁻¹ W_Sᵀ)."""
+    pivot = torch.linalg.inv(inverse[removed][:, removed])
+    added = torch.trace(weight[:, removed] @ pivot @ weight[:, removed].T).item()
+    weight -= weight[:, removed] @ pivot @ inverse[removed]
+    inverse -= inverse[:, removed] @ pivot @ inverse[removed]
+    return added
 
 
 def attention_of(adapter: ModelAdapter) -> Attention:
@@ -338,19 +346,14 @@ def head_elimination(weight: torch.Tensor, regularised: torch.Tensor, shape: Hea
     errors: list[float] = []
     error = 0.0
 
-    def cost(columns: torch.Tensor) -> torch.Tensor:
-        pivot = torch.linalg.inv(inverse[columns][:, columns])
-        return torch.trace(weight[:, columns] @ pivot @ weight[:, columns].T)
+    def cost(head: int) -> torch.Tensor:
+        columns = shape.columns([head], weight.device)
+        return torch.trace(weight[:, columns] @ torch.linalg.inv(inverse[columns][:, columns]) @ weight[:, columns].T)
 
     for _ in range(steps):
-        removed = [group.pop(min(range(len(group)), key=lambda i: cost(shape.columns([group[i]], weight.device))))
-                   for group in alive]
-        columns = shape.columns(removed, weight.device)
-        pivot = torch.linalg.inv(inverse[columns][:, columns])
-        error += torch.trace(weight[:, columns] @ pivot @ weight[:, columns].T).item()
+        removed = [group.pop(min(range(len(group)), key=lambda i: cost(group[i]))) for group in alive]
+        error += remove_jointly(weight, inverse, shape.columns(removed, weight.device))
         errors.append(error)
-        weight -= weight[:, columns] @ pivot @ inverse[columns]
-        inverse -= inverse[:, columns] @ pivot @ inverse[columns]
     return sorted(head for group in alive for head in group), errors
 
 
