@@ -17,7 +17,8 @@ import lmslice
 import tiny_models
 from lmslice.bench import benchmark, count_flops
 from lmslice.cli import build_parser, main
-from lmslice.slicing import slice_model
+from lmslice.adapters import find_adapter
+from lmslice.slicing import layout_before, slice_model
 
 SEQLEN = 16
 TINY = dict(seqlen=SEQLEN, max_batch=2, repeats=1, warmup=1, prompt_len=4, new_tokens=2)
@@ -144,6 +145,6 @@ def test_cli_bench_help_lists_every_option() -> None:
 def test_pruned_query_heads_count_as_they_are() -> None:
     model = tiny_models.build("llama")  # 3 layers of 4 heads of 16
     dense = count_flops(model, context=100).attention
-    model.config.lmslice = {"attention_heads": [2, 4, 2]}
+    model.config.lmslice = layout_before(model, find_adapter(model)).replace(attention_heads=(2, 4, 2)).to_json()
     assert dense == 4 * 3 * 4 * 16 * 100
     assert count_flops(model, context=100).attention == dense * 8 / 12

@@ -23,7 +23,7 @@ from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
 from lmslice.prune import (HeadShape, channel_cost, first_windows, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
                            prune_block_heads, prune_block_mlp, prune_model, prune_to_budget)
-from lmslice.slicing import count_parameters, layout_record, slice_model
+from lmslice.slicing import count_parameters, layout_before, slice_model
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "phi3", "gpt_neox"])
@@ -283,7 +283,8 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
             torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
     dense = tiny_models.build(family, torch.float64)
     widths = [mlp_width(block, adapter.mlp) for block in blocks]
-    model.config.lmslice = layout_record(model, adapter, hidden_size=64, mlp_widths=widths, attention_heads=heads)
+    model.config.lmslice = layout_before(model, adapter).replace(mlp_widths=tuple(widths),
+                                                                 attention_heads=tuple(heads)).to_json()
     lmslice.save_sliced(model, None, tmp_path / "pruned")
     reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
     ids, mask = tiny_models.padded_inputs()

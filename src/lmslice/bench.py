@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lmslice.errors import LmsliceError
+from lmslice.layout import layout_of
 from lmslice.modeling import ShortcutLinear
 from lmslice.slicing import count_parameters
 
@@ -73,7 +74,8 @@ def attention_flops_per_token(config: Any, context: float) -> float:
     config = getattr(config, "text_config", None) or config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_layer = (getattr(config, "lmslice", None) or {}).get("attention_heads") or [heads] * config.num_hidden_layers
+    layout = layout_of(config)
+    per_layer = (layout and layout.attention_heads) or [heads] * config.num_hidden_layers
     return 4.0 * sum(per_layer) * head_dim * context
 
 

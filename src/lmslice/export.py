@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,16 +28,11 @@ from torch import nn
 
 from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.errors import LmsliceError
+from lmslice.layout import STANDARD, Layout, layout_of
 from lmslice.modeling import ShortcutLinear, get_module
 
-STANDARD = "standard"
 # Whether a source with tied embeddings keeps them tied in the standard format when not told.
 TIE_BY_DEFAULT = False
-
-
-def is_standard(layout: dict[str, Any] | None) -> bool:
-    """Whether an lmslice record describes a model in the standard format (a plain family model)."""
-    return isinstance(layout, dict) and layout.get("export") == STANDARD
 
 
 def check_family(adapter: ModelAdapter) -> None:
@@ -47,14 +43,30 @@ def check_family(adapter: ModelAdapter) -> None:
                            "width to hidden_size; use --format sliced")
 
 
-def _check_exportable(model: nn.Module, adapter: ModelAdapter, layout: dict[str, Any]) -> None:
+def check_standard_source(layout: Layout | None) -> None:
+    """Refuses, before any work, a source whose pruned blocks the family's own config cannot describe
+    (one MLP width and one head count for every block)."""
+    if layout is None or layout.standard:
+        return
+    if layout.attention_heads is not None:
+        raise LmsliceError("the standard format has one head count for every block, and this model's query heads "
+                           "were pruned per block: use --format sliced, or start from the dense model")
+    if layout.mlp_widths is not None and len(set(layout.mlp_widths)) > 1:
+        raise LmsliceError(f"the standard format has one MLP width for every block, but this model's blocks have "
+                           f"{min(layout.mlp_widths)}-{max(layout.mlp_widths)}: use --format sliced, or start "
+                           "from the dense model")
+
+
+def _check_exportable(model: nn.Module, adapter: ModelAdapter, layout: Layout) -> None:
     check_family(adapter)
-    if layout.get("rotation") != "shared":
+    check_standard_source(layout.replace(stream=None))
+    stream = layout.stream
+    if stream is None or stream.rotation != "shared":
         raise LmsliceError("the standard format needs one basis for the whole stream: slice with "
                            "rotation='shared' (--format standard does)")
-    if layout.get("added_biases"):
+    if stream.added_biases:
         raise LmsliceError(f"the standard format cannot express the biases folded norms added: "
-                           f"{', '.join(layout['added_biases'])}")
+                           f"{', '.join(stream.added_biases)}")
     for name, module in model.named_modules():
         if isinstance(module, ShortcutLinear) and module.shortcut_minus_identity.abs().max() > 1e-5:
             raise LmsliceError(f"{name} carries a shortcut that is not the identity; the standard format has none")
@@ -69,8 +81,8 @@ def _uniform(values: list[int], what: str) -> int:
 
 def standard_config(model: nn.Module, adapter: ModelAdapter, tie_embeddings: bool) -> Any:
     """The family's config for the sliced widths, with the lmslice record marked as standard."""
-    layout = model.config.lmslice
-    hidden, width = layout["hidden_size"], layout["width"]
+    layout = layout_of(model.config)
+    hidden, width = layout.hidden_size, layout.stream.width
     config = copy.deepcopy(model.config)
     if not hasattr(config, "rms_norm_eps"):
         raise LmsliceError(f"{type(config).__name__} has no rms_norm_eps; the standard format cannot set its norms")
@@ -82,11 +94,12 @@ def standard_config(model: nn.Module, adapter: ModelAdapter, tie_embeddings: boo
         config.intermediate_size = _uniform(
             [get_module(block, adapter.residuals[-1].writes[0]).in_features for block in blocks], "MLP width")
     config.hidden_size = width
-    config.rms_norm_eps = layout["eps"] * hidden / width
+    config.rms_norm_eps = layout.stream.eps * hidden / width
     config.tie_word_embeddings = tie_embeddings
     if hasattr(config, "auto_map"):
         del config.auto_map
-    config.lmslice = {**layout, "export": STANDARD, "tied_embeddings": tie_embeddings}
+    config.lmslice = layout.replace(export=STANDARD, mlp_widths=None,
+                                    stream=replace(layout.stream, tied_embeddings=tie_embeddings)).to_json()
     return config
 
 
@@ -109,15 +122,15 @@ def standard_model(model: nn.Module, *, tie_embeddings: bool = False,
     takes the scale `fit_tied_scale` finds from `head_input`, the head's input second moment in the kept
     coordinates (`SliceResult.head_input`; identity if None). Untied, the result is exact.
     """
-    layout = getattr(model.config, "lmslice", None)
-    if layout is None:
+    layout = layout_of(model.config)
+    if layout is None or layout.stream is None:
         raise LmsliceError("the standard format writes sliced models; slice the model first")
-    if tie_embeddings and not layout.get("tied_embeddings"):
+    if tie_embeddings and not layout.stream.tied_embeddings:
         raise LmsliceError("the source model's embeddings were not tied to its head: nothing to tie")
     adapter = find_adapter(model)
     _check_exportable(model, adapter, layout)
     config = standard_config(model, adapter, tie_embeddings)
-    base = getattr(transformers, layout["base_architecture"])
+    base = getattr(transformers, layout.base_architecture)
     dtype = model.get_input_embeddings().weight.dtype
     standard = base(config).to(dtype).eval()
 
@@ -129,7 +142,7 @@ def standard_model(model: nn.Module, *, tie_embeddings: bool = False,
         if source_scale is not None and target_scale is not None:
             state[f"{path}.weight"] = state[f"{path}.weight"] * (float(source_scale) / float(target_scale))
 
-    scale = torch.full((config.hidden_size,), math.sqrt(layout["hidden_size"] / config.hidden_size),
+    scale = torch.full((config.hidden_size,), math.sqrt(layout.hidden_size / config.hidden_size),
                        dtype=torch.float64)
     head_key, embedding_key = f"{adapter.head}.weight", f"{adapter.embeddings[0]}.weight"
     norms = [f"{adapter.blocks}.{index}.{norm}.weight" for index in range(len(get_module(model, adapter.blocks)))

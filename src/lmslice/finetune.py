@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmslice.errors import LmsliceError
+from lmslice.layout import layout_of
 
 # The paper's RFT recipe (LoRA rank, alpha, dropout), and the reference implementation's learning rate.
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LEARNING_RATE = 32, 10.0, 0.05, 2e-4
@@ -38,10 +39,10 @@ def lora_targets(model: nn.Module) -> list[str]:
     when the head keeps its full width). It hands the surplus to the final norm and returns only the
     stream's part, which a LoRA delta of the full output width cannot be added to.
     """
-    layout = getattr(model.config, "lmslice", None)
+    layout = layout_of(model.config)
     if layout is None:
         raise LmsliceError("recovery fine-tuning expects a sliced model; slice it first with `lmslice slice`")
-    blocks = layout["modules"]["blocks"] + "."
+    blocks = layout.modules.blocks + "."
     return [name for name, module in model.named_modules()
             if name.startswith(blocks) and isinstance(module, nn.Linear) and getattr(module, "widening", None) is None]
 
@@ -90,7 +91,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, lr
     _set_checkpointing(model, False)
     merged = peft_model.merge_and_unload().eval()
     # "model.layers.3.mlp.up_proj" -> "mlp.up_proj": which kinds of matrix were adapted
-    prefix = len(model.config.lmslice["modules"]["blocks"]) + 1
+    prefix = len(layout_of(model.config).modules.blocks) + 1
     kinds = sorted({name[prefix:].split(".", 1)[1] for name in targets})
     return merged, FinetuneResult(len(losses), losses, time.perf_counter() - start, kinds, stopped_by)
 

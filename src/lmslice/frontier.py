@@ -23,12 +23,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lmslice.adapters import find_adapter
+from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export import check_family, standard_config, standard_model
+from lmslice.fuse import norm_eps
+from lmslice.layout import Layout, Stream
 from lmslice.modeling import apply_layout, get_module
 from lmslice.prune import attention_of, plan_uniform, prune_to_budget
-from lmslice.slicing import count_parameters, layout_record, slice_model
+from lmslice.slicing import count_parameters, slice_model
 
 Batches = list[dict[str, torch.Tensor]]
 
@@ -47,10 +49,16 @@ def _sliced_skeleton(model: nn.Module, width: int) -> nn.Module:
     adapter = find_adapter(model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
-    # eps shapes no parameter; the biases that folding a LayerNorm adds (a few vectors) are not counted
-    apply_layout(skeleton, {"modules": adapter.module_map(), "hidden_size": residual_width(model), "width": width,
-                            "head_width": width, "eps": 1e-6, "added_biases": []})
+    apply_layout(skeleton, skeleton_layout(skeleton, adapter, residual_width(model), width))
     return skeleton
+
+
+def skeleton_layout(skeleton: nn.Module, adapter: ModelAdapter, hidden: int, width: int) -> Layout:
+    """The layout of a per-block slice to `width`, head sliced, for counting parameters: the norm epsilon
+    (the skeleton's own) shapes no parameter, and the few bias vectors that folding a LayerNorm adds are
+    not counted."""
+    eps = norm_eps(get_module(skeleton, adapter.final_norm))
+    return Layout(adapter.family, type(skeleton).__name__, adapter.modules(), hidden, Stream(width, width, eps))
 
 
 def sliced_parameters(model: nn.Module, width: int) -> int:
@@ -64,8 +72,7 @@ def standard_parameters(model: nn.Module, width: int) -> int:
     with an untied head: the family's own architecture at hidden size `width`, as `standard_config` writes it."""
     adapter = find_adapter(model)
     skeleton = _sliced_skeleton(model, width)
-    skeleton.config.lmslice = layout_record(skeleton, adapter, hidden_size=residual_width(model), width=width,
-                                            head_width=width, eps=1e-6)
+    skeleton.config.lmslice = skeleton_layout(skeleton, adapter, residual_width(model), width).to_json()
     config = standard_config(skeleton, adapter, tie_embeddings=False)
     with torch.device("meta"):
         return count_parameters(AutoModelForCausalLM.from_config(config))

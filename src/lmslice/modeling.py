@@ -15,9 +15,10 @@ forward to insert `residual @ S`, the norm hands its input to the sublayer's out
 `residual @ S`. The forward code of `transformers` is used unchanged, so this keeps working as it
 evolves.
 
-This file imports only torch and transformers: it is copied next to every saved model as
-`modeling_lmslice.py`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads
-sliced models without lmslice installed.
+This file imports only torch, transformers and `lmslice.layout` (standard library only): it is copied
+next to every saved model as `modeling_lmslice.py`, the layout module beside it as `lmslice_layout.py`
+(the import below is rewritten to that sibling), so `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` loads lmslice's models without lmslice installed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmslice.layout import AttentionPaths, Layout, MlpPaths, Modules
 
 
 class ResidualChannel:
@@ -189,91 +192,87 @@ def resize_embedding(embedding: nn.Embedding, width: int) -> None:
     embedding.embedding_dim = width
 
 
-def apply_layout(model: nn.Module, layout: dict[str, Any]) -> None:
-    """Turns a freshly built base model into the sliced structure described by `layout`.
-
-    `layout` is what `lmslice` writes under `"lmslice"` in `config.json`: where the parts are
-    (`"modules"`), the original width (`"hidden_size"`), the residual width (`"width"`), the width the
-    head reads (`"head_width"`), the norm epsilon (`"eps"`) and the linear layers that gained a bias
-    when LayerNorm shifts were folded into them (`"added_biases"`). `"mlp_widths"`, if present, gives
-    each block's number of MLP channels (pruned), `"attention_heads"` its number of query heads; a
-    layout without `"width"` leaves the residual stream as it is. The weights are left uninitialised:
-    they come from the checkpoint.
-    """
-    modules = layout["modules"]
-    for index, mlp_width in enumerate(layout.get("mlp_widths") or ()):
-        resize_mlp(get_module(model, modules["blocks"])[index], modules["mlp"], mlp_width)
-    for index, heads in enumerate(layout.get("attention_heads") or ()):
-        resize_attention(get_module(model, modules["blocks"])[index], modules["attention"], heads)
-    if "width" not in layout:
+def apply_layout(model: nn.Module, layout: Layout) -> None:
+    """Turns a freshly built base model into the structure `layout` describes: each block's MLP width
+    and query heads where they were pruned, then, where the residual stream was sliced, its weightless
+    norms, narrower readers and writers, shortcuts, and the linear layers that gained a bias when
+    LayerNorm shifts were folded into them. The weights are left uninitialised: they come from the
+    checkpoint."""
+    modules = layout.modules
+    blocks = get_module(model, modules.blocks)
+    for index, mlp_width in enumerate(layout.mlp_widths or ()):
+        resize_mlp(blocks[index], modules.mlp, mlp_width)
+    for index, heads in enumerate(layout.attention_heads or ()):
+        resize_attention(blocks[index], modules.attention, heads)
+    stream = layout.stream
+    if stream is None or layout.standard:
         return
-    hidden, width, head_width, eps = layout["hidden_size"], layout["width"], layout["head_width"], layout["eps"]
-    for path in layout.get("added_biases", []):
+    hidden, width, head_width, eps = layout.hidden_size, stream.width, stream.head_width, stream.eps
+    for path in stream.added_biases:
         linear = get_module(model, path)
         linear.bias = nn.Parameter(linear.weight.new_empty(linear.weight.shape[0]))
-    for path in modules["embeddings"]:
+    for path in modules.embeddings:
         resize_embedding(get_module(model, path), width)
-    blocks = get_module(model, modules["blocks"])
     for index, block in enumerate(blocks):
         out_width = head_width if index == len(blocks) - 1 else width
         install_block(block, modules, width, out_width, hidden, eps)
-    resize_linear(get_module(model, modules["head"]), in_features=head_width)
+    resize_linear(get_module(model, modules.head), in_features=head_width)
     install_final_norm(model, modules, width, head_width, hidden, eps)
 
 
-def resize_mlp(block: nn.Module, mlp: dict[str, Any], width: int) -> None:
+def resize_mlp(block: nn.Module, mlp: MlpPaths, width: int) -> None:
     """The block's MLP with `width` channels: producers write them (`fused` rows each), the consumer reads them."""
-    for path in mlp["producers"]:
-        resize_linear(get_module(block, path), out_features=width * mlp["fused"])
-    resize_linear(get_module(block, mlp["consumer"]), in_features=width)
+    for path in mlp.producers:
+        resize_linear(get_module(block, path), out_features=width * mlp.fused)
+    resize_linear(get_module(block, mlp.consumer), in_features=width)
 
 
-def resize_attention(block: nn.Module, attention: dict[str, Any], heads: int) -> None:
+def resize_attention(block: nn.Module, attention: AttentionPaths, heads: int) -> None:
     """The block's attention with `heads` query heads, as many for every key/value head."""
-    module = get_module(block, attention["module"])
-    key_value_heads = get_module(block, attention["queries"]).out_features // module.head_dim // module.num_key_value_groups
+    module = get_module(block, attention.module)
+    key_value_heads = get_module(block, attention.queries).out_features // module.head_dim // module.num_key_value_groups
     module.num_key_value_groups = heads // key_value_heads
-    resize_linear(get_module(block, attention["queries"]), out_features=heads * module.head_dim)
-    resize_linear(get_module(block, attention["output"]), in_features=heads * module.head_dim)
+    resize_linear(get_module(block, attention.queries), out_features=heads * module.head_dim)
+    resize_linear(get_module(block, attention.output), in_features=heads * module.head_dim)
 
 
-def install_final_norm(model: nn.Module, modules: dict[str, Any], width: int, head_width: int, hidden: int,
+def install_final_norm(model: nn.Module, modules: Modules, width: int, head_width: int, hidden: int,
                        eps: float) -> None:
     """The head's norm; when the head reads more than the stream's width, it also takes the last
     block's surplus output (the sum of the surpluses of the last connection's writers)."""
     final_norm = SlicedRMSNorm(head_width, eps, hidden)
-    set_module(model, modules["final_norm"], final_norm)
+    set_module(model, modules.final_norm, final_norm)
     if head_width != width:
-        blocks = get_module(model, modules["blocks"])
+        blocks = get_module(model, modules.blocks)
         last_block = blocks[len(blocks) - 1]
-        shortcut_path, *other_writers = modules["residuals"][-1]["writes"]
+        shortcut_path, *other_writers = modules.residuals[-1].writes
         final_norm.widening = get_module(last_block, shortcut_path).widening = ResidualChannel()
         for path in other_writers:
             set_module(last_block, path, WideningLinear(get_module(last_block, path), width, final_norm.widening))
 
 
-def install_block(block: nn.Module, modules: dict[str, Any], width: int, out_width: int, hidden: int,
+def install_block(block: nn.Module, modules: Modules, width: int, out_width: int, hidden: int,
                   eps: float) -> None:
     """Norms become weightless taps, reading/writing matrices narrow, and shortcuts are added.
 
-    Each entry of `modules["residuals"]` is one residual connection: `reads` maps each norm that reads
-    its input to the matrices that read that norm, `writes` lists the matrices that write its output.
-    The first writer carries the shortcut.
+    Each of `modules.residuals` is one residual connection: `reads` pairs each norm that reads its input
+    with the matrices that read that norm, `writes` lists the matrices that write its output. The first
+    writer carries the shortcut.
     """
-    residuals = modules["residuals"]
+    residuals = modules.residuals
     for position, residual in enumerate(residuals):
         residual_out = out_width if position == len(residuals) - 1 else width
         channel = ResidualChannel()
-        for norm_index, (norm_path, readers) in enumerate(residual["reads"].items()):
+        for norm_index, (norm_path, readers) in enumerate(residual.reads):
             norm = SlicedRMSNorm(width, eps, hidden)
             if norm_index == 0:
                 norm.channel = channel
             set_module(block, norm_path, norm)
             for path in readers:
                 resize_linear(get_module(block, path), in_features=width)
-        for path in residual["writes"]:
+        for path in residual.writes:
             resize_linear(get_module(block, path), out_features=residual_out)
-        shortcut_path = residual["writes"][0]
+        shortcut_path = residual.writes[0]
         set_module(block, shortcut_path, ShortcutLinear(get_module(block, shortcut_path), width, channel))
     block.register_forward_pre_hook(clear_channels)
 
@@ -301,7 +300,7 @@ def sliced_class(base: type) -> type:
     class Sliced(base):
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
             super().__init__(config, *args, **kwargs)
-            apply_layout(self, config.lmslice)
+            apply_layout(self, Layout.from_json(config.lmslice))
 
         @classmethod
         def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

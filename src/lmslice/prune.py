@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from lmslice.adapters import Attention, Mlp, ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
-from lmslice.export import STANDARD
+from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
-from lmslice.slicing import count_parameters, layout_record
+from lmslice.slicing import count_parameters, layout_before
 
 CRITERIA = ("obs", "energy", "leverage")
 DEFAULT_CRITERION = "obs"
@@ -562,6 +562,7 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     start = time.perf_counter()
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
+    before = layout_before(model, adapter)
     model.eval()
     blocks = get_module(model, adapter.blocks)
     if len(plan.mlp_widths) != len(blocks):
@@ -579,25 +580,21 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                                refit_consumer=refit_consumer,
                                output_weights=None if sensitivity is None else sensitivity[index])
         kept_channels.append(kept.tolist())
-    uniform = len(set(plan.mlp_widths)) == 1 and not plan.attention_heads
-    if uniform:
-        setattr(model.config, mlp.width_config, plan.mlp_widths[0])
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer,
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
-    # Equal widths are the family's own config; per-block widths need lmslice's layout (remote code).
-    widths = {"mlp_widths": plan.mlp_widths,
-              **({"attention_heads": plan.attention_heads} if plan.attention_heads else {})}
-    sliced = getattr(model.config, "lmslice", None)
-    if sliced:  # the residual stream was sliced first: its layout stays, the widths join it
-        model.config.lmslice = {**sliced, **widths, "mlp_pruning": pruning, **(metadata or {})}
-    else:
-        model.config.lmslice = layout_record(
-            model, adapter,
-            hidden_size=get_module(model, adapter.embeddings[0]).weight.shape[1],  # the residual stream's, kept
-            **({"export": STANDARD} if uniform else widths),
-            mlp_pruning=pruning,
-            **(metadata or {}),
-        )
+    notes = dict(metadata or {})
+    heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads
+    layout = before.replace(mlp_pruning=pruning, calibration=notes.pop("calibration", before.calibration),
+                            source_model=notes.pop("source_model", before.source_model),
+                            notes={**before.notes, **notes})
+    if len(set(plan.mlp_widths)) == 1 and heads is None:
+        setattr(model.config, mlp.width_config, plan.mlp_widths[0])
+    if len(set(plan.mlp_widths)) == 1 and heads is None and layout.stream is None:
+        # equal widths are the family's own config: no remote code needed
+        layout = layout.replace(export=STANDARD, mlp_widths=None, attention_heads=None)
+    else:  # per-block widths (or a sliced stream) need lmslice's layout (remote code)
+        layout = layout.replace(export=None, mlp_widths=tuple(plan.mlp_widths), attention_heads=heads)
+    model.config.lmslice = layout.to_json()
     return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels)
 
 

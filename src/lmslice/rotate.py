@@ -48,7 +48,7 @@ def rotate_block(block: nn.Module, adapter: ModelAdapter, bases: list[torch.Tens
         for path in residual.writes:
             rotate_writer(get_module(block, path), basis_out)
     width, out_width = bases[0].shape[1], bases[-1].shape[1]
-    install_block(block, adapter.module_map(), width, out_width, hidden, eps)
+    install_block(block, adapter.modules(), width, out_width, hidden, eps)
     for residual, basis_in, basis_out in zip(adapter.residuals, bases, bases[1:]):
         projection = get_module(block, residual.writes[0])
         if not isinstance(projection, ShortcutLinear):

@@ -15,6 +15,7 @@ from lmslice import __version__
 from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, Covariance, block_signals, capture_block_inputs
 from lmslice.errors import LmsliceError
+from lmslice.layout import Layout, Stream, layout_of
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
 from lmslice.modeling import get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
@@ -54,15 +55,31 @@ class SliceResult:
     head_input: torch.Tensor | None = None  # shared basis: the head's input second moment, in kept coordinates
 
 
-# The version of the "lmslice" record in a saved config.json; loading refuses any other.
-FORMAT_VERSION = 1
+def fresh_layout(model: nn.Module, adapter: ModelAdapter) -> Layout:
+    """The layout of a model no lmslice pass has cut (or one in its family's own architecture, whose
+    record becomes history): family, base class, module paths and its residual width."""
+    previous = layout_of(model.config)
+    history = () if previous is None else (previous.to_json(),) + previous.history
+    return Layout(adapter.family, type(model).__name__, adapter.modules(),
+                  get_module(model, adapter.embeddings[0]).weight.shape[1], version=__version__, history=history)
 
 
-def layout_record(model: nn.Module, adapter: ModelAdapter, **fields: Any) -> dict[str, Any]:
-    """The "lmslice" record a compressed model carries in its config: what every pass writes (format,
-    version, family, base class, module paths), then the pass's own `fields`."""
-    return {"format": FORMAT_VERSION, "version": __version__, "family": adapter.family,
-            "base_architecture": type(model).__name__, "modules": adapter.module_map(), **fields}
+def layout_before(model: nn.Module, adapter: ModelAdapter) -> Layout:
+    """What a further pass starts from: the model's own record if it is in lmslice's layout, else a fresh one."""
+    layout = layout_of(model.config)
+    if layout is None or layout.standard:
+        return fresh_layout(model, adapter)
+    return layout.replace(version=__version__)
+
+
+def check_can_slice(model: nn.Module) -> None:
+    """Refuses, before any calibration, a model whose residual stream lmslice has already sliced per block
+    (its shortcuts and weightless norms cannot be sliced again); plain outputs and pruned ones can be."""
+    layout = layout_of(model.config)
+    if layout is not None and not layout.standard and layout.stream is not None:
+        source = f" ({layout.source_model})" if layout.source_model else ""
+        raise LmsliceError("this model's residual stream is already sliced (lmslice's layout); slice the dense "
+                           f"model it came from{source} instead, or prune this one with --target-params")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -113,7 +130,9 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     if shared and storage is not None:
         raise LmsliceError("a shared basis needs the whole model in memory for its dense pass: drop --offload")
     start = time.perf_counter()
+    check_can_slice(model)
     adapter = find_adapter(model)
+    before = layout_before(model, adapter)
     storage = storage or InMemory()
     model.eval()
     embedding = get_module(model, adapter.embeddings[0]).weight
@@ -183,21 +202,14 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
 
     added_biases += fuse_head(model, adapter)
     rotate_reader(get_module(model, adapter.head), basis)
-    install_final_norm(model, adapter.module_map(), width, head_width, hidden, eps)
+    install_final_norm(model, adapter.modules(), width, head_width, hidden, eps)
 
-    model.config.lmslice = layout_record(
-        model, adapter,
-        sparsity=sparsity,
-        round_to=round_to,
-        hidden_size=hidden,
-        width=width,
-        head_width=head_width,
-        eps=eps,
-        centred_embeddings=centre_embeddings,
-        rotation=rotation,
-        **({"basis_weighting": weighting} if shared else {}),
-        tied_embeddings=tied_embeddings,
-        added_biases=added_biases,
-        **(metadata or {}),
-    )
+    notes = dict(metadata or {})
+    model.config.lmslice = before.replace(
+        stream=Stream(width, head_width, eps, rotation, sparsity, round_to, centre_embeddings, tied_embeddings,
+                      tuple(added_biases), weighting if shared else None),
+        calibration=notes.pop("calibration", before.calibration),
+        source_model=notes.pop("source_model", before.source_model),
+        notes={**before.notes, **notes},
+    ).to_json()
     return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra, head_input)

@@ -18,6 +18,7 @@ from lmslice.adapters.phi import PHI
 from lmslice.adapters.phi3 import PHI3
 from lmslice.adapters.qwen2 import QWEN2
 from lmslice.errors import LmsliceError
+from lmslice.layout import Layout, LayoutError, layout_of
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, GEMMA, OPT, PHI, PHI3, GPT_NEOX,
                                       GPT_NEOX_SEQUENTIAL)
@@ -40,8 +41,24 @@ def adapter_for_architecture(architecture: str) -> ModelAdapter:
     return adapters_for_architecture(architecture)[0]
 
 
+def adapter_for(layout: Layout) -> ModelAdapter:
+    """The adapter of the family an lmslice output records (its class is renamed on load)."""
+    for adapter in ADAPTERS:
+        if adapter.family == layout.family and layout.base_architecture in adapter.architectures:
+            return adapter
+    raise LmsliceError(f"this lmslice does not know the family {layout.family} ({layout.base_architecture}) the "
+                       "model was written with; upgrade lmslice")
+
+
 def find_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for a loaded model, checked against its config (some variants of a family differ)."""
+    """The adapter for a loaded model, checked against its config (some variants of a family differ); for
+    an lmslice output, the one its layout records."""
+    try:
+        layout = layout_of(model.config)
+    except LayoutError as error:
+        raise LmsliceError(f"the model's lmslice record is damaged: {error}") from error
+    if layout is not None and not layout.standard:
+        return adapter_for(layout)
     architecture = type(model).__name__
     reasons = []
     for adapter in adapters_for_architecture(architecture):
@@ -52,5 +69,5 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "Mlp", "ModelAdapter", "Residual", "adapter_for_architecture", "adapters_for_architecture",
+__all__ = ["ADAPTERS", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture", "adapters_for_architecture",
            "find_adapter", "supported_architectures"]

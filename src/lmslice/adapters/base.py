@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmslice.layout import AttentionPaths, MlpPaths, Modules, ResidualPaths
+
 
 @dataclass(frozen=True)
 class Residual:
@@ -77,21 +79,16 @@ class ModelAdapter:
     def parallel(self) -> bool:
         return len(self.residuals) == 1
 
+    def modules(self) -> Modules:
+        """The paths, as the layout record of a saved model stores them."""
+        mlp = None if self.mlp is None else MlpPaths(self.mlp.producers, self.mlp.consumer, self.mlp.fused,
+                                                      self.mlp.width_config)
+        attention = None if self.attention is None else AttentionPaths(self.attention.module, self.attention.queries,
+                                                                        self.attention.output)
+        return Modules(self.embeddings, self.blocks,
+                       tuple(ResidualPaths(tuple(r.reads.items()), r.writes) for r in self.residuals),
+                       self.final_norm, self.head, mlp, attention)
+
     def module_map(self) -> dict[str, Any]:
         """The paths, in the JSON form stored in a sliced model's config."""
-        mlp = {} if self.mlp is None else {"mlp": {"producers": list(self.mlp.producers),
-                                                   "consumer": self.mlp.consumer, "fused": self.mlp.fused}}
-        if self.attention is not None:
-            mlp["attention"] = {"module": self.attention.module, "queries": self.attention.queries,
-                                "output": self.attention.output}
-        return {
-            "embeddings": list(self.embeddings),
-            "blocks": self.blocks,
-            "residuals": [
-                {"reads": {norm: list(readers) for norm, readers in r.reads.items()}, "writes": list(r.writes)}
-                for r in self.residuals
-            ],
-            "final_norm": self.final_norm,
-            "head": self.head,
-            **mlp,
-        }
+        return self.modules().to_json()

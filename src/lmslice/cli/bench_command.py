@@ -11,6 +11,7 @@ from torch import nn
 from lmslice.bench import benchmark
 from lmslice.cli.common import add_model_options, check_device, check_minimums, context_length
 from lmslice.errors import LmsliceError
+from lmslice.layout import layout_of
 from lmslice.io.models import load
 
 
@@ -47,19 +48,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _key_value_heads(config: object) -> int | None:
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+
+
 def check_same_model(dense: nn.Module, sliced: nn.Module, dense_name: str, sliced_name: str) -> None:
     """`sliced` is a slice of a model shaped like `dense`: same architecture, width, depth and vocabulary
     (the weights themselves cannot be compared once rotated)."""
-    layout = getattr(sliced.config, "lmslice", None)
+    layout = layout_of(sliced.config)
     if layout is None:
         raise LmsliceError(f"{sliced_name} is not a sliced model; give a dense model and a slice of it "
                            "(from `lmslice slice`)")
-    if getattr(dense.config, "lmslice", None) is not None:
+    if layout_of(dense.config) is not None:
         raise LmsliceError(f"{dense_name} is itself a sliced model; give the dense model it was sliced from first")
     differences = [
         f"{what} {dense_value} vs {sliced_value}" for what, dense_value, sliced_value in (
-            ("architecture", type(dense).__name__, layout["base_architecture"]),
-            ("hidden size", dense.get_input_embeddings().weight.shape[1], layout["hidden_size"]),
+            ("architecture", type(dense).__name__, layout.base_architecture),
+            ("hidden size", dense.get_input_embeddings().weight.shape[1], layout.hidden_size),
+            ("key/value heads", _key_value_heads(dense.config), _key_value_heads(sliced.config)),
             ("layers", dense.config.num_hidden_layers, sliced.config.num_hidden_layers),
             ("vocabulary", dense.config.vocab_size, sliced.config.vocab_size),
         ) if dense_value != sliced_value]

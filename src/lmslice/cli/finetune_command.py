@@ -8,6 +8,7 @@ import json
 from lmslice.cli.common import (add_eval_window_options, add_model_options, check_device, check_minimums,
                                 context_length, evaluation, require_extra, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
+from lmslice.layout import layout_of
 from lmslice.finetune import LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, finetune
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_with_tokenizer, model_path, save_sliced, source_dtype
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "eval_data": eval_source, "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
         "save_dtype": str(save_dtype).removeprefix("torch."),
     }
-    model.config.lmslice = {**model.config.lmslice, "finetune": record}
+    model.config.lmslice = layout_of(model.config).replace(finetune=record).to_json()
     save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype)
     summary = {"model": str(args.model), "output": str(output), **record,
                "perplexity_before": before, "perplexity_after": after}

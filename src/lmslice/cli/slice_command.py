@@ -15,6 +15,7 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
+from lmslice.layout import layout_of
 from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if standard:
         tie = args.tie_embeddings
         if tie is None:
-            tie = TIE_BY_DEFAULT and model.config.lmslice["tied_embeddings"]
+            tie = TIE_BY_DEFAULT and layout_of(model.config).stream.tied_embeddings
         model = standard_model(model, tie_embeddings=tie, head_input=sliced.head_input)
     sliced_ppl = evaluate(model).as_dict() if evaluate else None
     saved_ppl = sliced_ppl

@@ -25,14 +25,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lmslice import layout as layout_module
 from lmslice import modeling
 from lmslice.errors import LmsliceError
-from lmslice.export import is_standard
-from lmslice.slicing import FORMAT_VERSION
+from lmslice.layout import Layout, LayoutError, layout_of
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 MODELING_FILE = "modeling_lmslice.py"
+LAYOUT_FILE = "lmslice_layout.py"  # lmslice.layout, which the modeling file imports
 logger = logging.getLogger("lmslice")
 
 
@@ -111,55 +112,26 @@ def record_saved_dtype(directory: Path, dtype: torch.dtype) -> None:
 
 
 def is_sliced(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` holds a model in lmslice's sliced layout (a standard-format model is a plain one)."""
+    """Whether `path` holds a model in lmslice's own layout (a standard-format model is a plain one)."""
     if not (Path(path) / "config.json").is_file():
         return False
-    layout = read_config(path).get("lmslice")
-    return layout is not None and not is_standard(layout)
+    layout = read_layout(read_config(path), Path(path))
+    return layout is not None and layout.needs_remote_code
 
 
-LAYOUT_MODULE_KEYS = ("embeddings", "blocks", "residuals", "final_norm", "head")
-CONFIG_EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
-
-
-def check_layout(config: dict[str, Any], path: Path) -> None:
-    """Refuses an `lmslice` record in config.json that cannot describe the saved tensors: an unknown
-    format, missing or mistyped entries, widths or an epsilon that disagree with the model's config."""
-    layout = config["lmslice"]
-
-    def damaged(problem: str) -> LmsliceError:
-        return LmsliceError(f"{path / 'config.json'}: {problem}; the file was edited or damaged (slice the model "
-                            "again)")
-
-    if not isinstance(layout, dict):
-        raise damaged("the \"lmslice\" entry is not a mapping")
-    version = layout.get("format")
-    if version != FORMAT_VERSION:
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise LmsliceError(f"{path} was written by a newer lmslice (format {version}; this one reads format "
-                               f"{FORMAT_VERSION}): pip install --upgrade lmslice")
-        raise damaged(f"unknown lmslice format {version!r} (expected {FORMAT_VERSION})")
-    if "width" not in layout and ("mlp_widths" in layout or "attention_heads" in layout):  # pruned, stream untouched
-        return
-    for key in ("base_architecture", "hidden_size", "width", "head_width", "eps", "modules"):
-        if key not in layout:
-            raise damaged(f"lmslice.{key} is missing")
-    sizes = {key: layout[key] for key in ("hidden_size", "width", "head_width")}
-    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in sizes.values()):
-        raise damaged(f"lmslice widths must be positive integers, got {sizes}")
-    if sizes["width"] > sizes["hidden_size"] or sizes["head_width"] not in (sizes["width"], sizes["hidden_size"]):
-        raise damaged(f"inconsistent lmslice widths {sizes}")
-    if config.get("hidden_size", sizes["hidden_size"]) != sizes["hidden_size"]:
-        raise damaged(f"lmslice.hidden_size {sizes['hidden_size']} differs from hidden_size {config['hidden_size']}")
-    eps = layout["eps"]
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise damaged(f"lmslice.eps must be a positive number, got {eps!r}")
-    config_eps = next((config[key] for key in CONFIG_EPS_KEYS if isinstance(config.get(key), (int, float))), None)
-    if config_eps is not None and not math.isclose(eps, config_eps, rel_tol=1e-6):
-        raise damaged(f"lmslice.eps {eps} differs from the model's norm epsilon {config_eps}")
-    modules = layout["modules"]
-    if not isinstance(modules, dict) or any(key not in modules for key in LAYOUT_MODULE_KEYS):
-        raise damaged(f"lmslice.modules must be a mapping with {', '.join(LAYOUT_MODULE_KEYS)}")
+def read_layout(config: dict[str, Any], path: Path) -> Layout | None:
+    """The directory's lmslice record, checked entry by entry and against its config; a record that
+    cannot describe the model is refused in one line naming the file."""
+    try:
+        layout = layout_of(config)
+        if layout is not None:
+            layout.validate(config)
+    except LayoutError as error:
+        if "newer lmslice" in str(error):
+            raise LmsliceError(f"{path} was {error}") from error
+        raise LmsliceError(f"{path / 'config.json'}: {error}; the file was edited or damaged (slice the model "
+                           "again)") from error
+    return layout
 
 
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
@@ -202,14 +174,14 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
         if not (path / "config.json").is_file():
             raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
         config = read_config(path)
-        if "lmslice" in config and not is_standard(config["lmslice"]):
-            check_layout(config, path)
-            base = getattr(transformers, config["lmslice"]["base_architecture"], None)
+        layout = read_layout(config, path)
+        if layout is not None and layout.needs_remote_code:
+            base = getattr(transformers, layout.base_architecture, None)
             if base is None:
-                raise LmsliceError(f"this transformers has no {config['lmslice']['base_architecture']}; upgrade it")
+                raise LmsliceError(f"this transformers has no {layout.base_architecture}; upgrade it")
             model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype, exact=True)
-        else:
-            model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype)
+        else:  # a plain architecture: a missing or extra tensor is refused too, not initialised at random
+            model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype, exact=True)
         tokenizer = load_tokenizer(path)
     elif _looks_like_hub_id(str(source)):
         model = _from_pretrained(AutoModelForCausalLM, str(source), dtype=torch_dtype)
@@ -264,8 +236,8 @@ def _from_pretrained(cls: Any, source: str | Path, *, exact: bool = False, **kwa
     if any(problems.values()):
         found = "; ".join(f"{kind}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                           for kind, names in problems.items() if names)
-        raise LmsliceError(f"{source} is damaged: its tensors do not match its config ({found}); slice the model "
-                           "again")
+        raise LmsliceError(f"{source} is damaged: its tensors do not match its config ({found}); restore it or "
+                           "write it again")
     return model
 
 
@@ -421,24 +393,29 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
                   overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
     """Adds the tokenizer, modeling code and `extra_files` to the weights and config in `staging`, then
     moves it to `out`. On any failure the staging directory is removed."""
-    layout = model.config.lmslice
+    layout = layout_of(model.config)
     with discarded_on_failure(staging, out):
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if not is_standard(layout):  # the standard format is the family's own model: no remote code
-            (staging / MODELING_FILE).write_text(
-                inspect.getsource(modeling)
-                + "\n\nimport transformers  # noqa: E402\n\n"
-                + f"LmsliceForCausalLM = sliced_class(transformers.{layout['base_architecture']})\n"
-            )
-            config_path = staging / "config.json"
-            config = json.loads(config_path.read_text())
-            config["architectures"] = [layout["base_architecture"]]
-            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if layout is not None and layout.needs_remote_code:  # a plain architecture needs no remote code
+            write_remote_code(staging, layout)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return move_into_place(staging, out, overwrite)
+
+
+def write_remote_code(directory: Path, layout: Layout) -> None:
+    """The modeling file and the layout module it imports, beside the weights, and the config's auto_map."""
+    source = inspect.getsource(modeling).replace("from lmslice.layout import", f"from .{LAYOUT_FILE[:-3]} import")
+    (directory / MODELING_FILE).write_text(
+        source + "\n\nimport transformers  # noqa: E402\n\n"
+        + f"LmsliceForCausalLM = sliced_class(transformers.{layout.base_architecture})\n")
+    (directory / LAYOUT_FILE).write_text(inspect.getsource(layout_module))
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [layout.base_architecture]
+    config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def move_into_place(staging: Path, out: Path, overwrite: bool) -> Path:

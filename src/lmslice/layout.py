@@ -1,0 +1,362 @@
+"""What a model lmslice wrote *is*: one typed record, stored under "lmslice" in its config.json.
+
+Every writer builds a `Layout` and stores `to_json()`; every reader gets it back with `from_json`, which
+refuses a record whose types, lengths or ranges are wrong, and `validate(config)` checks it against the
+model's own config. Standard library only: this file is copied beside every saved model as
+`lmslice_layout.py`, and the model's remote code (`modeling_lmslice.py`) imports it from there.
+
+The JSON is flat (format 1, as earlier lmslice wrote it): the module paths, then the residual stream's
+slice (`width`, `head_width`, `eps`, ...) if it was sliced, the per-block MLP widths and query heads if
+they were pruned, and what the model was made from (calibration, source, plan, fine-tuning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+FORMAT_VERSION = 1
+STANDARD = "standard"  # `export`: the family's own architecture (no remote code); None: lmslice's layout
+ROTATIONS = ("per-block", "shared")
+CONFIG_EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+
+
+class LayoutError(ValueError):
+    """The record cannot describe a model: the message names the entry (readers add the file)."""
+
+
+def _integer(value: Any, name: str, least: int = 1) -> int:
+    # bool is an int in Python, and "104" or 104.0 are not widths: a width is a JSON integer
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LayoutError(f"lmslice.{name} must be an integer, got {value!r}")
+    if value < least:
+        raise LayoutError(f"lmslice.{name} must be at least {least}, got {value}")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise LayoutError(f"lmslice.{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _texts(value: Any, name: str, allow_empty: bool = False) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
+        raise LayoutError(f"lmslice.{name} must be a {'' if allow_empty else 'non-empty '}list of paths, got {value!r}")
+    return tuple(_text(item, f"{name}[{index}]") for index, item in enumerate(value))
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise LayoutError(f"lmslice.{name} must be a mapping, got {value!r}")
+    return value
+
+
+def _require(record: dict[str, Any], key: str, prefix: str = "") -> Any:
+    if key not in record:
+        raise LayoutError(f"lmslice.{prefix}{key} is missing")
+    return record[key]
+
+
+@dataclass(frozen=True)
+class ResidualPaths:
+    """One residual connection: the norms reading its input (each with the layers reading that norm) and
+    the layers writing its output, the first of which carries the shortcut."""
+
+    reads: tuple[tuple[str, tuple[str, ...]], ...]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MlpPaths:
+    producers: tuple[str, ...]
+    consumer: str
+    fused: int = 1
+    width_config: str | None = None  # the config field of the dense MLP width
+
+
+@dataclass(frozen=True)
+class AttentionPaths:
+    module: str
+    queries: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Modules:
+    """Where the parts are, as `transformers` attribute paths (block parts relative to the block)."""
+
+    embeddings: tuple[str, ...]
+    blocks: str
+    residuals: tuple[ResidualPaths, ...]
+    final_norm: str
+    head: str
+    mlp: MlpPaths | None = None
+    attention: AttentionPaths | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "embeddings": list(self.embeddings), "blocks": self.blocks,
+            "residuals": [{"reads": {norm: list(readers) for norm, readers in r.reads}, "writes": list(r.writes)}
+                          for r in self.residuals],
+            "final_norm": self.final_norm, "head": self.head}
+        if self.mlp is not None:
+            record["mlp"] = {"producers": list(self.mlp.producers), "consumer": self.mlp.consumer,
+                             "fused": self.mlp.fused,
+                             **({"width_config": self.mlp.width_config} if self.mlp.width_config else {})}
+        if self.attention is not None:
+            record["attention"] = {"module": self.attention.module, "queries": self.attention.queries,
+                                   "output": self.attention.output}
+        return record
+
+    @classmethod
+    def from_json(cls, record: Any) -> Modules:
+        keys = ("embeddings", "blocks", "residuals", "final_norm", "head")
+        if not isinstance(record, dict) or any(key not in record for key in keys):
+            raise LayoutError(f"lmslice.modules must be a mapping with {', '.join(keys)}")
+        residuals = record["residuals"]
+        if not isinstance(residuals, list) or not residuals:
+            raise LayoutError("lmslice.modules.residuals must be a non-empty list")
+        parsed = []
+        for index, residual in enumerate(residuals):
+            name = f"modules.residuals[{index}]"
+            reads = _mapping(_require(_mapping(residual, name), "reads", f"{name}."), f"{name}.reads")
+            if not reads:
+                raise LayoutError(f"lmslice.{name}.reads is empty")
+            parsed.append(ResidualPaths(
+                tuple((_text(norm, f"{name}.reads"), _texts(readers, f"{name}.reads.{norm}"))
+                      for norm, readers in reads.items()),
+                _texts(_require(residual, "writes", f"{name}."), f"{name}.writes")))
+        mlp = attention = None
+        if "mlp" in record:
+            entry = _mapping(record["mlp"], "modules.mlp")
+            width_config = entry.get("width_config")
+            mlp = MlpPaths(_texts(_require(entry, "producers", "modules.mlp."), "modules.mlp.producers"),
+                           _text(_require(entry, "consumer", "modules.mlp."), "modules.mlp.consumer"),
+                           _integer(entry.get("fused", 1), "modules.mlp.fused"),
+                           None if width_config is None else _text(width_config, "modules.mlp.width_config"))
+        if "attention" in record:
+            entry = _mapping(record["attention"], "modules.attention")
+            attention = AttentionPaths(*(_text(_require(entry, key, "modules.attention."), f"modules.attention.{key}")
+                                         for key in ("module", "queries", "output")))
+        return cls(_texts(record["embeddings"], "modules.embeddings"), _text(record["blocks"], "modules.blocks"),
+                   tuple(parsed), _text(record["final_norm"], "modules.final_norm"),
+                   _text(record["head"], "modules.head"), mlp, attention)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The residual stream's slice: `width` features between blocks (of `Layout.hidden_size`), the head
+    reading `head_width`, weightless norms with epsilon `eps` dividing by the original width."""
+
+    width: int
+    head_width: int
+    eps: float
+    rotation: str = "per-block"
+    sparsity: float | None = None
+    round_to: int | None = None
+    centred_embeddings: bool = False
+    tied_embeddings: bool = False
+    added_biases: tuple[str, ...] = ()
+    basis_weighting: str | None = None
+
+
+STREAM_KEYS = tuple(item.name for item in fields(Stream))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything a saved model is beyond its family's config. `stream` is None where the residual stream
+    keeps its width; `mlp_widths` / `attention_heads` are None where every block keeps the config's;
+    `export` is STANDARD where the model *is* its family's architecture (config widths changed, no
+    remote code needed)."""
+
+    family: str
+    base_architecture: str
+    modules: Modules
+    hidden_size: int  # the residual width the stream's norms divide by (the dense model's)
+    stream: Stream | None = None
+    mlp_widths: tuple[int, ...] | None = None
+    attention_heads: tuple[int, ...] | None = None
+    export: str | None = None
+    format: int = FORMAT_VERSION
+    version: str = ""
+    calibration: dict[str, Any] | None = None
+    source_model: str | None = None
+    mlp_pruning: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
+    history: tuple[dict[str, Any], ...] = ()  # the records of the lmslice outputs this one was made from
+    notes: dict[str, Any] = field(default_factory=dict)  # further descriptive entries (shape nothing)
+
+    @property
+    def standard(self) -> bool:
+        return self.export == STANDARD
+
+    @property
+    def needs_remote_code(self) -> bool:
+        """Whether the config alone cannot build the model (lmslice's own structure)."""
+        return not self.standard and (self.stream is not None or self.mlp_widths is not None
+                                      or self.attention_heads is not None)
+
+    def replace(self, **changes: Any) -> Layout:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"format": self.format, "version": self.version, "family": self.family,
+                                  "base_architecture": self.base_architecture, "modules": self.modules.to_json(),
+                                  "hidden_size": self.hidden_size}
+        if self.stream is not None:
+            for key in STREAM_KEYS:
+                value = getattr(self.stream, key)
+                if value is not None:
+                    record[key] = list(value) if isinstance(value, tuple) else value
+        for key in ("mlp_widths", "attention_heads"):
+            if getattr(self, key) is not None:
+                record[key] = list(getattr(self, key))
+        for key in ("export", "calibration", "source_model", "mlp_pruning", "finetune"):
+            if getattr(self, key) is not None:
+                record[key] = getattr(self, key)
+        if self.history:
+            record["history"] = list(self.history)
+        return {**self.notes, **record}
+
+    @classmethod
+    def from_json(cls, record: Any) -> Layout:
+        """The record as written in config.json, every entry checked for type and range."""
+        if not isinstance(record, dict):
+            raise LayoutError("the \"lmslice\" entry is not a mapping")
+        version = record.get("format")
+        if isinstance(version, bool) or version != FORMAT_VERSION:
+            if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+                raise LayoutError(f"written by a newer lmslice (format {version}; this one reads format "
+                                  f"{FORMAT_VERSION}): pip install --upgrade lmslice")
+            raise LayoutError(f"unknown lmslice format {version!r} (expected {FORMAT_VERSION})")
+        for key in ("family", "base_architecture", "modules", "hidden_size"):
+            _require(record, key)
+        stream = None
+        present = [key for key in ("width", "head_width", "eps") if key in record]
+        if present:
+            for key in ("width", "head_width", "eps"):
+                _require(record, key)
+            stream = _stream(record)
+        elif any(key in record for key in STREAM_KEYS if key not in ("sparsity", "round_to")):
+            missing = "width"
+            raise LayoutError(f"lmslice.{missing} is missing")
+        hidden = _integer(record["hidden_size"], "hidden_size")
+        if stream is not None:
+            sizes = {"hidden_size": hidden, "width": stream.width, "head_width": stream.head_width}
+            if stream.width > hidden or stream.head_width not in (stream.width, hidden):
+                raise LayoutError(f"inconsistent lmslice widths {sizes}")
+        export = record.get("export")
+        if export not in (None, STANDARD):
+            raise LayoutError(f"lmslice.export must be {STANDARD!r} or absent, got {export!r}")
+        layout = cls(
+            family=_text(record["family"], "family"),
+            base_architecture=_text(record["base_architecture"], "base_architecture"),
+            modules=Modules.from_json(record["modules"]),
+            hidden_size=hidden,
+            stream=stream,
+            mlp_widths=_widths(record.get("mlp_widths"), "mlp_widths"),
+            attention_heads=_widths(record.get("attention_heads"), "attention_heads"),
+            export=export,
+            format=version,
+            version=str(record.get("version", "")),
+            calibration=_optional_mapping(record, "calibration"),
+            source_model=None if record.get("source_model") is None else str(record["source_model"]),
+            mlp_pruning=_optional_mapping(record, "mlp_pruning"),
+            finetune=_optional_mapping(record, "finetune"),
+            history=tuple(_mapping(item, "history[]") for item in record.get("history") or ()),
+            notes={key: value for key, value in record.items() if key not in KNOWN_KEYS},
+        )
+        if layout.mlp_widths is not None and layout.modules.mlp is None:
+            raise LayoutError("lmslice.mlp_widths needs lmslice.modules.mlp (where the MLP channels are)")
+        if layout.attention_heads is not None and layout.modules.attention is None:
+            raise LayoutError("lmslice.attention_heads needs lmslice.modules.attention (where the heads are)")
+        if layout.standard and (layout.mlp_widths is not None or layout.attention_heads is not None):
+            raise LayoutError("lmslice.export 'standard' (the family's own architecture) cannot hold per-block "
+                              "mlp_widths or attention_heads")
+        return layout
+
+    def validate(self, config: dict[str, Any]) -> None:
+        """Refuses a record that disagrees with the model's config (`config.json` as a dict): block count,
+        widths, heads, the norm epsilon."""
+        blocks = config.get("num_hidden_layers")
+        for key in ("mlp_widths", "attention_heads"):
+            values = getattr(self, key)
+            if values is not None and isinstance(blocks, int) and len(values) != blocks:
+                raise LayoutError(f"lmslice.{key} has {len(values)} entries for {blocks} blocks")
+        mlp = self.modules.mlp
+        dense_mlp = config.get(mlp.width_config) if mlp is not None and mlp.width_config else None
+        if self.mlp_widths is not None and isinstance(dense_mlp, int):
+            wide = [width for width in self.mlp_widths if width > dense_mlp]
+            if wide:
+                raise LayoutError(f"lmslice.mlp_widths {wide[0]} exceeds the config's {mlp.width_config} {dense_mlp}")
+        if self.attention_heads is not None:
+            heads, groups = config.get("num_attention_heads"), config.get("num_key_value_heads")
+            groups = groups if isinstance(groups, int) and groups > 0 else heads
+            for count in self.attention_heads:
+                if isinstance(heads, int) and count > heads:
+                    raise LayoutError(f"lmslice.attention_heads {count} exceeds num_attention_heads {heads}")
+                if isinstance(groups, int) and count % groups:
+                    raise LayoutError(f"lmslice.attention_heads {count} is not a multiple of the "
+                                      f"{groups} key/value heads")
+        if self.standard:
+            return  # the config itself says the widths of the family's own model
+        configured = config.get("hidden_size", self.hidden_size)
+        if configured != self.hidden_size:
+            raise LayoutError(f"lmslice.hidden_size {self.hidden_size} differs from hidden_size {configured}")
+        if self.stream is not None:
+            config_eps = next((config[key] for key in CONFIG_EPS_KEYS
+                               if isinstance(config.get(key), (int, float))), None)
+            if config_eps is not None and not math.isclose(self.stream.eps, config_eps, rel_tol=1e-6):
+                raise LayoutError(f"lmslice.eps {self.stream.eps} differs from the model's norm epsilon {config_eps}")
+
+
+KNOWN_KEYS = frozenset({"format", "version", "family", "base_architecture", "modules", "hidden_size", *STREAM_KEYS,
+                        "mlp_widths", "attention_heads", "export", "calibration", "source_model", "mlp_pruning",
+                        "finetune", "history"})
+
+
+def _optional_mapping(record: dict[str, Any], key: str) -> dict[str, Any] | None:
+    return None if record.get(key) is None else _mapping(record[key], key)
+
+
+def _widths(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise LayoutError(f"lmslice.{name} must be a non-empty list of integers, got {value!r}")
+    return tuple(_integer(item, f"{name}[{index}]") for index, item in enumerate(value))
+
+
+def _stream(record: dict[str, Any]) -> Stream:
+    eps = record["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps > 0:
+        raise LayoutError(f"lmslice.eps must be a positive number, got {eps!r}")
+    sizes = {key: record[key] for key in ("hidden_size", "width", "head_width")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in sizes.values()):
+        raise LayoutError(f"lmslice widths must be positive integers, got {sizes}")
+    rotation = record.get("rotation", "per-block")
+    if rotation not in ROTATIONS:
+        raise LayoutError(f"lmslice.rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
+    sparsity = record.get("sparsity")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                 or not 0 <= sparsity < 1):
+        raise LayoutError(f"lmslice.sparsity must be a number in [0, 1), got {sparsity!r}")
+    flags = {}
+    for key in ("centred_embeddings", "tied_embeddings"):
+        flags[key] = record.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise LayoutError(f"lmslice.{key} must be true or false, got {flags[key]!r}")
+    weighting = record.get("basis_weighting")
+    return Stream(record["width"], record["head_width"], float(eps), rotation, sparsity,
+                  None if record.get("round_to") is None else _integer(record["round_to"], "round_to"),
+                  added_biases=_texts(record.get("added_biases", []), "added_biases", allow_empty=True),
+                  basis_weighting=None if weighting is None else _text(weighting, "basis_weighting"), **flags)
+
+
+def layout_of(config: Any) -> Layout | None:
+    """The layout a model's config (a `PretrainedConfig` or its dict) carries, or None for a plain model."""
+    record = config.get("lmslice") if isinstance(config, dict) else getattr(config, "lmslice", None)
+    return None if record is None else Layout.from_json(record)
