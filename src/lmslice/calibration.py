@@ -9,18 +9,45 @@ connection, the stream there is projected onto the kept components in place, as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmslice.adapters import ModelAdapter
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
+
+
+# A calibration text whose distinct tokens are fewer than this fraction of the model's width cannot
+# calibrate it: the embeddings' covariance has rank at most the number of distinct tokens, and the blocks
+# see little more. SmolLM2-135M calibrated on 'a' * 20000 (3 distinct tokens) pruned six blocks to 8
+# channels: perplexity 26.8 -> 6563.
+DEGENERATE_FRACTION = 1 / 8
+
+
+def check_calibration(batches: list[dict[str, torch.Tensor]], width: int) -> str | None:
+    """Refuses calibration batches with fewer distinct tokens than `DEGENERATE_FRACTION` of `width` (the
+    model's residual width); returns a warning, with the numbers, when they are fewer than `width`."""
+    tokens = [batch["input_ids"][batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()]
+              for batch in batches]
+    total = sum(len(ids) for ids in tokens)
+    distinct = len(torch.unique(torch.cat(tokens))) if tokens else 0
+    if distinct < DEGENERATE_FRACTION * width:
+        raise LmsliceError(f"the calibration text has {distinct} distinct tokens ({total} in all), too few to "
+                           f"calibrate a model of width {width} (at least {math.ceil(DEGENERATE_FRACTION * width)} "
+                           "needed): give varied text")
+    if distinct < width:
+        return (f"the calibration text has {distinct} distinct tokens ({total} in all), fewer than the model's "
+                f"width {width}: the embeddings' covariance has rank {distinct} at most; more varied text calibrates "
+                "better")
+    return None
 
 
 class StopForward(Exception):
@@ -40,7 +67,12 @@ class ActivationStore:
         if self.directory is None:
             self.tensors[name] = tensor
             return
-        save_file({"activations": tensor.contiguous()}, self.directory / f"{name}.safetensors")
+        try:
+            save_file({"activations": tensor.contiguous()}, self.directory / f"{name}.safetensors")
+        except (OSError, SafetensorError) as error:  # disk full, mostly
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise LmsliceError(f"cannot spill calibration activations to {self.directory}: {message}; free disk "
+                               "space there, or drop --offload-activations") from error
         self.devices[name] = tensor.device
 
     def get(self, name: str) -> torch.Tensor:

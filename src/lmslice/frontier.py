@@ -30,7 +30,7 @@ from lmslice.fuse import norm_eps
 from lmslice.layout import Layout, Stream
 from lmslice.modeling import apply_layout, get_module
 from lmslice.prune import attention_of, plan_uniform, prune_to_budget
-from lmslice.slicing import count_parameters, slice_model
+from lmslice.slicing import count_parameters, layout_before, slice_model
 
 Batches = list[dict[str, torch.Tensor]]
 
@@ -44,35 +44,35 @@ def residual_width(model: nn.Module) -> int:
     return get_module(model, find_adapter(model).embeddings[0]).weight.shape[1]
 
 
-def _sliced_skeleton(model: nn.Module, width: int) -> nn.Module:
+def sliced_skeleton(model: nn.Module, width: int) -> nn.Module:
     """A weightless copy of `model`'s structure sliced per block to `width`, head sliced too."""
     adapter = find_adapter(model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
-    apply_layout(skeleton, skeleton_layout(skeleton, adapter, residual_width(model), width))
+    apply_layout(skeleton, skeleton_layout(skeleton, adapter, width))
     return skeleton
 
 
-def skeleton_layout(skeleton: nn.Module, adapter: ModelAdapter, hidden: int, width: int) -> Layout:
-    """The layout of a per-block slice to `width`, head sliced, for counting parameters: the norm epsilon
-    (the skeleton's own) shapes no parameter, and the few bias vectors that folding a LayerNorm adds are
-    not counted."""
+def skeleton_layout(skeleton: nn.Module, adapter: ModelAdapter, width: int) -> Layout:
+    """The layout of a per-block slice to `width`, head sliced, of the skeleton's structure (an output
+    pruned per block keeps its widths), for counting parameters: the norm epsilon (the skeleton's own)
+    shapes no parameter, and the few bias vectors that folding a LayerNorm adds are not counted."""
     eps = norm_eps(get_module(skeleton, adapter.final_norm))
-    return Layout(adapter.family, type(skeleton).__name__, adapter.modules(), hidden, Stream(width, width, eps))
+    return layout_before(skeleton, adapter).replace(stream=Stream(width, width, eps))
 
 
 def sliced_parameters(model: nn.Module, width: int) -> int:
     """Real parameters of `model` sliced per block to `width` with the head sliced (SliceGPT's layout:
     shortcut matrices between blocks, the head untied from the embedding)."""
-    return count_parameters(_sliced_skeleton(model, width))
+    return count_parameters(sliced_skeleton(model, width))
 
 
 def standard_parameters(model: nn.Module, width: int) -> int:
     """Real parameters of `model` sliced with one basis to `width` and written in the standard format
     with an untied head: the family's own architecture at hidden size `width`, as `standard_config` writes it."""
     adapter = find_adapter(model)
-    skeleton = _sliced_skeleton(model, width)
-    skeleton.config.lmslice = skeleton_layout(skeleton, adapter, residual_width(model), width).to_json()
+    skeleton = sliced_skeleton(model, width)
+    skeleton.config.lmslice = skeleton_layout(skeleton, adapter, width).to_json()
     config = standard_config(skeleton, adapter, tie_embeddings=False)
     with torch.device("meta"):
         return count_parameters(AutoModelForCausalLM.from_config(config))

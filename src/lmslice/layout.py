@@ -235,14 +235,10 @@ class Layout:
         for key in ("family", "base_architecture", "modules", "hidden_size"):
             _require(record, key)
         stream = None
-        present = [key for key in ("width", "head_width", "eps") if key in record]
-        if present:
-            for key in ("width", "head_width", "eps"):
+        if any(key in record for key in ("width", "head_width", "eps", "rotation", "added_biases")):
+            for key in ("width", "head_width", "eps"):  # a sliced stream is described by all three
                 _require(record, key)
             stream = _stream(record)
-        elif any(key in record for key in STREAM_KEYS if key not in ("sparsity", "round_to")):
-            missing = "width"
-            raise LayoutError(f"lmslice.{missing} is missing")
         hidden = _integer(record["hidden_size"], "hidden_size")
         if stream is not None:
             sizes = {"hidden_size": hidden, "width": stream.width, "head_width": stream.head_width}

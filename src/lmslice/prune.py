@@ -21,6 +21,7 @@ kinds of cut, it spends a budget on per-block widths.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Iterable
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from lmslice.adapters import Attention, Mlp, ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
+from lmslice.io.models import check_finite
 from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
 from lmslice.slicing import count_parameters, layout_before
@@ -42,6 +44,7 @@ from lmslice.slicing import count_parameters, layout_before
 CRITERIA = ("obs", "energy", "leverage")
 DEFAULT_CRITERION = "obs"
 DEFAULT_DAMPING = 0.01
+WIDTHS = ("uniform", "measured")
 
 
 def mlp_of(adapter: ModelAdapter) -> Mlp:
@@ -82,35 +85,69 @@ class WidthPlan:
         return {**asdict(self), "achieved": self.achieved}
 
 
+def narrowest_width(width: int, round_to: int) -> int:
+    """The narrowest MLP a plan leaves a block of `width` channels: `round_to` channels, or all of them
+    where the MLP is no wider than that."""
+    return min(width, round_to)
+
+
+def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, widths: str = "measured",
+                  heads: bool = False, parameters_dense: int | None = None) -> None:
+    """Refuses, before any calibration, what pruning cannot do to this model: a budget out of range or
+    below what the narrowest MLPs (and, with `heads`, one query head per key/value group) keep, a family
+    whose channels are unknown, a sliced model whose head was not sliced, or uniform widths for blocks
+    that differ (an output pruned per block). `parameters_dense` is what `target_params` is a fraction of
+    (default: the model's own parameters)."""
+    if not 0 < target_params <= 1:
+        raise LmsliceError(f"--target-params must be in (0, 1], got {target_params}")
+    if round_to < 1:
+        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+    if widths not in WIDTHS:
+        raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
+    adapter = find_adapter(model)
+    mlp = mlp_of(adapter)
+    blocks = list(get_module(model, adapter.blocks))
+    for block in blocks:
+        check_consumer(block, mlp)
+    full = [mlp_width(block, mlp) for block in blocks]
+    if widths == "uniform" and len(set(full)) > 1:
+        raise LmsliceError(f"the blocks' MLPs differ in width ({min(full)}-{max(full)}: pruned per block); uniform "
+                           "pruning needs equal widths: use --mlp-widths measured, or start from the dense model")
+    dense = parameters_dense or count_parameters(model)
+    removable = sum((width - narrowest_width(width, round_to)) * channel_cost(block, mlp)
+                    for width, block in zip(full, blocks))
+    if heads:
+        attention = attention_of(adapter)
+        for block in blocks:
+            shape = HeadShape.of(block, attention)
+            removable += (shape.heads // shape.groups - 1) * shape.step_cost(block, attention)
+    smallest = count_parameters(model) - removable
+    if smallest > target_params * dense:
+        what = f"the narrowest MLP ({round_to} channels)" + (" and one query head per key/value group" if heads else "")
+        raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: {what} keeps "
+                           f"{smallest / dense:.3f}")
+
+
 def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
                  parameters_dense: int | None = None) -> WidthPlan:
     """The widest MLP width, the same in every block, that keeps at most `target_params` of
     `parameters_dense` (default: the model's own parameters; give the dense model's when `model` was
     already sliced): the full width, or a multiple of `round_to`. The plan then misses the budget by
     less than one rounding step (`round_to` channels in every block)."""
-    if not 0 < target_params <= 1:
-        raise LmsliceError(f"--target-params must be in (0, 1], got {target_params}")
-    if round_to < 1:
-        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+    check_pruning(model, target_params, round_to, widths="uniform", parameters_dense=parameters_dense)
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
     blocks = list(get_module(model, adapter.blocks))
     dense = parameters_dense or count_parameters(model)
     current = count_parameters(model)
     full = mlp_width(blocks[0], mlp)
-    if any(mlp_width(block, mlp) != full for block in blocks):
-        raise LmsliceError("the blocks' MLPs differ in width; uniform pruning needs equal widths")
     per_channel = sum(channel_cost(block, mlp) for block in blocks)
     budget = target_params * dense
     if current <= budget:
         width = full
-    else:
+    else:  # reachable (checked above), so at least round_to
         width = min(math.floor((budget - current + full * per_channel) / per_channel) // round_to * round_to,
                     full // round_to * round_to)
-    if width < round_to:
-        smallest = current - (full - round_to) * per_channel
-        raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: the "
-                           f"narrowest MLP ({round_to} channels) keeps {smallest / dense:.3f}")
     planned = current - (full - width) * per_channel
     return WidthPlan(target_params, dense, planned, [width] * len(blocks), round_to)
 
@@ -225,12 +262,19 @@ def consumer_weight(consumer: nn.Linear) -> torch.Tensor:
 
 
 def damped(matrix: torch.Tensor, channels: int, damping: float) -> torch.Tensor:
-    """G + λI on the first `channels` entries (not the constant one), λ = damping · mean diagonal."""
-    diagonal = matrix.diagonal()[:channels]
-    shift = damping * diagonal.mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+    """G + λI on the first `channels` entries (not the constant one), λ = damping · mean diagonal, or
+    λ = damping where that mean is 0: an MLP whose input is all zero (G = 0) then refits its consumer to
+    zero, which is what it wrote, instead of inverting a zero matrix."""
+    mean = matrix.diagonal()[:channels].mean()
+    shift = damping * (mean if mean > 0 else torch.ones_like(mean))
     result = matrix.clone()
     result.diagonal()[:channels] += shift
     return result
+
+
+def silent_inputs(matrix: torch.Tensor, channels: int) -> bool:
+    """Whether the consumer's input was zero on every calibration token (G = 0)."""
+    return not bool(matrix.diagonal()[:channels].any())
 
 
 def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, keep: int, criterion: str,
@@ -413,15 +457,17 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     estimates the loss it costs, comparable across blocks and kinds of cut). Steps are then taken
     greedily, the cheapest marginal error per parameter first, until the budget is met.
     """
-    uniform = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense)  # validates the budget
+    check_pruning(model, target_params, round_to, heads=heads, parameters_dense=parameters_dense)
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
     attention = attention_of(adapter) if heads else None
     blocks = get_module(model, adapter.blocks)
-    dense = uniform.parameters_dense
+    dense = parameters_dense or count_parameters(model)
     streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
-    curves, costs = [], []  # one cut per block's MLP, then one per block's attention
-    head_curves, head_costs, head_shapes = [], [], []
+    # one cut per block's MLP, then one per block's attention: the error after each step of its path, the
+    # parameters each step removes, and the width (channels or heads) each step leaves
+    paths: list[tuple[list[float], list[int], list[int]]] = []
+    head_paths = []
     for index, block in enumerate(blocks):
         if attention is not None:
             shape = HeadShape.of(block, attention)
@@ -431,61 +477,86 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                 weight = weight * head_sensitivity[index].sqrt()[:, None].to(weight)
             matrix = observe_consumer(block, attention.output, streams, advance=False)
             regularised = damped(matrix, shape.heads * shape.head_dim, damping)
-            head_curves.append(head_elimination(weight, regularised, shape, shape.heads // shape.groups - 1)[1])
-            head_costs.append(shape.step_cost(block, attention))
-            head_shapes.append(shape)
+            errors = head_elimination(weight, regularised, shape, shape.heads // shape.groups - 1)[1]
+            head_paths.append((errors, [shape.step_cost(block, attention)] * len(errors),
+                               [shape.heads - shape.groups * (step + 1) for step in range(len(errors))]))
         consumer = get_module(block, mlp.consumer)
         channels = consumer.in_features
         weight = consumer_weight(consumer)
         if sensitivity is not None:
             weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
         regularised = damped(observe_consumer(block, mlp.consumer, streams), channels, damping)
-        # The path in about 32 steps, interpolated linearly at every multiple of round_to.
-        steps = (channels - round_to) // round_to
-        stride = math.ceil(steps / 32)
-        errors = obs_elimination(weight, regularised, channels, steps * round_to, stride * round_to)[1]
-        curves.append([_interpolate(errors, (step + 1) / stride) for step in range(steps)])
-        costs.append(round_to * channel_cost(block, mlp))
-    curves, costs = curves + head_curves, costs + head_costs
-    steps = [0] * len(curves)
+        paths.append(mlp_path(weight, regularised, channels, round_to, channel_cost(block, mlp)))
+    paths += head_paths
+    steps = [0] * len(paths)
 
     def marginal(cut: int) -> float:
-        """The error per parameter of the cut's next step (inf once it has none left)."""
-        if steps[cut] >= len(curves[cut]):
+        """The error per parameter of the cut's next step (inf once its path has none left)."""
+        errors, costs, _ = paths[cut]
+        if steps[cut] >= len(errors):
             return math.inf
-        before = curves[cut][steps[cut] - 1] if steps[cut] else 0.0
-        return (curves[cut][steps[cut]] - before) / costs[cut]
+        before = errors[steps[cut] - 1] if steps[cut] else 0.0
+        return (errors[steps[cut]] - before) / costs[steps[cut]]
 
     current = count_parameters(model)
     excess = current - target_params * dense
     removed = 0
     while removed < excess:
-        cheapest = min(range(len(curves)), key=marginal)
+        cheapest = min(range(len(paths)), key=marginal)
+        if marginal(cheapest) == math.inf:  # every path is at its end (check_pruning makes this unreachable)
+            raise LmsliceError(f"pruning cannot reach {target_params:g} of the parameters: every block is at its "
+                               "narrowest")
+        removed += paths[cheapest][1][steps[cheapest]]
         steps[cheapest] += 1
-        removed += costs[cheapest]
-    widths = [mlp_width(block, mlp) - round_to * step for block, step in zip(blocks, steps)]
-    attention_heads = [shape.heads - shape.groups * step for shape, step in zip(head_shapes, steps[len(blocks):])]
+
+    def width(cut: int, full: int) -> int:
+        return paths[cut][2][steps[cut] - 1] if steps[cut] else full
+
+    widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
+    attention_heads = [width(len(blocks) + cut, HeadShape.of(block, attention).heads)
+                       for cut, block in enumerate(blocks)] if attention is not None else []
     return WidthPlan(target_params, dense, current - removed, widths, round_to, attention_heads or None)
 
 
-def _interpolate(values: list[float], position: float) -> float:
-    """values[k] sits at position k + 1, 0 at position 0; linear in between, clamped at the end."""
-    below = min(int(position), len(values))
-    low = values[below - 1] if below else 0.0
-    if below >= len(values):
+def mlp_path(weight: torch.Tensor, regularised: torch.Tensor, channels: int, round_to: int,
+             cost: int) -> tuple[list[float], list[int], list[int]]:
+    """One MLP's elimination path at the widths a plan may leave: the multiples of `round_to` below
+    `channels`, down to `round_to`. Returns the output error at each, the parameters each step removes
+    (`cost` per channel) and the widths. The path is measured in about 32 steps and interpolated."""
+    widths = list(range((channels - 1) // round_to * round_to, round_to - 1, -round_to))
+    if not widths:
+        return [], [], []
+    remove = channels - widths[-1]
+    chunk = math.ceil(remove / round_to / 32) * round_to
+    errors = obs_elimination(weight, regularised, channels, remove, chunk)[1]
+    positions = [min((step + 1) * chunk, remove) for step in range(len(errors))]
+    curve = [_interpolate(positions, errors, channels - kept) for kept in widths]
+    costs = [(before - kept) * cost for before, kept in zip([channels] + widths, widths)]
+    return curve, costs, widths
+
+
+def _interpolate(positions: list[int], values: list[float], position: float) -> float:
+    """values[k] sits at positions[k] (increasing), 0 at position 0; linear in between."""
+    below = bisect.bisect_left(positions, position)
+    if below < len(positions) and positions[below] == position:
+        return values[below]
+    low_position, low = (positions[below - 1], values[below - 1]) if below else (0, 0.0)
+    if below >= len(positions):
         return values[-1]
-    return low + (values[below] - low) * (position - below)
+    return low + (values[below] - low) * (position - low_position) / (positions[below] - low_position)
 
 
 @torch.no_grad()
 def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep: int, *,
                     criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
-                    refit_consumer: bool = True, output_weights: torch.Tensor | None = None) -> torch.Tensor:
+                    refit_consumer: bool = True, output_weights: torch.Tensor | None = None,
+                    notes: list[str] | None = None, name: str = "block") -> torch.Tensor:
     """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input), and
     carries `streams` on to the pruned block's output. Returns the kept channel indices. Without
     `refit_consumer` the consumer's columns are only deleted. `output_weights` (one per output feature,
     e.g. `output_sensitivity`) weigh the output error by which channels are chosen; the refit, a
-    least-squares fit per output feature, does not depend on them."""
+    least-squares fit per output feature, does not depend on them. What a user should know (an MLP
+    silent on the calibration text) is added to `notes`, naming the block by `name`."""
     consumer = check_consumer(block, mlp)
     channels = consumer.in_features
     # The consumer's output is added to the residual stream (it is one of the block's writers), so the
@@ -493,6 +564,9 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     # measures G and carries the stream.
     matrix = observe_consumer(block, mlp.consumer, streams, keep_inputs=True)
     weight = consumer_weight(consumer)
+    if notes is not None and keep < channels and silent_inputs(matrix, channels):
+        notes.append(f"{name}: the MLP's input is zero on every calibration token (G = 0): damping from the floor "
+                     f"λ = {damping:g}, its down projection refit to what it wrote (zero)")
     if keep >= channels:
         kept, new_weight = torch.arange(channels, device=weight.device), weight
     else:
@@ -546,6 +620,7 @@ class PruneResult:
     criterion: str
     damping: float
     kept_channels: list[list[int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the summary should say (blocks silent on the text)
 
 
 @torch.no_grad()
@@ -571,14 +646,18 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")
     streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
-    kept_channels = []
+    kept_channels: list[list[int]] = []
+    notes: list[str] = []
     for index, block in enumerate(tqdm(blocks, desc="pruning", unit="block", disable=not progress)):
+        name = f"block {index}"
         if plan.attention_heads:
             prune_block_heads(block, attention_of(adapter), streams, plan.attention_heads[index], damping=damping,
                               output_weights=None if head_sensitivity is None else head_sensitivity[index])
         kept = prune_block_mlp(block, mlp, streams, plan.mlp_widths[index], criterion=criterion, damping=damping,
                                refit_consumer=refit_consumer,
-                               output_weights=None if sensitivity is None else sensitivity[index])
+                               output_weights=None if sensitivity is None else sensitivity[index],
+                               notes=notes, name=name)
+        check_finite(block, f"{adapter.blocks}.{index}.", after=f"pruning {name}")
         kept_channels.append(kept.tolist())
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer,
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
@@ -595,10 +674,9 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     else:  # per-block widths (or a sliced stream) need lmslice's layout (remote code)
         layout = layout.replace(export=None, mlp_widths=tuple(plan.mlp_widths), attention_heads=heads)
     model.config.lmslice = layout.to_json()
-    return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels)
+    return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels, notes)
 
 
-WIDTHS = ("uniform", "measured")
 # Windows the plan (Fisher and per-block widths) is measured on; the pruning itself uses every window.
 # SmolLM2-135M at 0.8 of its parameters, calibration 32 x 256: perplexity 22.408 with the plan from the
 # first 8 windows, 22.423 from all 32, for a quarter of the planning time.
@@ -632,8 +710,6 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     the budget too: SmolLM2-135M at 0.9 / 0.8 / 0.7 / 0.6 of its parameters, perplexity 1.050 / 1.178 /
     1.477 / 1.953 x dense with heads, 1.050 / 1.201 / 1.505 / 2.008 without."""
     start = time.perf_counter()
-    if widths not in WIDTHS:
-        raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
     adapter = find_adapter(model)
     if heads is None:
         heads = widths == "measured" and adapter.attention is not None
@@ -642,10 +718,9 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     if planning_windows < 1:
         raise LmsliceError(f"planning needs at least one calibration window, got {planning_windows}")
     batches = list(batches)
-    # validates before the slow work
-    for block in get_module(model, adapter.blocks):
-        check_consumer(block, mlp_of(adapter))
-    plan = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense)
+    check_pruning(model, target_params, round_to, widths=widths, heads=heads, parameters_dense=parameters_dense)
+    plan = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense) if widths == "uniform" \
+        else None
     consumers = [mlp_of(adapter).consumer] + ([attention_of(adapter).output] if heads else [])
     planning = first_windows(batches, planning_windows)
     sensitivities = consumer_sensitivity(model, adapter, planning, consumers)

@@ -17,6 +17,7 @@ from lmslice.calibration import ActivationStore, Covariance, block_signals, capt
 from lmslice.errors import LmsliceError
 from lmslice.layout import Layout, Stream, layout_of
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
+from lmslice.io.models import check_finite
 from lmslice.modeling import get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
 from lmslice.shared_basis import shared_basis
@@ -181,6 +182,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
             added_biases += [f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter)]
             if shared:
                 rotate_block(block, adapter, [basis] * (len(adapter.residuals) + 1), hidden, eps)
+                check_finite(block, f"{adapter.blocks}.{index}.", after=f"slicing block {index}")
                 storage.store(index, block)
                 bar.update(steps_per_block)
                 continue
@@ -193,6 +195,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
                 spectra[f"block{index}.residual{position}"] = values.tolist()
             spectra[f"block{index}.output"] = signals.output[0].tolist()
             rotate_block(block, adapter, bases, hidden, eps)
+            check_finite(block, f"{adapter.blocks}.{index}.", after=f"slicing block {index}")
             storage.store(index, block)
             basis = bases[-1]
             down = basis.to(embedding.dtype)

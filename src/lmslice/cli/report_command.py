@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lmslice.calibration import check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
                                 add_zero_shot_options, calibration_data, check_device, check_minimums, check_widths,
                                 evaluation, require_extra, require_text_sources, require_tokenizer, task_list)
@@ -111,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         check_widths(dense, sparsities, args.round_to)
     tokenizer = require_tokenizer(tokenizer, args.model)
     batches, calib_seqlen = calibration_data(args, dense, tokenizer)
+    warning = check_calibration(batches, dense.get_input_embeddings().weight.shape[1])
+    if warning:
+        print(f"lmslice: warning: {warning}", file=sys.stderr)
     progress = not args.json
     evaluate = evaluation(args, dense, tokenizer, args.eval_data, progress)
     dense_parameters = count_parameters(dense)

@@ -9,20 +9,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmslice.adapters import find_adapter
-from lmslice.calibration import ActivationStore
+import torch
+from torch import nn
+
+from lmslice.adapters import ModelAdapter, find_adapter
+from lmslice.calibration import ActivationStore, check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
 from lmslice.layout import layout_of
-from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
+from lmslice.export import TIE_BY_DEFAULT, check_family, check_standard_source, standard_model
+from lmslice.frontier import sliced_skeleton
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
-                               model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
+                               model_path, out_of_range, process_tag, resolve_dtype, round_to_dtype, save_sliced,
+                               source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
-from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, plan_uniform, prune_to_budget
+from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, check_pruning, prune_to_budget
 from lmslice.shared_basis import WEIGHTINGS
-from lmslice.slicing import check_sparsity, count_parameters, slice_model
+from lmslice.slicing import check_can_slice, check_sparsity, count_parameters, slice_model, sliced_width
 
 REPORT_FILE = "lmslice_report.json"
 
@@ -78,7 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              f"(exact) (default: {'tied' if TIE_BY_DEFAULT else 'untied'})")
     parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
-                             "bfloat16 for GGUF files). Slicing itself computes in --dtype")
+                             "float16 for GGUF files, bfloat16 where a tensor exceeds float16's range). Slicing itself "
+                             "computes in --dtype")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -120,17 +126,11 @@ def run(args: argparse.Namespace) -> int:
         storage = None
         save_dtype = requested_save_dtype or source_dtype(args.model)
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
-    if standard:
-        check_family(adapter)
-    if args.sparsity is not None:
-        check_widths(model, [args.sparsity], args.round_to)
-    if args.target_params is not None:
-        plan_uniform(model, args.target_params, args.round_to)  # an unreachable budget fails before the slow work
-    if args.prune_heads:  # asked for explicitly: a family without known heads is refused
-        attention_of(adapter)
+    check_steps(args, model, adapter)
     tokenizer = require_tokenizer(tokenizer, args.model)
 
     batches, calib_seqlen = calibration_data(args, model, tokenizer)
+    notes = [note for note in [check_calibration(batches, model.get_input_embeddings().weight.shape[1])] if note]
     evaluate = evaluation(args, model, tokenizer, args.eval_data, not args.json) if args.eval_data else None
     dense_parameters = count_parameters(model)
     dense_ppl = evaluate(model).as_dict() if evaluate else None
@@ -163,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
         if tie is None:
             tie = TIE_BY_DEFAULT and layout_of(model.config).stream.tied_embeddings
         model = standard_model(model, tie_embeddings=tie, head_input=sliced.head_input)
+    notes += pruned.notes if pruned else []
+    too_large = out_of_range(model.state_dict().items(), save_dtype) if storage is None else None
+    if too_large and requested_save_dtype is None:  # the default dtype falls back; one asked for is refused
+        notes.append(f"{too_large}: saved in bfloat16 instead of {str(save_dtype).removeprefix('torch.')}")
+        save_dtype = torch.bfloat16
     sliced_ppl = evaluate(model).as_dict() if evaluate else None
     saved_ppl = sliced_ppl
     if evaluate and save_dtype != resolve_dtype(args.dtype):
@@ -189,14 +194,40 @@ def run(args: argparse.Namespace) -> int:
         # measured before saving: the report is written with the model, so it cannot include the save
         "total_seconds": round(time.perf_counter() - started, 2),
         "peak_memory_gib": round(peak_memory_gib(args.device), 3),
+        "notes": notes,
     }
     report = {REPORT_FILE: json.dumps({**summary, "spectra": sliced.spectra if sliced else {}}) + "\n"}
     if storage is None:
-        save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=report)
+        save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=report,
+                    check_ids=batches[0]["input_ids"][:1, :16])
     else:
         save_offloaded(model, storage, tokenizer, output, args.overwrite, extra_files=report)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
+
+
+def check_steps(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter) -> None:
+    """Refuses, before the calibration text is read, every step this model cannot take: slicing a stream
+    already sliced, the standard format of blocks pruned per block, a budget that pruning (after slicing,
+    on the sliced model's real size) cannot reach, heads of a family whose heads are unknown."""
+    if args.sparsity is not None:
+        check_can_slice(model)
+        check_widths(model, [args.sparsity], args.round_to)
+    if args.format == "standard":
+        check_family(adapter)
+        check_standard_source(layout_of(model.config))
+    if args.prune_heads:  # asked for explicitly: a family without known heads is refused
+        attention_of(adapter)
+    if args.target_params is None:
+        return
+    heads = args.prune_heads if args.prune_heads is not None else (
+        args.mlp_widths == "measured" and adapter.attention is not None)
+    target = model
+    if args.sparsity is not None:  # the budget is checked on what slicing (head sliced) will leave
+        hidden = model.get_input_embeddings().weight.shape[1]
+        target = sliced_skeleton(model, sliced_width(hidden, args.sparsity, args.round_to))
+    check_pruning(target, args.target_params, args.round_to, widths=args.mlp_widths, heads=heads,
+                  parameters_dense=count_parameters(model))
 
 
 def format_summary(summary: dict) -> str:
@@ -234,6 +265,7 @@ def format_summary(summary: dict) -> str:
         f"  peak memory    {summary['peak_memory_gib']:.2f} GiB",
         f"  saved to       {summary['output']} ({summary['save_dtype']})",
     ]
+    lines += [f"  note           {note}" for note in summary["notes"]]
     return "\n".join(lines)
 
 

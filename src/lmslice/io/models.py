@@ -15,7 +15,7 @@ import socket
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,11 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
-# A quantised GGUF has no float type of its own. bfloat16: GGUFs are quantised from the bfloat16 weights
-# these families are published in, and it keeps float32's range (a float16 copy, loaded by transformers'
-# default dtype="auto", computes in float16, where large activations overflow). Its rounding costs more
-# than float16's but little: SmolLM2-135M sliced 25% (pydoc, 4 windows of 256), perplexity 45.006 in
-# float32, 45.178 as bfloat16, 45.033 as float16 (`--save-dtype float16` to choose it).
-GGUF_SAVE_DTYPE = torch.bfloat16
+# A quantised GGUF has no float type of its own; its blocks' scales are float16. Saved in bfloat16 (8 bits
+# of mantissa), the rotated weights lose what float16 (11 bits) keeps: SmolLM2-135M (Q4_1) sliced at
+# sparsity 0, perplexity ratio to dense MEASURE_BF16 in bfloat16, MEASURE_FP16 in float16. float16's range is
+# checked on every saved tensor (`out_of_range`); the default falls back to bfloat16 where it is exceeded.
+GGUF_SAVE_DTYPE = torch.float16
 
 
 def source_dtype(source: str | os.PathLike[str]) -> torch.dtype:
@@ -268,11 +267,15 @@ def _dequantised_to_plain_float(model: nn.Module) -> None:
     model.is_quantized = False
 
 
-def check_finite(module: nn.Module, prefix: str = "") -> None:
-    """Refuses weights with NaN or inf: slicing would spread them into every saved tensor."""
+def check_finite(module: nn.Module, prefix: str = "", after: str | None = None) -> None:
+    """Refuses weights with NaN or inf: slicing would spread them into every saved tensor. With `after`
+    (the step that just wrote them, say "pruning block 3"), they are that step's failure, named so."""
     for name, parameter in module.named_parameters():
         if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
             bad = int((~torch.isfinite(parameter)).sum())
+            if after:
+                raise LmsliceError(f"{after} left {bad} NaN or inf values in {prefix}{name}; nothing was saved "
+                                   "(the calibration text may not exercise this block: give more varied text)")
             raise LmsliceError(f"weight {prefix}{name} has {bad} NaN or inf values: the model is damaged; "
                                "refusing to slice it")
 
@@ -364,20 +367,44 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def out_of_range(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> str | None:
+    """The first floating tensor with values beyond `dtype`'s largest finite one (float16: 65504), described;
+    None if `dtype` holds them all."""
+    if dtype is None or not dtype.is_floating_point:
+        return None
+    largest = torch.finfo(dtype).max
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and tensor.numel():
+            peak = tensor.detach().abs().max().item()
+            if peak > largest:
+                return f"{name} (|x| up to {peak:.4g}, {str(dtype).removeprefix('torch.')} holds {largest:.4g})"
+    return None
+
+
+def check_range(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> None:
+    """Refuses to write tensors in a dtype that would turn their largest values into inf."""
+    problem = out_of_range(tensors, dtype)
+    if problem:
+        raise LmsliceError(f"the weights do not fit the save dtype: {problem}; save in bfloat16 or float32 "
+                           "(--save-dtype)")
+
+
 def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike[str], *,
                 overwrite: bool = False, dtype: torch.dtype | None = None,
-                extra_files: dict[str, str] | None = None) -> Path:
+                extra_files: dict[str, str] | None = None, check_ids: torch.Tensor | None = None) -> Path:
     """Writes safetensors weights (in `dtype`; by default the model's own), a config that records the
-    slicing, the tokenizer, the modeling code and `extra_files` (name -> text) into a temporary directory
-    moved into place only when complete."""
+    slicing, the tokenizer, the modeling code and `extra_files` (name -> text) into a temporary directory,
+    loads it back and compares its logits on `check_ids` (a few calibration tokens; default: the first
+    token ids) with `model`'s, and moves it into place only then."""
     out = check_output_dir(out_dir, overwrite)
+    check_range(model.state_dict().items(), dtype)
     staging = staging_dir(out)
     with discarded_on_failure(staging, out):
         weights = {name: cast_floating(tensor, dtype) for name, tensor in model.state_dict().items()}
         model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         if dtype is not None:
             record_saved_dtype(staging, dtype)
-    return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
+    return finish_output(model, tokenizer, staging, out, overwrite, extra_files, check_ids)
 
 
 def staging_dir(out: Path) -> Path:
@@ -390,9 +417,11 @@ def staging_dir(out: Path) -> Path:
 
 
 def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, staging: Path, out: Path,
-                  overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
-    """Adds the tokenizer, modeling code and `extra_files` to the weights and config in `staging`, then
-    moves it to `out`. On any failure the staging directory is removed."""
+                  overwrite: bool, extra_files: dict[str, str] | None = None,
+                  check_ids: torch.Tensor | None = None) -> Path:
+    """Adds the tokenizer, modeling code and `extra_files` to the weights and config in `staging`, checks
+    that it loads back (`verify_saved`), then moves it to `out`. On any failure the staging directory is
+    removed."""
     layout = layout_of(model.config)
     with discarded_on_failure(staging, out):
         if tokenizer is not None:
@@ -401,7 +430,65 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
             write_remote_code(staging, layout)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        verify_saved(model, staging, out, check_ids)
     return move_into_place(staging, out, overwrite)
+
+
+# How far the reloaded model's logits may be from the in-memory model's, relative to their largest value,
+# by the dtype the weights were written in: its rounding, through every block (SmolLM2-135M saved at
+# sparsity 0: bfloat16 within 0.03, float16 within 0.004).
+RELOAD_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}
+
+
+@torch.no_grad()
+def verify_saved(model: nn.Module, staging: Path, out: Path, check_ids: torch.Tensor | None) -> None:
+    """Loads `staging` back as `load` will and compares its logits on `check_ids` with `model`'s; a model
+    whose blocks are not in memory (offloaded) is checked for structure: every tensor its config implies
+    is written, in its shape. Refuses, in one line, an output that would not load or compute the same."""
+    def failed(problem: str) -> LmsliceError:
+        return LmsliceError(f"the model written for {out} {problem}; nothing was saved")
+
+    if any(parameter.device.type == "meta" for parameter in model.parameters()):
+        return _verify_structure(staging, failed)
+    try:
+        saved = load(staging)
+    except LmsliceError as error:
+        raise failed(f"does not load back ({error})") from error
+    vocabulary = model.get_input_embeddings().weight.shape[0]
+    ids = check_ids if check_ids is not None else torch.arange(min(16, vocabulary))[None]
+    ids = ids[:2, :16]
+    device = model.get_input_embeddings().weight.device
+    expected = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    got = saved(input_ids=ids, use_cache=False).logits.float()
+    dtype = DTYPES.get(str(read_config(staging).get("dtype")), next(model.parameters()).dtype)
+    scale = expected.abs().max().item()
+    difference = (got - expected).abs().max().item() if got.shape == expected.shape else math.inf
+    if not difference <= RELOAD_TOLERANCE.get(dtype, 0.1) * max(scale, 1.0):
+        raise failed(f"computes other logits once loaded back (largest difference {difference:.4g} of "
+                     f"{scale:.4g}, saved as {dtype})")
+
+
+def _verify_structure(staging: Path, failed: Callable[[str], LmsliceError]) -> None:
+    config = read_config(staging)
+    layout = read_layout(config, staging)
+    with torch.device("meta"):
+        auto_config = AutoConfig.from_pretrained(staging)
+        if layout is not None and layout.needs_remote_code:
+            skeleton = modeling.sliced_class(getattr(transformers, layout.base_architecture))(auto_config)
+        else:
+            skeleton = AutoModelForCausalLM.from_config(auto_config)
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in staging.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    for name, parameter in skeleton.named_parameters():
+        if name not in stored:
+            raise failed(f"lacks the tensor {name} its config implies")
+        if stored[name] != tuple(parameter.shape):
+            raise failed(f"has {name} of shape {stored[name]}, its config implies {tuple(parameter.shape)}")
+    extra = sorted(set(stored) - set(skeleton.state_dict()))
+    if extra:
+        raise failed(f"holds tensors its config does not use ({', '.join(extra[:3])})")
 
 
 def write_remote_code(directory: Path, layout: Layout) -> None:

@@ -26,9 +26,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
 from lmslice.io.models import (cast_floating, check_finite, check_output_dir, discarded_on_failure, finish_output,
-                               record_saved_dtype, source_dtype, staging_dir)
-from lmslice.modeling import base_key_mapping
-from lmslice.slicing import SliceResult, slice_model
+                               read_config, read_layout, record_saved_dtype, source_dtype, staging_dir)
+from lmslice.modeling import apply_layout, base_key_mapping
+from lmslice.slicing import SliceResult, check_can_slice, slice_model
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -130,8 +130,12 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
     config = AutoConfig.from_pretrained(directory)
+    layout = read_layout(read_config(directory), directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if layout is not None:  # an lmslice output: its pruned blocks' shapes (a sliced stream is refused)
+        check_can_slice(model)
+        apply_layout(model, layout)
     checkpoint = Checkpoint(directory, base_key_mapping(type(model)))
     blocks = model.get_submodule(blocks_path_of(model))
     tied = {}
