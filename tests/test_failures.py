@@ -492,3 +492,257 @@ def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text
                       "lmslice: error: zero-shot evaluation needs lm-eval: pip install 'lmslice[eval]'"]
     for sliced in (out, tmp_path / "offloaded"):
         assert lmslice.load(sliced).get_input_embeddings().weight.shape[1] == 48
+
+
+# ------------------------------------- issue 17: the defects of the untyped layout, one test each
+
+
+def pruned_dir(dense_dir: Path, tmp_path: Path, text_file: Path, *options: object) -> Path:
+    out = tmp_path / "pruned"
+    assert main(["slice", str(dense_dir), "--target-params", "0.8", *map(str, options), "--calib", str(text_file),
+                 "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32", "--json"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("source", ["uniform", "standard"])
+def test_1_pruning_a_plain_output_per_block_writes_a_loadable_model(source: str, capsys, dense_dir, text_file,
+                                                                    tmp_path) -> None:
+    plain = tmp_path / source
+    options = (["--target-params", "0.8", "--mlp-widths", "uniform"] if source == "uniform"
+               else ["--sparsity", "0.25", "--format", "standard"])
+    assert main(["slice", str(dense_dir), *options, "--calib", str(text_file), "-o", str(plain),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--json"]) == 0
+    out = tmp_path / "again"
+    code, error = run_cli(capsys, "slice", plain, "--target-params", "0.8", "--calib", text_file, "-o", out,
+                          "--calib-samples", "4", "--calib-seqlen", "32", "--json")
+    assert code == 0, error
+    layout = json.loads((out / "config.json").read_text())["lmslice"]
+    assert "export" not in layout and len(layout["mlp_widths"]) == 3 and layout["history"]
+    assert (out / "modeling_lmslice.py").is_file()
+    lmslice.load(out)
+
+
+def test_2_offloaded_slicing_of_a_pruned_model_keeps_its_widths(capsys, dense_dir, text_file, tmp_path) -> None:
+    pruned = pruned_dir(dense_dir, tmp_path, text_file)
+    widths = json.loads((pruned / "config.json").read_text())["lmslice"]["mlp_widths"]
+    capsys.readouterr()
+    outs = {}
+    for extra in ((), ("--offload",)):
+        outs[extra] = tmp_path / f"sliced{len(extra)}"
+        code, error = run_cli(capsys, *slice_args(pruned, outs[extra], text_file, *extra))
+        assert code == 0, error
+        assert json.loads((outs[extra] / "config.json").read_text())["lmslice"]["mlp_widths"] == widths
+    ids, mask = tiny_models.padded_inputs()
+    in_memory, offloaded = (lmslice.load(out)(input_ids=ids, attention_mask=mask).logits for out in outs.values())
+    torch.testing.assert_close(offloaded, in_memory, rtol=1e-4, atol=1e-4)
+
+
+def test_3_reloaded_outputs_are_cut_again_or_refused_with_the_reason(capsys, sliced_dir, dense_dir, text_file,
+                                                                    tmp_path) -> None:
+    pruned = pruned_dir(dense_dir, tmp_path, text_file)
+    capsys.readouterr()
+    code, error = run_cli(capsys, *slice_args(pruned, tmp_path / "re-sliced", text_file))
+    assert code == 0, error
+    code, error = run_cli(capsys, *slice_args(sliced_dir, tmp_path / "twice", text_file))
+    assert code == 2 and "already sliced" in error and "dense model it came from" in error
+    assert "unsupported architecture" not in error
+
+
+PRUNED_EDITS = {
+    "mlp_widths one too long": (lambda layout: layout["mlp_widths"].append(8), "3 blocks"),
+    "a width as a string": (lambda layout: layout["mlp_widths"].__setitem__(0, "104"), "must be an integer"),
+    "a width as a float": (lambda layout: layout["mlp_widths"].__setitem__(0, 104.0), "must be an integer"),
+    "a width as a bool": (lambda layout: layout["mlp_widths"].__setitem__(0, True), "must be an integer"),
+    "modules.mlp deleted": (lambda layout: layout["modules"].pop("mlp"), "needs lmslice.modules.mlp"),
+    "heads not a multiple of the key/value heads": (lambda layout: layout["attention_heads"].__setitem__(0, 3),
+                                                    "multiple of the 2 key/value heads"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(PRUNED_EDITS))
+def test_4_hand_edited_pruned_configs_are_one_line(edit: str, capsys, dense_dir, text_file, tmp_path) -> None:
+    damaged = pruned_dir(dense_dir, tmp_path, text_file)
+    change, expected = PRUNED_EDITS[edit]
+    edit_config(damaged, lambda config: change(config["lmslice"]))
+    with pytest.raises(LmsliceError, match=re.escape(expected)):
+        lmslice.load(damaged)
+
+
+@pytest.mark.parametrize("criterion", ["obs", "energy", "leverage"])
+def test_5_a_block_whose_mlp_input_is_zero_is_pruned_finitely_and_said(criterion: str) -> None:
+    from lmslice.prune import prune_to_budget
+
+    model = tiny_models.build("llama", torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.zero_()  # the down projection reads zeros: G = 0
+    result = prune_to_budget(model, tiny_models.random_batches(), 0.7, criterion=criterion, progress=False,
+                             heads=False)
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    assert any("block 1" in note and "G = 0" in note for note in result.notes)
+    ids, mask = tiny_models.padded_inputs()
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
+
+
+def test_5_a_cut_that_leaves_nan_is_refused_naming_the_block_and_tensor(monkeypatch) -> None:
+    import lmslice.prune as prune
+
+    real_refit = prune.refit
+    monkeypatch.setattr(prune, "refit", lambda *args: real_refit(*args) * float("nan"))
+    with pytest.raises(LmsliceError, match=r"pruning block 0 left \d+ NaN or inf values in "
+                                           r"model\.layers\.0\.mlp\.down_proj\.weight"):
+        prune.prune_to_budget(tiny_models.build("llama", torch.float32), tiny_models.random_batches(), 0.8,
+                              progress=False, heads=False)
+
+
+@pytest.mark.parametrize("round_to, widths", [(30, "measured"), (60, "measured"), (30, "uniform")])
+def test_6_the_planner_stays_on_its_path_and_honours_round_to(round_to: int, widths: str) -> None:
+    from lmslice.prune import prune_to_budget
+
+    model = tiny_models.build("llama", torch.float32)  # MLPs of 112 channels
+    result = prune_to_budget(model, tiny_models.random_batches(), 0.8, round_to=round_to, widths=widths,
+                             progress=False)
+    assert all(width == 112 or (width % round_to == 0 and width >= round_to) for width in result.plan.mlp_widths)
+    assert result.plan.achieved <= 0.8
+
+
+def test_6_a_narrow_mlp_is_never_cut_below_round_to(capsys, tmp_path, tiny_tokenizer, text_file) -> None:
+    narrow = tmp_path / "narrow"
+    model = transformers_llama(intermediate_size=12)
+    model.save_pretrained(narrow)
+    tiny_tokenizer.save_pretrained(narrow)
+    out = tmp_path / "out"
+    code, error = run_cli(capsys, "slice", narrow, "--target-params", "0.99", "--calib", text_file, "-o", out,
+                          "--calib-samples", "4", "--calib-seqlen", "32", "--json")
+    if code == 0:
+        widths = json.loads((out / "config.json").read_text())["lmslice"].get("mlp_widths") or []
+        assert all(width in (8, 12) for width in widths)
+    else:
+        assert code == 2 and "cannot reach 0.99" in error
+
+
+def transformers_llama(intermediate_size: int):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **tiny_models.COMMON, intermediate_size=intermediate_size, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_7_plain_directories_with_missing_or_extra_tensors_are_refused(change: str, dense_dir, tmp_path) -> None:
+    source = copy_of(dense_dir, tmp_path)
+    weights = load_file(source / "model.safetensors")
+    if change == "missing":
+        del weights["model.layers.1.mlp.up_proj.weight"]
+    else:
+        weights["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LmsliceError, match="do not match its config"):
+        lmslice.load(source)
+
+
+def test_8_calibration_text_that_cannot_calibrate_is_refused_with_numbers(capsys, dense_dir, tmp_path,
+                                                                         monkeypatch) -> None:
+    text = tmp_path / "aaaa.txt"
+    text.write_text("a" * 20000)
+    monkeypatch.setattr("lmslice.cli.slice_command.slice_model", pytest.fail)
+    for extra in (("--sparsity", "0.25"), ("--target-params", "0.8")):
+        out = tmp_path / "out"
+        code, error = run_cli(capsys, "slice", dense_dir, *extra, "--calib", text, "-o", out, "--calib-samples", "4",
+                              "--calib-seqlen", "32")
+        assert code == 2 and re.search(r"has \d distinct tokens \(128 in all\), too few", error) and not out.exists()
+
+
+def test_9_disk_full_while_spilling_activations_is_one_line(capsys, dense_dir, text_file, tmp_path,
+                                                             monkeypatch) -> None:
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr("lmslice.calibration.save_file", disk_full)
+    out = tmp_path / "out"
+    code, error = run_cli(capsys, *slice_args(dense_dir, out, text_file, "--offload-activations"))
+    assert code == 2 and "cannot spill calibration activations" in error and "StorageFull" in error
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_10_a_budget_the_sliced_model_cannot_meet_is_refused_before_slicing(capsys, dense_dir, text_file,
+                                                                           tmp_path, monkeypatch) -> None:
+    from lmslice.frontier import sliced_skeleton
+    from lmslice.prune import channel_cost, mlp_width
+    from lmslice.slicing import count_parameters
+
+    dense = lmslice.load(dense_dir)
+
+    def narrowest(model) -> int:
+        blocks = list(model.model.layers)
+        mlp = lmslice.adapters.find_adapter(model).mlp
+        return count_parameters(model) - sum((mlp_width(block, mlp) - 8) * channel_cost(block, mlp)
+                                             for block in blocks)
+
+    dense_floor = narrowest(dense) / count_parameters(dense)
+    sliced_floor = narrowest(sliced_skeleton(dense, 56)) / count_parameters(dense)
+    assert sliced_floor > dense_floor  # shortcuts and the untied head: slicing a little adds parameters
+    budget = (dense_floor + sliced_floor) / 2
+    monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+    code, error = run_cli(capsys, "slice", dense_dir, "--sparsity", "0.125", "--target-params", f"{budget:.4f}",
+                          "--no-prune-heads", "--calib", text_file, "-o", tmp_path / "out")
+    assert code == 2 and f"keeps {sliced_floor:.3f}" in error
+
+
+def test_10_a_full_budget_on_an_mlp_narrower_than_round_to_keeps_it(capsys, tmp_path, tiny_tokenizer,
+                                                                     text_file) -> None:
+    narrow = tmp_path / "narrow"
+    transformers_llama(intermediate_size=12).save_pretrained(narrow)
+    tiny_tokenizer.save_pretrained(narrow)
+    out = tmp_path / "out"
+    code, error = run_cli(capsys, "slice", narrow, "--target-params", "1.0", "--round-to", "16", "--calib", text_file,
+                          "-o", out, "--calib-samples", "4", "--calib-seqlen", "32", "--json")
+    assert code == 0, error
+    lmslice.load(out)
+
+
+def test_10_bench_refuses_a_dense_model_with_other_key_value_heads() -> None:
+    import transformers
+
+    from lmslice.cli.bench_command import check_same_model
+
+    sliced = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=4))
+    slice_model(sliced, tiny_models.random_batches(), 0.25, progress=False)
+    with pytest.raises(LmsliceError, match="key/value heads 2 vs 4"):
+        check_same_model(tiny_models.build("llama", torch.float32), sliced, "dense", "sliced")
+
+
+def test_11_a_gguf_source_is_saved_in_float16_within_its_range(tmp_path) -> None:
+    from lmslice.io.models import out_of_range, source_dtype
+
+    assert source_dtype(tmp_path / "model.gguf") == torch.float16
+    model = tiny_models.build("llama", torch.float32)
+    assert out_of_range(model.state_dict().items(), torch.float16) is None
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 1] = 1e5
+    assert out_of_range(model.state_dict().items(), torch.float16).startswith("model.layers.2.mlp.down_proj.weight")
+    with pytest.raises(LmsliceError, match="do not fit the save dtype: model.layers.2.mlp.down_proj.weight"):
+        lmslice.save_sliced(model, None, tmp_path / "half", dtype=torch.float16)
+    assert not (tmp_path / "half").exists()
+
+
+def test_a_saved_model_that_computes_otherwise_is_not_moved_into_place(tmp_path, monkeypatch) -> None:
+    import lmslice.io.models as models
+
+    model = tiny_models.build("llama", torch.float32)
+    slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    real_load = models.load
+
+    def damaged_load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        with torch.no_grad():
+            loaded.model.layers[0].mlp.down_proj.weight.mul_(2)
+        return loaded
+
+    monkeypatch.setattr(models, "load", damaged_load)
+    with pytest.raises(LmsliceError, match="computes other logits once loaded back"):
+        lmslice.save_sliced(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -142,8 +142,13 @@ class ShortcutLinear(StreamWriter):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = self.channel.take_residual()
         out = F.linear(hidden_states, self.weight, self.bias)
+        shortcut = (residual.reshape(-1, self.residual_width), self.shortcut_minus_identity)
+        if out.requires_grad:
+            # out of place: a gradient hook on an output changed in place through a view crashed torch
+            # (segmentation fault in register_hook: the Fisher pass of a sliced GPT-NeoX with sequential blocks)
+            return self.to_stream_width(torch.addmm(out.view(-1, self.out_features), *shortcut).view_as(out))
         # In place: no second activation-sized buffer (F.linear does not keep its output for backward).
-        out.view(-1, self.out_features).addmm_(residual.reshape(-1, self.residual_width), self.shortcut_minus_identity)
+        out.view(-1, self.out_features).addmm_(*shortcut)
         return self.to_stream_width(out)
 
 

@@ -661,11 +661,11 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         kept_channels.append(kept.tolist())
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer,
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
-    notes = dict(metadata or {})
+    extra = dict(metadata or {})
     heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads
-    layout = before.replace(mlp_pruning=pruning, calibration=notes.pop("calibration", before.calibration),
-                            source_model=notes.pop("source_model", before.source_model),
-                            notes={**before.notes, **notes})
+    layout = before.replace(mlp_pruning=pruning, calibration=extra.pop("calibration", before.calibration),
+                            source_model=extra.pop("source_model", before.source_model),
+                            notes={**before.notes, **extra})
     if len(set(plan.mlp_widths)) == 1 and heads is None:
         setattr(model.config, mlp.width_config, plan.mlp_widths[0])
     if len(set(plan.mlp_widths)) == 1 and heads is None and layout.stream is None:

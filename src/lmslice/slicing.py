@@ -207,12 +207,12 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     rotate_reader(get_module(model, adapter.head), basis)
     install_final_norm(model, adapter.modules(), width, head_width, hidden, eps)
 
-    notes = dict(metadata or {})
+    extra = dict(metadata or {})
     model.config.lmslice = before.replace(
         stream=Stream(width, head_width, eps, rotation, sparsity, round_to, centre_embeddings, tied_embeddings,
                       tuple(added_biases), weighting if shared else None),
-        calibration=notes.pop("calibration", before.calibration),
-        source_model=notes.pop("source_model", before.source_model),
-        notes={**before.notes, **notes},
+        calibration=extra.pop("calibration", before.calibration),
+        source_model=extra.pop("source_model", before.source_model),
+        notes={**before.notes, **extra},
     ).to_json()
     return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra, head_input)

@@ -450,8 +450,9 @@ def verify_saved(model: nn.Module, staging: Path, out: Path, check_ids: torch.Te
 
     if any(parameter.device.type == "meta" for parameter in model.parameters()):
         return _verify_structure(staging, failed)
+    computes_in = model.get_input_embeddings().weight.dtype  # the saved copy computes as the model does
     try:
-        saved = load(staging)
+        saved = load(staging, dtype=computes_in)
     except LmsliceError as error:
         raise failed(f"does not load back ({error})") from error
     vocabulary = model.get_input_embeddings().weight.shape[0]
@@ -460,7 +461,7 @@ def verify_saved(model: nn.Module, staging: Path, out: Path, check_ids: torch.Te
     device = model.get_input_embeddings().weight.device
     expected = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
     got = saved(input_ids=ids, use_cache=False).logits.float()
-    dtype = DTYPES.get(str(read_config(staging).get("dtype")), next(model.parameters()).dtype)
+    dtype = DTYPES.get(str(read_config(staging).get("dtype")), computes_in)
     scale = expected.abs().max().item()
     difference = (got - expected).abs().max().item() if got.shape == expected.shape else math.inf
     if not difference <= RELOAD_TOLERANCE.get(dtype, 0.1) * max(scale, 1.0):
