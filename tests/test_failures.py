@@ -611,7 +611,7 @@ def test_6_a_narrow_mlp_is_never_cut_below_round_to(capsys, tmp_path, tiny_token
     model.save_pretrained(narrow)
     tiny_tokenizer.save_pretrained(narrow)
     out = tmp_path / "out"
-    code, error = run_cli(capsys, "slice", narrow, "--target-params", "0.99", "--calib", text_file, "-o", out,
+    code, error = run_cli(capsys, "slice", narrow, "--target-params", "0.99", "--no-prune-heads", "--calib", text_file, "-o", out,
                           "--calib-samples", "4", "--calib-seqlen", "32", "--json")
     if code == 0:
         widths = json.loads((out / "config.json").read_text())["lmslice"].get("mlp_widths") or []
