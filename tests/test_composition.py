@@ -129,3 +129,24 @@ def test_reloaded_outputs_of_every_family_can_be_cut_again(family: str, tmp_path
     reloaded = reload_and_compare(sliced, tmp_path / "sliced")
     prune_to_budget(reloaded, batches, 0.85, progress=False)
     reload_and_compare(reloaded, tmp_path / "sliced-pruned")
+
+
+def test_remote_code_loads_a_pruned_then_sliced_output_without_lmslice(tmp_path: Path) -> None:
+    """The modeling file imports the layout module copied beside it, not lmslice."""
+    import subprocess
+    import sys
+
+    model = tiny_models.build("llama", torch.float32)
+    prune_to_budget(model, tiny_models.random_batches(), 0.8, progress=False)
+    slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    out = lmslice.save_sliced(model, None, tmp_path / "out")
+    ids = torch.arange(12)[None]
+    torch.save(model(input_ids=ids).logits, tmp_path / "expected.pt")
+    code = (f"import sys; sys.modules['lmslice'] = None\n"
+            "import torch\nfrom transformers import AutoModelForCausalLM\n"
+            f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)\n"
+            f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+            "print((model(input_ids=torch.arange(12)[None]).logits - expected).abs().max().item())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == 0.0
