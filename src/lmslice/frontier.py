@@ -8,8 +8,9 @@ report's default modes are the supported ones), `check` refuses a budget before 
 one) and a short description of its shape. Add a mode: add a `Mode` to `MODES`.
 
 Residual slicing keeps a width, not a parameter count, so the slicing modes search the widths (multiples
-of `round_to`) for the one whose real parameter count is closest to the budget, counting each candidate
-on a weightless (meta-device) copy of the structure it would have.
+of `round_to`) for the widest whose real parameter count is at most the budget (a budget is a ceiling,
+as for the pruning modes), counting each candidate on a weightless (meta-device) copy of the structure it
+would have.
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def standard_parameters(model: nn.Module, width: int) -> int:
         return count_parameters(AutoModelForCausalLM.from_config(config))
 
 
-def closest_width(model: nn.Module, target_params: float, parameters: Callable[[nn.Module, int], int],
-                  round_to: int) -> int:
-    """The residual width (a multiple of `round_to`, below the model's) whose real parameter count,
-    `parameters(model, width)`, is closest to `target_params` of the dense model's. Refuses a budget
-    below what the narrowest width keeps."""
+def widest_width_within(model: nn.Module, target_params: float, parameters: Callable[[nn.Module, int], int],
+                        round_to: int) -> int:
+    """The widest residual width (a multiple of `round_to`, below the model's) whose real parameter count,
+    `parameters(model, width)`, is at most `target_params` of the dense model's. Refuses a budget that no
+    width meets."""
     check_budget(target_params)
     if round_to < 1:
         raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
@@ -101,13 +102,12 @@ def closest_width(model: nn.Module, target_params: float, parameters: Callable[[
             counts[width] = parameters(model, width)
         return counts[width]
 
-    # more width never means fewer parameters, so the two widths around the target are found by bisection
-    above = bisect.bisect_left(widths, target, key=count)
-    if above == 0 and count(widths[0]) > target:
+    # more width never means fewer parameters, so the first width over the budget is found by bisection
+    over = bisect.bisect_right(widths, target, key=count)
+    if over == 0:
         raise LmsliceError(f"slicing cannot reach {target_params:g} of the parameters: the narrowest residual "
                            f"width ({round_to}) keeps {count(widths[0]) / dense:.3f}")
-    candidates = widths[max(0, above - 1):above + 1]
-    return min(candidates, key=lambda width: abs(count(width) - target))
+    return widths[over - 1]
 
 
 def sparsity_for_width(hidden: int, width: int) -> float:
@@ -121,7 +121,7 @@ def describe_mlp(widths: list[int]) -> str:
 
 def _slicegpt(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
               progress: bool) -> tuple[nn.Module, str]:
-    width = closest_width(model, target_params, sliced_parameters, round_to)
+    width = widest_width_within(model, target_params, sliced_parameters, round_to)
     result = slice_model(model, batches, sparsity_for_width(residual_width(model), width), round_to=round_to,
                          slice_head=True, progress=progress)
     return model, f"D'={result.width}"
@@ -129,7 +129,7 @@ def _slicegpt(model: nn.Module, batches: Batches, target_params: float, *, round
 
 def _standard(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
               progress: bool) -> tuple[nn.Module, str]:
-    width = closest_width(model, target_params, standard_parameters, round_to)
+    width = widest_width_within(model, target_params, standard_parameters, round_to)
     result = slice_model(model, batches, sparsity_for_width(residual_width(model), width), round_to=round_to,
                          rotation="shared", slice_head=True, progress=progress)
     return standard_model(model, tie_embeddings=False, head_input=result.head_input), f"D'={result.width}"
@@ -183,7 +183,7 @@ class Mode:
 
 def _check_width(parameters: Callable[[nn.Module, int], int]) -> Callable[[nn.Module, float, int], None]:
     def check(model: nn.Module, target_params: float, round_to: int) -> None:
-        closest_width(model, target_params, parameters, round_to)
+        widest_width_within(model, target_params, parameters, round_to)
 
     return check
 
