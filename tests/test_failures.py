@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import lmslice
@@ -701,6 +702,33 @@ def test_10_a_full_budget_on_an_mlp_narrower_than_round_to_keeps_it(capsys, tmp_
                           "-o", out, "--calib-samples", "4", "--calib-seqlen", "32", "--json")
     assert code == 0, error
     lmslice.load(out)
+
+
+def test_10_lmslice_layouts_loaded_without_remote_code_ask_for_it(sliced_dir, tmp_path) -> None:
+    """Plain `AutoModelForCausalLM.from_pretrained(dir)` of a sliced or a pruned output stops with
+    transformers' request for trust_remote_code=True (it used to build the dense structure and fail on
+    sizes); with it, and through lmslice, both still load."""
+    from lmslice.prune import prune_to_budget
+
+    pruned = tiny_models.build("llama", torch.float32)
+    prune_to_budget(pruned, tiny_models.random_batches(), 0.8, progress=False)
+    pruned_dir = lmslice.save_sliced(pruned, None, tmp_path / "pruned")
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            f"for directory in {[str(sliced_dir), str(pruned_dir)]!r}:\n"
+            "    try:\n"
+            "        AutoModelForCausalLM.from_pretrained(directory)\n"
+            "    except Exception as error:\n"
+            "        print('error:', repr(str(error)), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)  # transformers asks on a terminal, refuses without one
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 0 and len(errors) == 2, result.stderr[-2000:]
+    for error in errors:
+        assert "Please pass the argument `trust_remote_code=True`" in error, error
+    for directory in (sliced_dir, pruned_dir):
+        remote = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+        assert type(remote).__name__ == "LmsliceForCausalLM"
+        assert type(lmslice.load(directory).config) is transformers.LlamaConfig
 
 
 def test_10_bench_refuses_a_dense_model_with_other_key_value_heads() -> None:

@@ -299,6 +299,24 @@ def base_key_mapping(base: type) -> dict[str, str]:
             for source, target in zip(transform.source_patterns, transform.target_patterns)}
 
 
+# The model type a saved lmslice output's config.json names. No transformers knows it, so a plain
+# `AutoModelForCausalLM.from_pretrained(dir)` stops with transformers' own request for
+# trust_remote_code=True; under the base type it would build the dense structure and fail on sizes.
+REMOTE_MODEL_TYPE = "lmslice"
+
+
+def remote_classes(base: type) -> tuple[type, type]:
+    """The config and model classes the saved modeling file exports: `base`'s, under REMOTE_MODEL_TYPE
+    (transformers pairs a remote model with its config by the config class's name)."""
+
+    class LmsliceConfig(base.config_class):
+        model_type = REMOTE_MODEL_TYPE
+
+    model = sliced_class(base)
+    model.config_class = LmsliceConfig
+    return LmsliceConfig, model
+
+
 def sliced_class(base: type) -> type:
     """`base` (a `transformers` *ForCausalLM class) whose constructor builds the sliced structure."""
 

@@ -23,7 +23,7 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from lmslice import layout as layout_module
 from lmslice import modeling
@@ -83,8 +83,8 @@ def source_dtype(source: str | os.PathLike[str]) -> torch.dtype:
         if floating:
             return Counter(floating).most_common(1)[0][0]
     try:
-        configured = getattr(AutoConfig.from_pretrained(str(path)), "dtype", None)
-    except (OSError, ValueError):
+        configured = getattr(local_config(path), "dtype", None)
+    except (OSError, ValueError, LmsliceError):
         configured = None
     if isinstance(configured, str):
         configured = DTYPES.get(configured)
@@ -136,6 +136,27 @@ def read_layout(config: dict[str, Any], path: Path) -> Layout | None:
     return layout
 
 
+def base_architecture(layout: Layout) -> type:
+    base = getattr(transformers, layout.base_architecture, None)
+    if base is None:
+        raise LmsliceError(f"this transformers has no {layout.base_architecture}; upgrade it")
+    return base
+
+
+def local_config(directory: Path) -> PretrainedConfig:
+    """The directory's config as `AutoConfig` builds it; for an lmslice output, whose config.json names a
+    model type only its remote code knows (`modeling.REMOTE_MODEL_TYPE`), in its base architecture's
+    config class, so that lmslice needs no remote code."""
+    if not (Path(directory) / "config.json").is_file():  # a hub id
+        return AutoConfig.from_pretrained(str(directory))
+    config = read_config(directory)
+    layout = read_layout(config, Path(directory))
+    if layout is None or not layout.needs_remote_code:
+        return AutoConfig.from_pretrained(directory)
+    config_class = base_architecture(layout).config_class
+    return config_class.from_dict({**config, "model_type": config_class.model_type})
+
+
 def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu") -> nn.Module:
     """A causal LM from a local directory (dense or sliced), a `.gguf` file, a hub id or a built-in name
@@ -178,10 +199,8 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
         config = read_config(path)
         layout = read_layout(config, path)
         if layout is not None and layout.needs_remote_code:
-            base = getattr(transformers, layout.base_architecture, None)
-            if base is None:
-                raise LmsliceError(f"this transformers has no {layout.base_architecture}; upgrade it")
-            model = _from_pretrained(modeling.sliced_class(base), path, dtype=torch_dtype, exact=True)
+            model = _from_pretrained(modeling.sliced_class(base_architecture(layout)), path,
+                                     config=local_config(path), dtype=torch_dtype, exact=True)
         else:  # a plain architecture: a missing or extra tensor is refused too, not initialised at random
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype, exact=True)
         tokenizer = load_tokenizer(path)
@@ -251,6 +270,8 @@ def load_tokenizer(source: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase
     local_files = Path(source).is_dir() and "gguf_file" not in kwargs
     if local_files and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
         return None
+    if local_files:  # AutoTokenizer reads the model's config first: an lmslice output's would ask for remote code
+        kwargs["config"] = local_config(Path(source))
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception on bad files
@@ -476,9 +497,9 @@ def _verify_structure(staging: Path, failed: Callable[[str], LmsliceError]) -> N
     config = read_config(staging)
     layout = read_layout(config, staging)
     with torch.device("meta"):
-        auto_config = AutoConfig.from_pretrained(staging)
+        auto_config = local_config(staging)
         if layout is not None and layout.needs_remote_code:
-            skeleton = modeling.sliced_class(getattr(transformers, layout.base_architecture))(auto_config)
+            skeleton = modeling.sliced_class(base_architecture(layout))(auto_config)
         else:
             skeleton = AutoModelForCausalLM.from_config(auto_config)
     stored: dict[str, tuple[int, ...]] = {}
@@ -500,12 +521,14 @@ def write_remote_code(directory: Path, layout: Layout) -> None:
     source = inspect.getsource(modeling).replace("from lmslice.layout import", f"from .{LAYOUT_FILE[:-3]} import")
     (directory / MODELING_FILE).write_text(
         source + "\n\nimport transformers  # noqa: E402\n\n"
-        + f"LmsliceForCausalLM = sliced_class(transformers.{layout.base_architecture})\n")
+        + f"LmsliceConfig, LmsliceForCausalLM = remote_classes(transformers.{layout.base_architecture})\n")
     (directory / LAYOUT_FILE).write_text(inspect.getsource(layout_module))
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["architectures"] = [layout.base_architecture]
-    config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
+    config["model_type"] = modeling.REMOTE_MODEL_TYPE
+    config["auto_map"] = {"AutoConfig": f"{MODELING_FILE[:-3]}.LmsliceConfig",
+                          "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LmsliceForCausalLM"}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

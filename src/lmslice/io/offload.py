@@ -21,12 +21,13 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
 from lmslice.io.models import (cast_floating, check_finite, check_output_dir, discarded_on_failure, finish_output,
-                               read_config, read_layout, record_saved_dtype, source_dtype, staging_dir)
+                               local_config, read_config, read_layout, record_saved_dtype, source_dtype,
+                               staging_dir)
 from lmslice.modeling import apply_layout, base_key_mapping
 from lmslice.slicing import SliceResult, check_can_slice, slice_model
 
@@ -129,7 +130,7 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
-    config = AutoConfig.from_pretrained(directory)
+    config = local_config(directory)
     layout = read_layout(read_config(directory), directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
