@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmslice.adapters import find_adapter
+from lmslice.adapters import ModelAdapter, adapters_for_architecture, find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export.standard import is_standard, standard_model
 from lmslice.modeling import ShortcutLinear, get_module
@@ -89,10 +89,19 @@ def gguf_source(model: nn.Module) -> nn.Module:
                        "(per-block widths are exported as llama.cpp's deci)")
 
 
+def family_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter of the model's family, also for lmslice's own class (per-block widths loaded from disk)."""
+    base = (getattr(model.config, "lmslice", None) or {}).get("base_architecture")
+    for adapter in adapters_for_architecture(base) if base else ():
+        if not adapter.unsupported(model.config):
+            return adapter
+    return find_adapter(model)
+
+
 def gguf_layout(model: nn.Module) -> GgufLayout:
     """The llama.cpp architecture and widths for `model` (already through `gguf_source`); refuses what
     llama.cpp cannot run, naming the alternative."""
-    adapter = find_adapter(model)
+    adapter = family_adapter(model)
     family, config = adapter.family, model.config
     if family not in OWN_ARCHITECTURE:
         raise LmsliceError(f"lmslice writes GGUF for Llama, Mistral, Qwen2 and Gemma, not {family}: save the model "
@@ -150,7 +159,7 @@ def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, torch.
 
     architecture = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == layout.architecture)
     names = gguf.get_tensor_name_map(architecture, len(layout.heads))
-    head_key = f"{find_adapter(model).head}.weight"
+    head_key = f"{family_adapter(model).head}.weight"
     tensors = []
     for key, value in model.state_dict().items():
         if key == head_key and layout.tied_embeddings:
