@@ -176,3 +176,30 @@ def test_cli_exports_a_saved_pruned_model(tmp_path: Path, tiny_tokenizer, capsys
     assert main(["export", str(saved), "--gguf", str(out)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(saved), "--gguf", str(tmp_path / "model.bin")]) == 2
+
+
+def slice_args(dense_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["slice", str(dense_dir), "--calib", str(corpus), "-o", str(out), "--calib-samples", "4",
+            "--calib-seqlen", "32", "--calib-batch-size", "2", "--json", *extra]
+
+
+def test_slice_aligns_uniform_widths_and_writes_the_gguf(dense_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    assert main(slice_args(dense_dir, text_file, tmp_path / "pruned", "--target-params", "0.8", "--mlp-widths",
+                           "uniform", "--align", "gguf", "--gguf", str(out))) == 0
+    read = fields(out)
+    assert read["general.architecture"] == "llama"
+    assert read["llama.feed_forward_length"] % 32 == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "0.25", "--gguf", "{tmp}/model.gguf"], "per-block SliceGPT"),
+    (["--sparsity", "0.25", "--gguf", "{tmp}/model.txt"], "ends in .gguf"),
+    (["--sparsity", "0.33", "--round-to", "1", "--format", "standard"], "not a multiple of the 4 attention heads"),
+])
+def test_slice_refuses_what_it_cannot_write_before_the_work(extra: list[str], message: str, dense_dir: Path,
+                                                            text_file: Path, tmp_path: Path, capsys) -> None:
+    extra = [part.format(tmp=tmp_path) for part in extra]
+    assert main(slice_args(dense_dir, text_file, tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf"))

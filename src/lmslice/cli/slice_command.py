@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -14,14 +15,20 @@ from lmslice.calibration import ActivationStore
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_text_sources, require_tokenizer)
+from lmslice.cli.export_command import check_gguf_output, describe, write_gguf
 from lmslice.errors import LmsliceError
+from lmslice.export.gguf import check_exportable
 from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, plan_uniform, prune_to_budget
 from lmslice.shared_basis import WEIGHTINGS
-from lmslice.slicing import check_sparsity, count_parameters, slice_model
+from lmslice.slicing import check_sparsity, count_parameters, slice_model, sliced_width
+
+# Row lengths llama.cpp's quantised types need: 32 for Q8_0 and the legacy types, 256 for K-quants
+# (Q4_K_M ...); llama-quantize writes a matrix with other rows in a larger type, down to F16.
+ALIGNMENTS = {"none": 1, "gguf": 32, "gguf-k": 256}
 
 REPORT_FILE = "lmslice_report.json"
 
@@ -78,6 +85,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
                              "bfloat16 for GGUF files). Slicing itself computes in --dtype")
+    parser.add_argument("--align", choices=ALIGNMENTS, default="none",
+                        help="widths (MLP widths, the planner's step, the sliced hidden size) that llama.cpp quantises "
+                             "without falling back to a larger type: gguf = multiples of 32 (Q8_0, Q4_0), gguf-k = "
+                             "256 (K-quants such as Q4_K_M); combined with --round-to (default: none)")
+    parser.add_argument("--gguf", metavar="OUT.gguf",
+                        help="also write the result as a float16 GGUF for llama.cpp (as `lmslice export`)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -87,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
     check_minimums(args, SLICING_MINIMUMS)
+    args.round_to = math.lcm(args.round_to, ALIGNMENTS[args.align])
     if args.sparsity is None and args.target_params is None:
         raise LmsliceError("say how much to remove: --sparsity (SliceGPT: a fraction of the hidden width) or "
                            "--target-params (a fraction of the parameters to keep), or both")
@@ -107,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                            "drop --offload")
     require_text_sources(args.calib, args.eval_data)
     output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
+    gguf = check_gguf_output(args.gguf, args.overwrite) if args.gguf else None
     requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     if args.offload:
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
@@ -123,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
         check_family(adapter)
     if args.sparsity is not None:
         check_widths(model, [args.sparsity], args.round_to)
+    if standard and args.sparsity:
+        check_standard_width(model, args.sparsity, args.round_to)
+    if gguf:
+        check_exportable(adapter.family, shortcuts=args.sparsity is not None and not standard,
+                         per_block=args.target_params is not None and args.mlp_widths == "measured")
     if args.target_params is not None:
         plan_uniform(model, args.target_params, args.round_to)  # an unreachable budget fails before the slow work
     if args.prune_heads:  # asked for explicitly: a family without known heads is refused
@@ -195,7 +215,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         save_offloaded(model, storage, tokenizer, output, args.overwrite, extra_files=report)
     print(json.dumps(summary) if args.json else format_summary(summary))
+    if gguf:
+        layout = write_gguf(model, tokenizer, args.model, gguf, "f16")
+        if not args.json:
+            print(describe(layout, gguf, "f16"))
     return 0
+
+
+def check_standard_width(model: object, sparsity: float, round_to: int) -> None:
+    """transformers requires the standard format's hidden size to be a multiple of the query heads (even
+    with head_dim given): refused here rather than at save, after the whole run."""
+    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
+    width = sliced_width(hidden, sparsity, round_to)
+    if width % heads:
+        step = math.lcm(round_to, heads)
+        nearest = [kept for kept in range(step, hidden, step)]
+        raise LmsliceError(f"--format standard: hidden size {width} (sparsity {sparsity}, multiples of {round_to}) is "
+                           f"not a multiple of the {heads} attention heads, which transformers requires; widths that "
+                           f"are: {', '.join(map(str, nearest[-4:])) or 'none below ' + str(hidden)} (sparsity "
+                           f"{', '.join(f'{1 - kept / hidden:.3g}' for kept in nearest[-4:])})")
 
 
 def format_summary(summary: dict) -> str:

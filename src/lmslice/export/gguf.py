@@ -53,6 +53,25 @@ ACTIVATIONS = {"llama": ("silu",), "qwen2": ("silu",), "deci": ("silu",), "gemma
 QUANT_BLOCK = 32  # row length Q8_0 (and every legacy type) needs; K-quants need 256
 
 
+NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut matrices: slice with --format "
+                "standard (one basis, the family's own architecture) or prune with --target-params (per-block "
+                "widths are exported as llama.cpp's deci)")
+
+
+def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = False) -> None:
+    """Refuses what llama.cpp cannot run, naming the alternative: checkable before any work is done."""
+    if shortcuts:
+        raise LmsliceError(NO_SHORTCUTS)
+    if family not in OWN_ARCHITECTURE:
+        raise LmsliceError(f"lmslice writes GGUF for Llama, Mistral, Qwen2 and Gemma, not {family}: save the model "
+                           "with equal blocks (--mlp-widths uniform) and convert it with llama.cpp's "
+                           "convert_hf_to_gguf.py")
+    if per_block and family not in PER_BLOCK_FAMILIES:
+        raise LmsliceError(f"llama.cpp builds per-block widths only as deci (Llama's block), which has no "
+                           f"{family} MLP activation, embedding scale or rope layout: prune with --mlp-widths "
+                           "uniform (its own architecture)")
+
+
 @dataclass(frozen=True)
 class GgufLayout:
     """What llama.cpp will build: the architecture and every block's widths."""
@@ -84,9 +103,7 @@ def gguf_source(model: nn.Module) -> nn.Module:
     shortcuts = [module for module in model.modules() if isinstance(module, ShortcutLinear)]
     if layout.get("rotation") == "shared" and all(s.shortcut_minus_identity.abs().max() <= 1e-5 for s in shortcuts):
         return standard_model(model)
-    raise LmsliceError("llama.cpp has no architecture for per-block SliceGPT shortcut matrices: slice with "
-                       "--format standard (one basis, the family's own architecture) or prune with --target-params "
-                       "(per-block widths are exported as llama.cpp's deci)")
+    raise LmsliceError(NO_SHORTCUTS)
 
 
 def family_adapter(model: nn.Module) -> ModelAdapter:
@@ -103,10 +120,7 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     llama.cpp cannot run, naming the alternative."""
     adapter = family_adapter(model)
     family, config = adapter.family, model.config
-    if family not in OWN_ARCHITECTURE:
-        raise LmsliceError(f"lmslice writes GGUF for Llama, Mistral, Qwen2 and Gemma, not {family}: save the model "
-                           "with equal blocks (--mlp-widths uniform) and convert it with llama.cpp's "
-                           "convert_hf_to_gguf.py")
+    check_exportable(family)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise LmsliceError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by lmslice's GGUF "
@@ -118,15 +132,9 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     heads = [a.q_proj.out_features // head_dim for a in attention]
     kv_heads = [a.k_proj.out_features // head_dim for a in attention]
     widths = [block.mlp.down_proj.in_features for block in blocks]
-    equal = len({*zip(heads, kv_heads, widths)}) == 1
-    if equal:
-        architecture = OWN_ARCHITECTURE[family]
-    elif family in PER_BLOCK_FAMILIES:
-        architecture = "deci"
-    else:
-        raise LmsliceError(f"llama.cpp builds per-block widths only as deci (Llama's block), which has no "
-                           f"{family} MLP activation, embedding scale or rope layout: prune with --mlp-widths "
-                           "uniform (its own architecture)")
+    per_block = len({*zip(heads, kv_heads, widths)}) > 1
+    check_exportable(family, per_block=per_block)
+    architecture = "deci" if per_block else OWN_ARCHITECTURE[family]
     activation = getattr(config, "hidden_activation", None) or config.hidden_act
     if activation not in ACTIVATIONS[architecture]:
         raise LmsliceError(f"llama.cpp's {architecture} uses {ACTIVATIONS[architecture][0]}, this model {activation}")
