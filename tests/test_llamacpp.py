@@ -12,7 +12,7 @@ GELU is looked up in ggml's CPU backend in a float16 table (GGML_GELU_FP16 in gg
 
 from __future__ import annotations
 
-import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +122,14 @@ def test_llamacpp_decodes_through_its_kv_cache_as_lmslice_does(name: str, export
     expected = reference(model, sequence)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=tolerance(name))
     assert sequence[len(PROMPTS[0]):] == [int(token) for token in expected[len(PROMPTS[0]) - 1:-1].argmax(-1)]
+
+
+def test_bench_times_gguf_files_in_llamacpp(exported, capsys) -> None:
+    from lmslice.cli import main
+
+    dense, sliced = str(exported["llama-uniform"][1]), str(exported["llama-perblock"][1])
+    assert main(["bench", dense, sliced, "--runtime", "llamacpp", "--prompt-len", "8", "--new-tokens", "4",
+                 "--repeats", "2", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dense"]["prompt"] > 0 and report["sliced"]["generation"] > 0
+    assert report["bound"]["generation"] == pytest.approx(Path(dense).stat().st_size / Path(sliced).stat().st_size)
