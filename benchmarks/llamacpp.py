@@ -132,7 +132,7 @@ def main() -> None:
     args.threads = args.bench_threads
     for mode, budget, layout, ours, fallbacks, f16, quantised in files:  # measured back to back
         rows.append((mode, budget, layout, ours, fallbacks, measure(f16, args), measure(quantised, args)))
-        print(f"measured {f16.name}", flush=True)
+        print(f"measured {f16.name}: {json.dumps({'f16': rows[-1][5], args.quant: rows[-1][6]})}", flush=True)
     print_table(rows, dense_ppl, args.quant)
 
 
