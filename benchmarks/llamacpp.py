@@ -78,12 +78,14 @@ def matmul_parameters(path: Path) -> int:
     return sum(int(t.n_elements) for t in tensors if len(t.shape) == 2)
 
 
-def measure(path: Path, args) -> dict:
+def measure(path: Path, args, speed: bool = True) -> dict:
     ppl = run([tool("llama-perplexity"), "-m", path, "-f", args.eval_data, "-c", args.eval_seqlen,
                "--chunks", args.eval_max_windows, "-t", args.threads])
-    bench = _bench_json(run([tool("llama-bench"), "-m", path, "-t", args.threads, "-p", 128, "-n", 32,
-                             "-r", args.repetitions, "-o", "json"]))
-    speeds = {("prompt" if row["n_prompt"] else "generation"): row["avg_ts"] for row in bench}
+    speeds = {"prompt": math.nan, "generation": math.nan}
+    if speed:
+        bench = _bench_json(run([tool("llama-bench"), "-m", path, "-t", args.threads, "-p", 128, "-n", 32,
+                                 "-r", args.repetitions, "-o", "json"]))
+        speeds = {("prompt" if row["n_prompt"] else "generation"): row["avg_ts"] for row in bench}
     return {"bytes": path.stat().st_size, "perplexity": float(re.search(r"Final estimate: PPL = ([\d.]+)", ppl)[1]),
             "matmul": matmul_parameters(path), **speeds}
 
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--quant", default="Q4_K_M")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--bench-threads", type=int, default=2)
+    parser.add_argument("--no-quant-speed", action="store_true", help="time the f16 files only")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the GGUF files here (default: a temp dir)")
     args = parser.parse_args()
     protocol = load_protocol(args)
@@ -131,7 +134,8 @@ def main() -> None:
         del model
     args.threads = args.bench_threads
     for mode, budget, layout, ours, fallbacks, f16, quantised in files:  # measured back to back
-        rows.append((mode, budget, layout, ours, fallbacks, measure(f16, args), measure(quantised, args)))
+        rows.append((mode, budget, layout, ours, fallbacks, measure(f16, args),
+                     measure(quantised, args, speed=not args.no_quant_speed)))
         print(f"measured {f16.name}: {json.dumps({'f16': rows[-1][5], args.quant: rows[-1][6]})}", flush=True)
     print_table(rows, dense_ppl, args.quant)
 

@@ -203,3 +203,23 @@ def test_slice_refuses_what_it_cannot_write_before_the_work(extra: list[str], me
     assert main(slice_args(dense_dir, text_file, tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("width, options, expected", [
+    (512, dict(target_params=0.8, sparsity=None, mlp_widths="measured", align="auto"), 256),
+    (112, dict(target_params=0.8, sparsity=None, mlp_widths="measured", align="auto"), 1),  # 112: steps break rows
+    (512, dict(target_params=0.8, sparsity=None, mlp_widths="uniform", align="auto"), 1),
+    (512, dict(target_params=None, sparsity=0.25, mlp_widths="measured", align="auto"), 1),
+    (112, dict(target_params=0.8, sparsity=None, mlp_widths="uniform", align="gguf"), 32),
+])
+def test_auto_alignment_is_k_quant_rows_for_per_block_widths_of_an_aligned_model(width: int, options: dict,
+                                                                                 expected: int) -> None:
+    import argparse
+
+    import transformers
+    from lmslice.adapters import find_adapter
+    from lmslice.cli.slice_command import alignment
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**tiny_models.COMMON, "num_hidden_layers": 1}, intermediate_size=width))
+    assert alignment(argparse.Namespace(**options), model, find_adapter(model)) == expected

@@ -24,11 +24,12 @@ from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_toke
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, plan_uniform, prune_to_budget
 from lmslice.shared_basis import WEIGHTINGS
+from lmslice.modeling import get_module
 from lmslice.slicing import check_sparsity, count_parameters, slice_model, sliced_width
 
 # Row lengths llama.cpp's quantised types need: 32 for Q8_0 and the legacy types, 256 for K-quants
 # (Q4_K_M ...); llama-quantize writes a matrix with other rows in a larger type, down to F16.
-ALIGNMENTS = {"none": 1, "gguf": 32, "gguf-k": 256}
+ALIGNMENTS = {"auto": None, "none": 1, "gguf": 32, "gguf-k": 256}
 
 REPORT_FILE = "lmslice_report.json"
 
@@ -85,10 +86,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
                              "bfloat16 for GGUF files). Slicing itself computes in --dtype")
-    parser.add_argument("--align", choices=ALIGNMENTS, default="none",
+    parser.add_argument("--align", choices=ALIGNMENTS, default="auto",
                         help="widths (MLP widths, the planner's step, the sliced hidden size) that llama.cpp quantises "
                              "without falling back to a larger type: gguf = multiples of 32 (Q8_0, Q4_0), gguf-k = "
-                             "256 (K-quants such as Q4_K_M); combined with --round-to (default: none)")
+                             "256 (K-quants such as Q4_K_M); combined with --round-to. auto (default): gguf-k for "
+                             "per-block MLP widths where the dense width is a multiple of 256 (SmolLM2-135M at 0.8: "
+                             "perplexity 1.932x dense instead of 1.929x, Q4_K_M file 0.825x dense instead of 0.945x), "
+                             "none elsewhere (a uniform width rounded to 256 misses the budget by up to a whole step)")
     parser.add_argument("--gguf", metavar="OUT.gguf",
                         help="also write the result as a float16 GGUF for llama.cpp (as `lmslice export`)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -100,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_device(args.device)
     check_minimums(args, SLICING_MINIMUMS)
-    args.round_to = math.lcm(args.round_to, ALIGNMENTS[args.align])
     if args.sparsity is None and args.target_params is None:
         raise LmsliceError("say how much to remove: --sparsity (SliceGPT: a fraction of the hidden width) or "
                            "--target-params (a fraction of the parameters to keep), or both")
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         storage = None
         save_dtype = requested_save_dtype or source_dtype(args.model)
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
+    args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
     if standard:
         check_family(adapter)
     if args.sparsity is not None:
@@ -220,6 +224,18 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(describe(layout, gguf, "f16"))
     return 0
+
+
+def alignment(args: argparse.Namespace, model: object, adapter: object) -> int:
+    """The row length `--align` asks widths to be multiples of; see its help for what auto chooses."""
+    if args.align != "auto":
+        return ALIGNMENTS[args.align]
+    per_block = args.target_params is not None and args.sparsity is None and args.mlp_widths == "measured"
+    if per_block and adapter.mlp is not None:
+        dense_width = get_module(get_module(model, adapter.blocks)[0], adapter.mlp.consumer).in_features
+        if dense_width % ALIGNMENTS["gguf-k"] == 0:
+            return ALIGNMENTS["gguf-k"]
+    return 1
 
 
 def check_standard_width(model: object, sparsity: float, round_to: int) -> None:
