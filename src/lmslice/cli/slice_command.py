@@ -10,21 +10,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmslice.adapters import find_adapter
+from torch import nn
+
+from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
                                 calibration_data, check_device, check_minimums, check_widths, evaluation,
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.cli.export_command import check_gguf_output, describe, write_gguf
 from lmslice.errors import LmsliceError
-from lmslice.export.gguf import check_exportable
 from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
+from lmslice.export.gguf import check_exportable
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
+from lmslice.modeling import get_module
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, plan_uniform, prune_to_budget
 from lmslice.shared_basis import WEIGHTINGS
-from lmslice.modeling import get_module
 from lmslice.slicing import check_sparsity, count_parameters, slice_model, sliced_width
 
 # Row lengths llama.cpp's quantised types need: 32 for Q8_0 and the legacy types, 256 for K-quants
@@ -125,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     require_text_sources(args.calib, args.eval_data)
     output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     gguf = check_gguf_output(args.gguf, args.overwrite) if args.gguf else None
+    if gguf and args.offload:
+        raise LmsliceError("--gguf needs the result in memory; with --offload write it afterwards with "
+                           "`lmslice export OUTPUT --gguf OUT.gguf`")
     requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     if args.offload:
         model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def alignment(args: argparse.Namespace, model: object, adapter: object) -> int:
+def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter) -> int:
     """The row length `--align` asks widths to be multiples of; see its help for what auto chooses."""
     if args.align != "auto":
         return ALIGNMENTS[args.align]
@@ -238,7 +243,7 @@ def alignment(args: argparse.Namespace, model: object, adapter: object) -> int:
     return 1
 
 
-def check_standard_width(model: object, sparsity: float, round_to: int) -> None:
+def check_standard_width(model: nn.Module, sparsity: float, round_to: int) -> None:
     """transformers requires the standard format's hidden size to be a multiple of the query heads (even
     with head_dim given): refused here rather than at save, after the whole run."""
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
