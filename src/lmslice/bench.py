@@ -450,3 +450,55 @@ def benchmark(dense: nn.Module, sliced: nn.Module, *, seqlen: int = 128, max_bat
                              prompt_len=prompt_len, new_tokens=new_tokens, device=str(parameters["dense"].device),
                              dtype=str(parameters["dense"].dtype).removeprefix("torch."), threads=used_threads)
     return BenchReport(settings, results["dense"], results["sliced"], labels or {})
+
+
+# ------------------------------------------------------------------------------------ llama.cpp runtime
+
+
+def gguf_matmul_parameters(path: str) -> int:
+    """Parameters of the matrices a token multiplies in a GGUF (a tied embedding counts once, as the head)."""
+    import gguf
+
+    return sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(path).tensors if len(tensor.shape) == 2)
+
+
+def benchmark_llamacpp(dense: str, sliced: str, *, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 5,
+                       threads: int = 2) -> dict[str, Any]:
+    """Prompt and generation tokens/s of two GGUF files in llama.cpp (`llama-bench`), medians of `repeats`
+    rounds that alternate which file goes first, and the bounds: generation reads every weight once per
+    token (dense bytes / sliced bytes), a prompt costs the matmul FLOPs (dense / sliced matmul parameters)."""
+    import json
+    import os
+    import subprocess
+
+    from lmslice.llamacpp import tool
+
+    runs: dict[str, dict[str, list[float]]] = {dense: {"prompt": [], "generation": []},
+                                               sliced: {"prompt": [], "generation": []}}
+    for round_index in range(repeats):
+        order = [dense, sliced] if round_index % 2 == 0 else [sliced, dense]
+        command = [str(tool("llama-bench")), "-t", str(threads), "-p", str(prompt_len), "-n", str(new_tokens),
+                   "-r", "1", "-o", "json"] + [part for path in order for part in ("-m", path)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise LmsliceError(f"llama-bench failed: {done.stderr.strip().splitlines()[-1:]}")
+        for row in json.loads(done.stdout[done.stdout.index("["):]):
+            path = dense if os.path.samefile(row["model_filename"], dense) else sliced
+            runs[path]["prompt" if row["n_prompt"] else "generation"].append(row["avg_ts"])
+    speeds = {path: {kind: statistics.median(values) for kind, values in kinds.items()} for path, kinds in runs.items()}
+    bounds = {"prompt": gguf_matmul_parameters(dense) / gguf_matmul_parameters(sliced),
+              "generation": os.path.getsize(dense) / os.path.getsize(sliced)}
+    return {"runtime": "llamacpp", "threads": threads, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "repeats": repeats, "dense": {"model": dense, **speeds[dense]}, "sliced": {"model": sliced, **speeds[sliced]},
+            "speedup": {kind: speeds[sliced][kind] / speeds[dense][kind] for kind in bounds}, "bound": bounds}
+
+
+def llamacpp_table(report: dict[str, Any]) -> str:
+    lines = [f"llama.cpp, {report['threads']} threads, median of {report['repeats']} alternating rounds",
+             f"{'tokens/s':<24}{'dense':>10}{'sliced':>10}{'speed-up':>10}{'bound':>8}{'of bound':>10}"]
+    for kind, unit in (("prompt", f"prompt ({report['prompt_len']})"),
+                       ("generation", f"generation ({report['new_tokens']})")):
+        speedup, bound = report["speedup"][kind], report["bound"][kind]
+        lines.append(f"{unit:<24}{report['dense'][kind]:>10.1f}{report['sliced'][kind]:>10.1f}"
+                     f"{speedup:>9.2f}x{bound:>7.2f}x{100 * _share(speedup, bound):>9.0f}%")
+    return "\n".join(lines)

@@ -9,10 +9,11 @@ import threading
 from typing import Any
 
 from lmslice import __version__
-from lmslice.cli import bench_command, eval_command, finetune_command, ppl, report_command, slice_command
+from lmslice.cli import (bench_command, eval_command, export_command, finetune_command, ppl, report_command,
+                        slice_command)
 from lmslice.errors import LmsliceError
 
-SUBCOMMANDS = (slice_command, ppl, eval_command, finetune_command, report_command, bench_command)
+SUBCOMMANDS = (slice_command, ppl, eval_command, finetune_command, report_command, bench_command, export_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from torch import nn
 
-from lmslice.bench import benchmark
+from lmslice.bench import benchmark, benchmark_llamacpp, llamacpp_table
 from lmslice.cli.common import add_model_options, check_device, check_minimums, context_length
 from lmslice.errors import LmsliceError
 from lmslice.layout import layout_of
@@ -43,6 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (torch.set_num_threads); default: torch's current setting")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random input tokens (default: 0)")
+    parser.add_argument("--runtime", choices=("transformers", "llamacpp"), default="transformers",
+                        help="llamacpp: DENSE and SLICED are .gguf files (lmslice export), timed with llama.cpp's "
+                             "llama-bench (--prompt-len prompt tokens, --new-tokens generated, --threads, default 2), "
+                             "beside the bounds their sizes set (default: transformers)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -86,6 +91,14 @@ def measure(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_minimums(args, {"seqlen": 1, "repeats": 1, "prompt_len": 1, "new_tokens": 1, "threads": 1,
                           "max_batch": 1, "warmup": 0})
+    if args.runtime == "llamacpp":
+        for path in (args.dense, args.sliced):
+            if not (path.endswith(".gguf") and os.path.isfile(path)):
+                raise LmsliceError(f"--runtime llamacpp times GGUF files: {path} is not one (write it with lmslice export)")
+        report = benchmark_llamacpp(args.dense, args.sliced, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                    repeats=args.repeats, threads=args.threads or 2)
+        print(json.dumps(report) if args.json else llamacpp_table(report))
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # also for loading
     dense = load(args.dense, dtype=args.dtype, device=args.device)

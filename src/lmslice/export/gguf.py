@@ -1,0 +1,327 @@
+"""GGUF for llama.cpp: a dense, pruned or standard-format model written as one file llama.cpp runs.
+
+Which llama.cpp architecture a model becomes is decided by its blocks:
+
+* every block equal (dense, `--mlp-widths uniform`, `--format standard`): the family's own
+  architecture (`llama` for Llama and Mistral, `qwen2`, `gemma`), as llama.cpp's `convert_hf_to_gguf.py`
+  writes it. Its loader reads layer 0's widths for every layer;
+* per-block MLP widths and query heads (`--target-params` with measured widths): `deci`, the
+  architecture of the Nemotron-NAS models, whose loader (`src/models/deci.cpp`) reads
+  `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays.
+  Its block is Llama's (RMSNorm, SiLU-gated MLP, rope on interleaved pairs) with optional q/k/v,
+  output and MLP biases, so Llama, Mistral and Qwen2 (q/k/v biases) fit it. Gemma does not: its GELU
+  MLP, its √hidden embedding scale and its rope on halves are not in `deci`.
+
+Tensor names come from the `gguf` package's own map (HF name -> GGUF name, the one the converter uses).
+Architectures with llama.cpp's "normal" rope (`llama`, `deci`) take the query and key rows of each head
+permuted from HF's halves layout to interleaved pairs, as the converter does; `qwen2` and `gemma` use
+llama.cpp's NEOX rope, which reads HF's layout as it is. Gemma's norm weights are stored +1 (HF
+computes x·(1 + w)). Sliding-window attention (Mistral) is not modelled by llama.cpp's `llama`: the
+file's context length is capped at the window, within which the two agree.
+
+What llama.cpp cannot represent is refused before any file is written: a per-block SliceGPT model
+(its shortcut matrices), and the families with LayerNorm or fused projections, which this writer
+does not cover (save them and use llama.cpp's converter). The file is written under a temporary name
+and renamed, so an interrupted export leaves no partial `.gguf`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmslice.adapters import find_adapter
+from lmslice.errors import LmsliceError
+from lmslice.export.standard import standard_model
+from lmslice.layout import layout_of
+from lmslice.modeling import ShortcutLinear, get_module
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# The family's own llama.cpp architecture, for models whose blocks are all equal.
+OWN_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma": "gemma"}
+# Families whose block llama.cpp's `deci` builds with per-block widths (see the module docstring).
+PER_BLOCK_FAMILIES = ("llama", "mistral", "qwen2")
+# llama.cpp architectures whose rope rotates interleaved pairs (LLAMA_ROPE_TYPE_NORM).
+INTERLEAVED_ROPE = ("llama", "deci")
+ACTIVATIONS = {"llama": ("silu",), "qwen2": ("silu",), "deci": ("silu",), "gemma": ("gelu_pytorch_tanh", "gelu")}
+QUANT_BLOCK = 32  # row length Q8_0 (and every legacy type) needs; K-quants need 256
+
+
+NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut matrices: slice with --format "
+                "standard (one basis, the family's own architecture) or prune with --target-params (per-block "
+                "widths are exported as llama.cpp's deci)")
+
+
+def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = False) -> None:
+    """Refuses what llama.cpp cannot run, naming the alternative: checkable before any work is done."""
+    if shortcuts:
+        raise LmsliceError(NO_SHORTCUTS)
+    if family not in OWN_ARCHITECTURE:
+        raise LmsliceError(f"lmslice writes GGUF for Llama, Mistral, Qwen2 and Gemma, not {family}: save the model "
+                           "with equal blocks (--mlp-widths uniform) and convert it with llama.cpp's "
+                           "convert_hf_to_gguf.py")
+    if per_block and family not in PER_BLOCK_FAMILIES:
+        raise LmsliceError(f"llama.cpp builds per-block widths only as deci (Llama's block), which has no "
+                           f"{family} MLP activation, embedding scale or rope layout: prune with --mlp-widths "
+                           "uniform (its own architecture)")
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """What llama.cpp will build: the architecture and every block's widths."""
+
+    architecture: str
+    embedding_length: int
+    head_dim: int
+    heads: list[int]
+    kv_heads: list[int]
+    mlp_widths: list[int]
+    tied_embeddings: bool
+    context_length: int
+    rope_theta: float
+    rms_norm_eps: float
+    family: str
+    fallbacks: list[str] = field(default_factory=list)  # tensors written wider than asked (unquantisable rows)
+
+    @property
+    def per_block(self) -> bool:
+        return self.architecture == "deci"
+
+
+def gguf_source(model: nn.Module) -> nn.Module:
+    """The model whose weights the file holds: a sliced model with one basis (every shortcut the identity)
+    is its standard format first; other sliced models are refused."""
+    layout = layout_of(model.config)
+    if layout is None or layout.stream is None or layout.standard:
+        return model
+    shortcuts = [module for module in model.modules() if isinstance(module, ShortcutLinear)]
+    if layout.stream.rotation == "shared" and all(s.shortcut_minus_identity.abs().max() <= 1e-5 for s in shortcuts):
+        return standard_model(model)
+    raise LmsliceError(NO_SHORTCUTS)
+
+
+def gguf_layout(model: nn.Module) -> GgufLayout:
+    """The llama.cpp architecture and widths for `model` (already through `gguf_source`); refuses what
+    llama.cpp cannot run, naming the alternative."""
+    adapter = find_adapter(model)
+    family, config = adapter.family, model.config
+    check_exportable(family)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise LmsliceError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by lmslice's GGUF "
+                           "export; convert the saved model with llama.cpp's convert_hf_to_gguf.py")
+    blocks = get_module(model, adapter.blocks)
+    embedding = model.get_input_embeddings().weight.shape[1]
+    attention = [block.self_attn for block in blocks]
+    head_dim = attention[0].head_dim
+    heads = [a.q_proj.out_features // head_dim for a in attention]
+    kv_heads = [a.k_proj.out_features // head_dim for a in attention]
+    widths = [block.mlp.down_proj.in_features for block in blocks]
+    per_block = len({*zip(heads, kv_heads, widths)}) > 1
+    check_exportable(family, per_block=per_block)
+    architecture = "deci" if per_block else OWN_ARCHITECTURE[family]
+    activation = getattr(config, "hidden_activation", None) or config.hidden_act
+    if activation not in ACTIVATIONS[architecture]:
+        raise LmsliceError(f"llama.cpp's {architecture} uses {ACTIVATIONS[architecture][0]}, this model {activation}")
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    tied = head is embed or (head.shape == embed.shape and torch.equal(head, embed))
+    if architecture == "gemma" and not tied:
+        raise LmsliceError("llama.cpp's gemma reads its head from the embedding, but this model's head is its own: "
+                           "keep the embeddings tied")
+    context = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return GgufLayout(architecture, embedding, head_dim, heads, kv_heads, widths, tied,
+                      min(context, window or context), float(_rope_theta(config)), float(config.rms_norm_eps), family)
+
+
+def _rope_theta(config: Any) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+
+
+def interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Each head's rows from HF's rope layout (first halves, then second halves) to llama.cpp's
+    "normal" one (pairs interleaved): the permutation `convert_hf_to_gguf.py` applies to q and k."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) in the model's own order, renamed, permuted and shifted as llama.cpp reads them."""
+    import gguf
+
+    architecture = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == layout.architecture)
+    names = gguf.get_tensor_name_map(architecture, len(layout.heads))
+    head_key = f"{find_adapter(model).head}.weight"
+    tensors = []
+    for key, value in model.state_dict().items():
+        if key == head_key and layout.tied_embeddings:
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise LmsliceError(f"no GGUF name for {key} in llama.cpp's {layout.architecture}")
+        data = value.detach().to("cpu", torch.float32)
+        if layout.architecture in INTERLEAVED_ROPE and (".attn_q." in name or ".attn_k." in name):
+            block = int(name.split(".")[1])
+            data = interleave_rope(data, (layout.heads if ".attn_q." in name else layout.kv_heads)[block])
+        if layout.architecture == "gemma" and name.endswith("norm.weight"):
+            data = data + 1
+        tensors.append((name, data))
+    return tensors
+
+
+def _encode(data: torch.Tensor, outtype: str, name: str, fallbacks: list[str]) -> tuple[np.ndarray, Any]:
+    """The tensor's bytes in `outtype` (1-D tensors, norms and biases, stay float32 as the converter keeps
+    them); a Q8_0 matrix whose rows are not a multiple of 32 is written float16, as llama-quantize would."""
+    import gguf
+
+    array = data.numpy()
+    quant = gguf.GGMLQuantizationType
+    if outtype == "f32" or data.dim() == 1:
+        return array, quant.F32
+    if outtype == "q8_0" and array.shape[-1] % QUANT_BLOCK:
+        fallbacks.append(f"{name} ({array.shape[-1]} columns)")
+        outtype = "f16"
+    if outtype == "f16":
+        return array.astype(np.float16), quant.F16
+    qtype = quant.BF16 if outtype == "bf16" else quant.Q8_0
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def export_gguf(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None, *, outtype: str = "f16",
+                source_gguf: str | os.PathLike[str] | None = None, name: str = "lmslice") -> GgufLayout:
+    """Writes `model` to `path` as a GGUF llama.cpp runs; returns what was written.
+
+    The vocabulary comes from `source_gguf` when given (every `tokenizer.*` field copied: the model was
+    loaded from it) or else from `tokenizer`, a byte-level BPE `transformers` tokenizer (written as
+    llama.cpp's `gpt2` model, with the `default` pre-tokenizer)."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise LmsliceError(f"unknown GGUF type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise LmsliceError(f"{path}: a GGUF file name ends in .gguf")
+    if path.is_dir() or not path.absolute().parent.is_dir():
+        raise LmsliceError(f"cannot write {path}: {'it is a directory' if path.is_dir() else 'no such directory'}")
+    model = gguf_source(model)
+    layout = gguf_layout(model)
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    vocabulary = (_copied_vocabulary(source_gguf) if source_gguf is not None
+                  else _hf_vocabulary(tokenizer, vocab_rows))
+    if len(vocabulary["tokenizer.ggml.tokens"][1]) != vocab_rows:
+        raise LmsliceError(f"the tokenizer has {len(vocabulary['tokenizer.ggml.tokens'][1])} tokens, the embedding "
+                           f"{vocab_rows} rows")
+    tensors = gguf_tensors(model, layout)
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        writer = gguf.GGUFWriter(temporary, layout.architecture)
+        _write_metadata(writer, layout, vocab_rows, outtype, name)
+        for key, (vtype, value, sub_type) in vocabulary.items():
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        for tensor_name, data in tensors:
+            array, qtype = _encode(data, outtype, tensor_name, layout.fallbacks)
+            writer.add_tensor(tensor_name, array, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return layout
+
+
+def _write_metadata(writer: Any, layout: GgufLayout, vocab_rows: int, outtype: str, name: str) -> None:
+    import gguf
+
+    def per_block(values: list[int]) -> int | list[int]:
+        return values if layout.per_block else values[0]
+
+    writer.add_name(name)
+    writer.add_context_length(layout.context_length)
+    writer.add_embedding_length(layout.embedding_length)
+    writer.add_block_count(len(layout.heads))
+    writer.add_feed_forward_length(per_block(layout.mlp_widths))
+    writer.add_head_count(per_block(layout.heads))
+    writer.add_head_count_kv(per_block(layout.kv_heads))
+    writer.add_key_length(layout.head_dim)  # llama.cpp would otherwise derive it from hidden / heads
+    writer.add_value_length(layout.head_dim)
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_rope_freq_base(layout.rope_theta)
+    writer.add_layer_norm_rms_eps(layout.rms_norm_eps)
+    writer.add_vocab_size(vocab_rows)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+Vocabulary = dict[str, tuple[Any, Any, Any]]  # GGUF key -> (value type, value, array element type)
+
+
+def _copied_vocabulary(source: str | os.PathLike[str]) -> Vocabulary:
+    """Every `tokenizer.*` field of the GGUF the model was loaded from."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    copied = {}
+    for key, read in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = read.types[0]
+            sub_type = read.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            copied[key] = (vtype, read.contents(), sub_type)
+    if "tokenizer.ggml.tokens" not in copied:
+        raise LmsliceError(f"{source} has no tokenizer to copy")
+    return copied
+
+
+def _hf_vocabulary(tokenizer: Any, vocab_rows: int) -> Vocabulary:
+    """A byte-level BPE `transformers` tokenizer as llama.cpp's `gpt2` vocabulary; ids past the
+    tokenizer's up to the embedding's rows are unused padding, as the converter writes them."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise LmsliceError("the GGUF export writes byte-level BPE tokenizers (GPT-2 style); this one is not: export "
+                           "a model loaded from a GGUF file (its tokenizer is copied) or convert the saved model "
+                           "with llama.cpp's convert_hf_to_gguf.py")
+    by_id = {index: text for text, index in backend.get_vocab(with_added_tokens=True).items()}
+    if len(by_id) > vocab_rows:
+        raise LmsliceError(f"the tokenizer has {len(by_id)} tokens, more than the embedding's {vocab_rows} rows")
+    kinds = gguf.TokenType
+    added = {index: (kinds.CONTROL if token.special else kinds.USER_DEFINED)
+             for index, token in tokenizer.added_tokens_decoder.items()}
+    tokens = [by_id.get(index, f"[PAD{index}]") for index in range(vocab_rows)]
+    types = [added.get(index, kinds.NORMAL if index in by_id else kinds.UNUSED) for index in range(vocab_rows)]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    value = gguf.GGUFValueType
+    fields: Vocabulary = {
+        "tokenizer.ggml.model": (value.STRING, "gpt2", None),
+        "tokenizer.ggml.pre": (value.STRING, "default", None),
+        "tokenizer.ggml.tokens": (value.ARRAY, tokens, value.STRING),
+        "tokenizer.ggml.token_type": (value.ARRAY, [int(kind) for kind in types], value.INT32),
+        "tokenizer.ggml.merges": (value.ARRAY, merges, value.STRING),
+        "tokenizer.ggml.add_bos_token": (value.BOOL, bool(getattr(tokenizer, "add_bos_token", False)), None),
+    }
+    for role in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            key = "tokenizer.ggml.padding_token_id" if role == "pad" else f"tokenizer.ggml.{role}_token_id"
+            fields[key] = (value.UINT32, int(token_id), None)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        fields["tokenizer.chat_template"] = (value.STRING, template, None)
+    return fields

@@ -1,0 +1,225 @@
+"""GGUF export: the file lmslice writes for llama.cpp, read back with the gguf package (no llama.cpp needed;
+tests/test_llamacpp.py runs the files in llama.cpp itself)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tiny_models
+from lmslice.cli import main
+from lmslice.errors import LmsliceError
+from lmslice.export import standard_model
+from lmslice.export.gguf import export_gguf, interleave_rope
+from lmslice.io.models import save_sliced
+from lmslice.prune import WidthPlan, prune_model
+from lmslice.slicing import slice_model
+
+PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 4])
+UNIFORM = WidthPlan(0.8, 1, 1, mlp_widths=[96, 96, 96], round_to=8)
+
+
+def pruned(family: str, plan: WidthPlan = PER_BLOCK) -> nn.Module:
+    model = tiny_models.build(family, torch.float32)
+    prune_model(model, tiny_models.random_batches(), plan, progress=False)
+    return model
+
+
+def fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_per_block_widths_and_heads_are_deci_arrays(family: str, tmp_path: Path, tiny_tokenizer) -> None:
+    model = pruned(family)
+    path = tmp_path / "model.gguf"
+    layout = export_gguf(model, path, tiny_tokenizer, outtype="f32")
+    read = fields(path)
+    assert layout.architecture == read["general.architecture"] == "deci"
+    assert read["deci.feed_forward_length"] == [96, 64, 112]
+    assert read["deci.attention.head_count"] == [4, 2, 4]
+    assert read["deci.attention.head_count_kv"] == [2, 2, 2]
+    assert read["deci.attention.key_length"] == read["deci.rope.dimension_count"] == 16
+    stored = tensors(path)
+    for index, (width, heads) in enumerate(zip([96, 64, 112], [4, 2, 4])):
+        # ggml lists dimensions innermost first: (columns, rows)
+        assert list(stored[f"blk.{index}.ffn_down.weight"].shape) == [width, 64]
+        assert list(stored[f"blk.{index}.attn_q.weight"].shape) == [64, heads * 16]
+        assert list(stored[f"blk.{index}.attn_output.weight"].shape) == [heads * 16, 64]
+    # q rows are permuted per head for llama.cpp's rope, as its converter does; v is not
+    q = model.model.layers[1].self_attn.q_proj.weight.detach()
+    np.testing.assert_array_equal(np.asarray(stored["blk.1.attn_q.weight"].data), interleave_rope(q, 2).numpy())
+    v = model.model.layers[1].self_attn.v_proj.weight.detach()
+    np.testing.assert_array_equal(np.asarray(stored["blk.1.attn_v.weight"].data), v.numpy())
+    assert ("blk.0.attn_q.bias" in stored) == (family == "qwen2")
+    assert "output.weight" not in stored or not model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("family, architecture", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
+                                                  ("gemma", "gemma")])
+def test_equal_blocks_are_the_familys_own_architecture(family: str, architecture: str, tmp_path: Path,
+                                                       tiny_tokenizer) -> None:
+    model = pruned(family, UNIFORM)
+    path = tmp_path / "model.gguf"
+    export_gguf(model, path, tiny_tokenizer, outtype="f32")
+    read, stored = fields(path), tensors(path)
+    assert read["general.architecture"] == architecture
+    assert read[f"{architecture}.feed_forward_length"] == 96
+    assert read[f"{architecture}.attention.head_count"] == 4
+    q = model.model.layers[0].self_attn.q_proj.weight.detach()
+    expected = interleave_rope(q, 4) if architecture == "llama" else q  # qwen2 and gemma: NEOX rope, HF layout
+    np.testing.assert_array_equal(np.asarray(stored["blk.0.attn_q.weight"].data), expected.numpy())
+    norm = model.model.layers[0].input_layernorm.weight.detach()
+    np.testing.assert_array_equal(np.asarray(stored["blk.0.attn_norm.weight"].data),
+                                  (norm + 1 if family == "gemma" else norm).numpy())
+
+
+def test_standard_format_writes_its_hidden_size_and_head_dim(tmp_path: Path, tiny_tokenizer) -> None:
+    model = tiny_models.build("llama", torch.float32)
+    result = slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
+    standard = standard_model(model, head_input=result.head_input)
+    path = tmp_path / "model.gguf"
+    export_gguf(standard, path, tiny_tokenizer, outtype="f32")
+    read = fields(path)
+    assert read["llama.embedding_length"] == 48
+    assert read["llama.attention.key_length"] == 16  # not 48 / 4: attention keeps its width
+    assert read["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(standard.config.rms_norm_eps)
+    assert list(tensors(path)["blk.0.attn_q.weight"].shape) == [48, 64]
+
+
+def test_a_sliced_model_with_one_basis_is_exported_through_the_standard_format(tmp_path: Path,
+                                                                                tiny_tokenizer) -> None:
+    model = tiny_models.build("llama", torch.float32)
+    slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
+    export_gguf(model, tmp_path / "model.gguf", tiny_tokenizer, outtype="f32")
+    assert fields(tmp_path / "model.gguf")["llama.embedding_length"] == 48
+
+
+def test_vocabulary_from_the_hf_tokenizer_and_copied_from_a_source_gguf(tmp_path: Path, tiny_tokenizer) -> None:
+    model = pruned("llama")
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    export_gguf(model, first, tiny_tokenizer, outtype="f32")
+    read = fields(first)
+    assert read["tokenizer.ggml.model"] == "gpt2"
+    assert len(read["tokenizer.ggml.tokens"]) == tiny_models.VOCAB
+    assert read["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id
+    assert read["tokenizer.ggml.token_type"][tiny_tokenizer.eos_token_id] == gguf.TokenType.CONTROL
+    assert len(read["tokenizer.ggml.merges"]) > 0
+    export_gguf(model, second, None, outtype="f32", source_gguf=first)
+    copied = fields(second)
+    assert {key: value for key, value in copied.items() if key.startswith("tokenizer.")} == \
+           {key: value for key, value in read.items() if key.startswith("tokenizer.")}
+
+
+def test_q8_0_quantises_rows_of_32_and_keeps_other_rows_float16(tmp_path: Path, tiny_tokenizer) -> None:
+    model = pruned("llama", WidthPlan(0.8, 1, 1, mlp_widths=[96, 104, 64], round_to=8))
+    path = tmp_path / "model.gguf"
+    layout = export_gguf(model, path, tiny_tokenizer, outtype="q8_0")
+    stored = tensors(path)
+    kinds = gguf.GGMLQuantizationType
+    assert stored["blk.0.ffn_down.weight"].tensor_type == kinds.Q8_0
+    assert stored["blk.1.ffn_down.weight"].tensor_type == kinds.F16  # 104 columns
+    assert stored["blk.0.attn_norm.weight"].tensor_type == kinds.F32
+    assert layout.fallbacks == ["blk.1.ffn_down.weight (104 columns)"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("sliced", "per-block SliceGPT shortcut"),
+    ("opt", "not opt"),
+    ("gemma_per_block", "prune with --mlp-widths uniform"),
+    ("gemma_untied", "keep the embeddings tied"),
+])
+def test_what_llamacpp_cannot_run_is_refused_before_writing(case: str, message: str, tmp_path: Path,
+                                                            tiny_tokenizer) -> None:
+    if case == "sliced":
+        model = tiny_models.build("llama", torch.float32)
+        slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    elif case == "opt":
+        model = pruned("opt", UNIFORM)
+    elif case == "gemma_per_block":
+        model = pruned("gemma", WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8))
+    else:
+        model = pruned("gemma", UNIFORM)
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() + 1)
+    with pytest.raises(LmsliceError, match=message):
+        export_gguf(model, tmp_path / "model.gguf", tiny_tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
+    def interrupted(self, **_) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(pruned("llama"), tmp_path / "model.gguf", tiny_tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_saved_pruned_model(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    saved = save_sliced(pruned("llama"), tiny_tokenizer, tmp_path / "pruned")
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(saved), "--gguf", str(out), "--outtype", "f32"]) == 0
+    assert "deci" in capsys.readouterr().out
+    assert fields(out)["deci.feed_forward_length"] == [96, 64, 112]
+    assert main(["export", str(saved), "--gguf", str(out)]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(saved), "--gguf", str(tmp_path / "model.bin")]) == 2
+
+
+def slice_args(dense_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["slice", str(dense_dir), "--calib", str(corpus), "-o", str(out), "--calib-samples", "4",
+            "--calib-seqlen", "32", "--calib-batch-size", "2", "--json", *extra]
+
+
+def test_slice_aligns_uniform_widths_and_writes_the_gguf(dense_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    assert main(slice_args(dense_dir, text_file, tmp_path / "pruned", "--target-params", "0.8", "--mlp-widths",
+                           "uniform", "--align", "gguf", "--gguf", str(out))) == 0
+    read = fields(out)
+    assert read["general.architecture"] == "llama"
+    assert read["llama.feed_forward_length"] % 32 == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "0.25", "--gguf", "{tmp}/model.gguf"], "per-block SliceGPT"),
+    (["--sparsity", "0.25", "--gguf", "{tmp}/model.txt"], "ends in .gguf"),
+    (["--sparsity", "0.33", "--round-to", "1", "--format", "standard"], "not a multiple of the 4 attention heads"),
+])
+def test_slice_refuses_what_it_cannot_write_before_the_work(extra: list[str], message: str, dense_dir: Path,
+                                                            text_file: Path, tmp_path: Path, capsys) -> None:
+    extra = [part.format(tmp=tmp_path) for part in extra]
+    assert main(slice_args(dense_dir, text_file, tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("width, options, expected", [
+    (512, dict(target_params=0.8, sparsity=None, mlp_widths="measured", align="auto"), 256),
+    (112, dict(target_params=0.8, sparsity=None, mlp_widths="measured", align="auto"), 1),  # 112: steps break rows
+    (512, dict(target_params=0.8, sparsity=None, mlp_widths="uniform", align="auto"), 1),
+    (512, dict(target_params=None, sparsity=0.25, mlp_widths="measured", align="auto"), 1),
+    (112, dict(target_params=0.8, sparsity=None, mlp_widths="uniform", align="gguf"), 32),
+])
+def test_auto_alignment_is_k_quant_rows_for_per_block_widths_of_an_aligned_model(width: int, options: dict,
+                                                                                 expected: int) -> None:
+    import argparse
+
+    import transformers
+    from lmslice.adapters import find_adapter
+    from lmslice.cli.slice_command import alignment
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**tiny_models.COMMON, "num_hidden_layers": 1}, intermediate_size=width))
+    assert alignment(argparse.Namespace(**options), model, find_adapter(model)) == expected
