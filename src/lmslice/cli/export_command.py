@@ -10,9 +10,9 @@ from pathlib import Path
 from torch import nn
 
 from lmslice.errors import LmsliceError
-from lmslice.layout import layout_of
 from lmslice.export.gguf import OUTTYPES, GgufLayout, export_gguf
 from lmslice.io.models import load_with_tokenizer, model_path
+from lmslice.layout import layout_of
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
