@@ -16,6 +16,7 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT, check_family, standard_model
+from lmslice.io.data import mix_record
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, process_tag, resolve_dtype, round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
@@ -134,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     dense_parameters = count_parameters(model)
     dense_ppl = evaluate(model).as_dict() if evaluate else None
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
-                   "batch_size": args.calib_batch_size, "seed": args.seed}
+                   "batch_size": args.calib_batch_size, "seed": args.seed,
+                   "mix": mix_record(args.calib, args.calib_samples)}
     # pruning after slicing needs the head to read the sliced width (see prune.check_consumer)
     options = dict(round_to=args.round_to, slice_head=args.slice_head or args.target_params is not None,
                    progress=not args.json,
