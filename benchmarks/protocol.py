@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 import lmslice
 from lmslice.evaluation.perplexity import perplexity
@@ -34,6 +35,7 @@ class Protocol:
     eval_tokens: dict[str, torch.Tensor]  # by source, in the order given
     seqlen: int
     max_windows: int | None
+    tokenizer: PreTrainedTokenizerBase
 
     def measure(self, candidate: nn.Module) -> dict[str, float]:
         """Perplexity of `candidate` on every evaluation text."""
@@ -51,4 +53,4 @@ def load_protocol(args: argparse.Namespace) -> Protocol:
     batches = mixed_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, 8, seed=42)
     eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test"))
                    for source in args.eval_data.split(",")}
-    return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows)
+    return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows, tokenizer)
