@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmslice.cli import main
+from lmslice.cli import build_parser, main
 from lmslice.errors import LmsliceError
 from lmslice.io.data import (MixPart, calibration_batches, load_text, mix_record, mix_windows,
                              mixed_calibration_batches, parse_mix, tokenize)
@@ -79,3 +79,8 @@ def test_slice_records_the_mix(dense_dir: Path, text_file: Path, tmp_path: Path,
 def test_a_malformed_mix_is_refused_before_loading(tmp_path: Path, capsys) -> None:
     code = main(["slice", "no-such-model", "--sparsity", "0.25", "--calib", "pydoc,pydoc", "-o", str(tmp_path / "o")])
     assert code == 2 and "names a source twice" in capsys.readouterr().err
+
+
+def test_the_default_calibration_is_the_measured_mix() -> None:
+    for command in (["slice", "MODEL", "--sparsity", "0.25", "-o", "OUT"], ["report", "MODEL", "--eval-data", "pydoc", "-o", "OUT"]):
+        assert build_parser().parse_args(command).calib == "wikitext2,pydoc"
