@@ -70,7 +70,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, lr
     start = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's initialisation and dropout
     if full_parameters:
-        trained, targets, kinds = model, [], ["all parameters"]
+        trained, kinds = model, ["all parameters"]
         model.requires_grad_(True)
     else:
         trained, targets = _with_lora(model, r, alpha, dropout)
@@ -108,7 +108,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, lr
                 on_step(trained, len(losses), tokens)
                 trained.train()
     _set_checkpointing(model, False)
-    del optimizer
+    del optimizer  # AdamW's two copies of the trained weights, before the caller saves or measures
     if full_parameters:
         model.requires_grad_(False)
         result = model.eval()
