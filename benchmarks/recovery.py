@@ -13,7 +13,8 @@ the whole curve (the learning rate is constant, so a shorter run would have trai
 Methods: `lora-rft` (the paper's LoRA recipe on the next-token loss), `distill-lora` (the same LoRA,
 the dense teacher's distribution as the target: `lmslice finetune --distill-from`), `distill-full`
 (every parameter trained, distilled). Training seconds exclude the perplexity measurements.
-Prints a markdown table; --save-dir keeps the compressed model and each method's final one.
+Prints a markdown table; --save-dir keeps the compressed model and each method's final one, and
+--pruned DIR starts another run from that compressed model.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--save-dir", type=Path, default=None)
+    parser.add_argument("--pruned", type=Path, default=None,
+                        help="start from this compressed model (a --save-dir's pruned/) instead of compressing")
     args = parser.parse_args()
     methods = args.methods.split(",")
     checkpoints = sorted(int(value) for value in args.tokens.split(","))
@@ -56,11 +59,14 @@ def main() -> None:
 
     dense_ppl = protocol.perplexity(dense)
     began = time.perf_counter()
-    compressed, shape = MODES[args.mode].compress(copy.deepcopy(dense), protocol.batches, args.target_params,
-                                                  round_to=8, progress=False)
+    if args.pruned:
+        compressed, shape = lmslice.load(args.pruned), f"loaded from {args.pruned}"
+    else:
+        compressed, shape = MODES[args.mode].compress(copy.deepcopy(dense), protocol.batches, args.target_params,
+                                                      round_to=8, progress=False)
     compress_seconds = time.perf_counter() - began
     pruned_ppl = protocol.perplexity(compressed)
-    if args.save_dir:
+    if args.save_dir and not args.pruned:
         lmslice.save_sliced(compressed, tokenizer, args.save_dir / "pruned", overwrite=True)
     eval_name = Path(next(iter(protocol.eval_tokens))).name
     print(f"model {args.model} at {args.target_params:g} ({args.mode}: {shape}, {compress_seconds:.0f} s); "
