@@ -8,16 +8,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 import lmslice
 from lmslice.evaluation.perplexity import perplexity
-from lmslice.io.data import calibration_batches, load_text, tokenize
+from lmslice.io.data import load_text, mixed_calibration_batches, tokenize
 
 
 def add_protocol_options(parser: argparse.ArgumentParser, *, seqlen: int = 256, eval_max_windows: int | None = 40,
                          threads: int = 1) -> None:
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="pydoc", help="calibration text (train split)")
+    parser.add_argument("--calib", default="pydoc",
+                        help="calibration text (train split), or a mix as `lmslice slice --calib` takes: a,b or a:0.7,b:0.3")
     parser.add_argument("--eval-data", default="pydoc", help="comma-separated evaluation texts (test split)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=seqlen)
@@ -33,6 +35,7 @@ class Protocol:
     eval_tokens: dict[str, torch.Tensor]  # by source, in the order given
     seqlen: int
     max_windows: int | None
+    tokenizer: PreTrainedTokenizerBase
 
     def measure(self, candidate: nn.Module) -> dict[str, float]:
         """Perplexity of `candidate` on every evaluation text."""
@@ -47,8 +50,7 @@ class Protocol:
 def load_protocol(args: argparse.Namespace) -> Protocol:
     torch.set_num_threads(args.threads)
     model, tokenizer = lmslice.load_with_tokenizer(args.model)
-    batches = calibration_batches(tokenize(tokenizer, load_text(args.calib, split="train")), args.calib_samples,
-                                  args.calib_seqlen, 8, seed=42)
+    batches = mixed_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, 8, seed=42)
     eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test"))
                    for source in args.eval_data.split(",")}
-    return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows)
+    return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows, tokenizer)

@@ -113,3 +113,15 @@ def test_cli_saves_a_merged_model_that_reloads(sliced_dir: Path, text_file: Path
     tokens = tokenize(tokenizer, load_text(str(text_file), split="test"))
     reloaded = perplexity(recovered, tokens, 64, max_windows=2, progress=False).perplexity
     assert reloaded == pytest.approx(summary["perplexity_after"]["perplexity"], rel=1e-5)
+
+
+def test_each_step_is_reported_with_the_tokens_seen(sliced_dir: Path) -> None:
+    seen: list[tuple[int, int, bool]] = []
+    batches = tiny_models.random_batches(count=4)  # 2 windows of 24 tokens each
+
+    def on_step(model: torch.nn.Module, steps: int, tokens: int) -> None:
+        seen.append((steps, tokens, model.training))
+        model.eval()  # a measurement may switch to eval mode; training switches back
+
+    _, result = finetune(lmslice.load(sliced_dir), batches, max_steps=3, on_step=on_step, progress=False)
+    assert seen == [(1, 48, True), (2, 96, True), (3, 144, True)] and result.tokens == 144

@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import Perplexity, perplexity
 from lmslice.evaluation.zeroshot import PAPER_TASKS
-from lmslice.io.data import HUB_SOURCES, calibration_batches, describe_sources, load_text, tokenize
+from lmslice.io.data import (DEFAULT_CALIBRATION, HUB_SOURCES, describe_sources, load_text, mixed_calibration_batches,
+                             parse_mix, tokenize)
 from lmslice.io.models import DTYPES
 from lmslice.slicing import sliced_width
 
@@ -30,7 +31,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_slicing_options(parser: argparse.ArgumentParser) -> None:
     """Calibration and width options of `slice` and `report`."""
-    parser.add_argument("--calib", required=True, help=f"calibration text: {describe_sources()}")
+    parser.add_argument("--calib", default=DEFAULT_CALIBRATION,
+                        help=f"calibration text: {describe_sources()}; or several mixed, in equal shares "
+                             f"(wikitext2,pydoc) or stated ones (a.txt:0.7,pydoc:0.3) (default: {DEFAULT_CALIBRATION}, "
+                             "which generalises across domains better than either alone)")
     parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
     parser.add_argument("--calib-seqlen", type=int, default=2048,
                         help="tokens per calibration window, capped by the model context (default: 2048)")
@@ -86,7 +90,9 @@ def require_extra(module: str, extra: str, purpose: str) -> None:
 
 
 def require_text_sources(*sources: str | None) -> None:
-    if any(source in HUB_SOURCES for source in sources):
+    """Refuses a malformed calibration mix and asks for the extra that hub sources need, before any work."""
+    names = [part.source for source in sources if source is not None for part in parse_mix(source)]
+    if any(name in HUB_SOURCES for name in names):
         require_extra("datasets", "data", "reading a Hugging Face dataset")
 
 
@@ -100,8 +106,8 @@ def calibration_data(args: argparse.Namespace, model: nn.Module, tokenizer: PreT
                      ) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The calibration batches `add_slicing_options` describe, and their sequence length."""
     seqlen = context_length(model, args.calib_seqlen)
-    tokens = tokenize(tokenizer, load_text(args.calib, split="train"))
-    return calibration_batches(tokens, args.calib_samples, seqlen, args.calib_batch_size, args.seed), seqlen
+    return mixed_calibration_batches(tokenizer, args.calib, args.calib_samples, seqlen, args.calib_batch_size,
+                                     args.seed), seqlen
 
 
 @dataclass

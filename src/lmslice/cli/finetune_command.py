@@ -1,4 +1,5 @@
-"""`lmslice finetune`: recovery fine-tuning of a sliced model with LoRA, saved merged."""
+"""`lmslice finetune`: recovery fine-tuning of a sliced model (LoRA, saved merged, or every parameter),
+on the next-token loss or distilled from the dense model."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ import json
 
 from lmslice.cli.common import (add_eval_window_options, add_model_options, check_device, check_minimums,
                                 context_length, evaluation, require_extra, require_text_sources, require_tokenizer)
+from lmslice.distill import Distillation, check_same_vocabulary, check_settings
 from lmslice.errors import LmsliceError
-from lmslice.layout import layout_of
-from lmslice.finetune import LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, finetune
+from lmslice.finetune import FULL_LEARNING_RATE, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, finetune
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
 from lmslice.io.models import check_output_dir, load_with_tokenizer, model_path, save_sliced, source_dtype
+from lmslice.layout import layout_of
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "finetune", help="recovery fine-tuning of a sliced model (LoRA, merged)",
+        "finetune", help="recovery fine-tuning of a sliced model (LoRA, merged), or distillation from the dense one",
         description="Recovery fine-tuning (RFT) as in the paper: LoRA adapters on every attention and MLP "
                     "linear of the blocks, trained for one pass over random windows of --data with AdamW, "
                     "then merged into the weights. The defaults are the paper's Alpaca recipe: 8000 windows "
-                    "of 1024 tokens, r=32, alpha=10, dropout=0.05. Prints perplexity before and after and "
-                    "writes a sliced model directory (the settings are recorded in config.json).")
+                    "of 1024 tokens, r=32, alpha=10, dropout=0.05. With --distill-from DENSE the target is "
+                    "the dense teacher's next-token distribution (KL at --temperature, optionally over its "
+                    "--top-k tokens, plus --lm-weight times the usual loss), as in Minitron; the teacher runs "
+                    "alongside, batch by batch, without gradients. --full-parameters trains every weight "
+                    "instead of LoRA. Prints perplexity before and after and writes a sliced model directory "
+                    "(the settings are recorded in config.json).")
     parser.add_argument("model", help="sliced model directory (from `lmslice slice`)")
     parser.add_argument("--data", required=True, help=f"training text: {describe_sources()}")
     parser.add_argument("-o", "--output", required=True, help="directory to write the fine-tuned model to")
@@ -32,8 +38,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seqlen", type=int, default=1024,
                         help="tokens per training window, capped by the model context (default: 1024)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default: 1)")
-    parser.add_argument("--lr", type=float, default=LEARNING_RATE,
-                        help=f"AdamW learning rate, constant (default: {LEARNING_RATE})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"AdamW learning rate, constant (default: {LEARNING_RATE} with LoRA, "
+                             f"{FULL_LEARNING_RATE} with --full-parameters)")
+    parser.add_argument("--full-parameters", action="store_true",
+                        help="train every parameter instead of LoRA adapters (more memory: AdamW keeps two "
+                             "copies of the model)")
+    parser.add_argument("--distill-from", metavar="DENSE",
+                        help="distil from this teacher (the dense model the input was sliced from, or any model "
+                             "with the same tokenizer)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature of the distillation target (default: 1)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="distil only the teacher's k most likely tokens at each position (default: all)")
+    parser.add_argument("--lm-weight", type=float, default=0.0,
+                        help="weight of the next-token loss added to the distillation loss (default: 0)")
     parser.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
     parser.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help=f"LoRA alpha (default: {LORA_ALPHA:g})")
     parser.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT,
@@ -53,14 +72,26 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_minimums(args, {"samples": 1, "seqlen": 2, "batch_size": 1, "lora_r": 1, "max_steps": 1,
                           "eval_seqlen": 2, "eval_max_windows": 1})
-    require_extra("peft", "finetune", "recovery fine-tuning")
+    check_settings(args.temperature, args.top_k, args.lm_weight)
+    if args.distill_from is None and (args.temperature != 1.0 or args.top_k is not None or args.lm_weight):
+        raise LmsliceError("--temperature, --top-k and --lm-weight apply to --distill-from")
+    if not args.full_parameters:
+        require_extra("peft", "finetune", "recovery fine-tuning with LoRA")
     require_text_sources(args.data, args.eval_data)
-    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
+    lr = args.lr if args.lr is not None else FULL_LEARNING_RATE if args.full_parameters else LEARNING_RATE
+    protect = [model_path(args.model)] + ([model_path(args.distill_from)] if args.distill_from else [])
+    output = check_output_dir(args.output, args.overwrite, protect=protect)
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
     if getattr(model.config, "lmslice", None) is None:
         raise LmsliceError(f"{args.model} is not a sliced model; slice it first with `lmslice slice` "
                            "(--sparsity 0 keeps every component)")
     tokenizer = require_tokenizer(tokenizer, args.model)
+    distillation = None
+    if args.distill_from is not None:
+        teacher, teacher_tokenizer = load_with_tokenizer(args.distill_from, dtype=args.dtype, device=args.device)
+        check_same_vocabulary(model, tokenizer, teacher, require_tokenizer(teacher_tokenizer, args.distill_from),
+                              args.distill_from)
+        distillation = Distillation(teacher, args.temperature, args.top_k, args.lm_weight)
     seqlen = context_length(model, args.seqlen)
     train_tokens = tokenize(tokenizer, load_text(args.data, split="train"))
     if len(train_tokens) - seqlen + 1 < args.samples:
@@ -70,18 +101,23 @@ def run(args: argparse.Namespace) -> int:
     eval_source = args.eval_data or args.data
     evaluate = evaluation(args, model, tokenizer, eval_source, not args.json)
     before = evaluate(model).as_dict()
-    model, result = finetune(model, batches, lr=args.lr, r=args.lora_r, alpha=args.lora_alpha,
+    model, result = finetune(model, batches, lr=lr, r=args.lora_r, alpha=args.lora_alpha,
                              dropout=args.lora_dropout, max_steps=args.max_steps, time_budget=args.time_budget,
-                             seed=args.seed, progress=not args.json)
+                             seed=args.seed, full_parameters=args.full_parameters, distillation=distillation,
+                             progress=not args.json)
+    del distillation  # the teacher's memory, before saving
     after = evaluate(model).as_dict()
     # training ran in --dtype; the output keeps the precision its source was stored in
     save_dtype = source_dtype(args.model)
     record = {
         "data": args.data, "samples": args.samples, "seqlen": seqlen, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "optimizer": "AdamW",
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                 "target_modules": result.target_modules},
-        "steps": result.steps, "max_steps": args.max_steps, "time_budget": args.time_budget,
+        "lr": lr, "seed": args.seed, "optimizer": "AdamW",
+        "lora": None if args.full_parameters else {"r": args.lora_r, "alpha": args.lora_alpha,
+                                                   "dropout": args.lora_dropout, "target_modules": result.target_modules},
+        "distill": None if args.distill_from is None else {
+            "teacher": str(args.distill_from), "temperature": args.temperature, "top_k": args.top_k,
+            "lm_weight": args.lm_weight},
+        "steps": result.steps, "tokens": result.tokens, "max_steps": args.max_steps, "time_budget": args.time_budget,
         "stopped_by": result.stopped_by, "first_loss": result.losses[0] if result.losses else None,
         "last_loss": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 2),
         "eval_data": eval_source, "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
@@ -97,14 +133,20 @@ def run(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict) -> str:
     before, after = summary["perplexity_before"], summary["perplexity_after"]
-    lora = summary["lora"]
+    lora, distill = summary["lora"], summary["distill"]
     loss = (f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary["steps"] else "")
+    how = (f"LoRA (r={lora['r']}, alpha={lora['alpha']:g}, dropout={lora['dropout']:g})" if lora
+           else "every parameter trained")
+    objective = ("the next-token loss" if distill is None else
+                 f"distillation from {distill['teacher']} (T={distill['temperature']:g}, "
+                 f"{'top ' + str(distill['top_k']) if distill['top_k'] else 'full'} distribution, "
+                 f"LM weight {distill['lm_weight']:g})")
     return "\n".join([
-        f"fine-tuned {summary['model']} with LoRA (r={lora['r']}, alpha={lora['alpha']:g}, "
-        f"dropout={lora['dropout']:g}) on {summary['data']}",
+        f"fine-tuned {summary['model']} with {how} on {summary['data']}",
+        f"  objective      {objective}, lr {summary['lr']:g}",
         f"  training       {summary['steps']} steps of {summary['batch_size']} x {summary['seqlen']} tokens"
         f"{loss} ({summary['seconds']:.1f} s, stopped by {summary['stopped_by'].replace('_', ' ')})",
-        f"  adapted        {', '.join(lora['target_modules'])}",
+        f"  adapted        {', '.join(lora['target_modules']) if lora else 'all parameters'}",
         f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on {summary['eval_data']} "
         f"({after['tokens']} tokens, windows of {after['seqlen']})",
         f"  saved to       {summary['output']} ({summary['save_dtype']})",

@@ -18,6 +18,7 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
 from lmslice.frontier import MODES, check_budget, check_frontier, parse_modes, residual_width, supported_modes
+from lmslice.io.data import mix_record
 from lmslice.io.models import (check_finite, check_output_dir, discarded_on_failure,
                                load_with_tokenizer, model_path, move_into_place, staging_dir)
 from lmslice.report import format_frontier_markdown, format_markdown, write_frontier_report, write_report
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model), "eval_data": args.eval_data, "eval_seqlen": evaluate.seqlen,
         "eval_max_windows": args.eval_max_windows, "tasks": tasks, "limit": args.limit,
         "calibration": {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
-                        "batch_size": args.calib_batch_size, "seed": args.seed},
+                        "batch_size": args.calib_batch_size, "seed": args.seed,
+                        "mix": mix_record(args.calib, args.calib_samples)},
         "round_to": args.round_to,
     }
     if compare_modes:

@@ -23,6 +23,7 @@ from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT, check_family, check_standard_source, standard_model
 from lmslice.export.gguf import check_exportable
 from lmslice.frontier import sliced_skeleton
+from lmslice.io.data import mix_record
 from lmslice.layout import layout_of
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, out_of_range, process_tag, resolve_dtype, round_to_dtype, save_sliced,
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     dense_parameters = count_parameters(model)
     dense_ppl = evaluate(model).as_dict() if evaluate else None
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
-                   "batch_size": args.calib_batch_size, "seed": args.seed}
+                   "batch_size": args.calib_batch_size, "seed": args.seed,
+                   "mix": mix_record(args.calib, args.calib_samples)}
     # pruning after slicing needs the head to read the sliced width (see prune.check_consumer)
     options = dict(round_to=args.round_to, slice_head=args.slice_head or args.target_params is not None,
                    progress=not args.json,
