@@ -489,7 +489,7 @@ def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text
     # the commands that need an extra say which, before any work (no output directory, no model loaded)
     errors = [line for line in process.stderr.splitlines() if line.startswith("lmslice: error:")]
     assert errors == ["lmslice: error: plotting the report needs matplotlib: pip install 'lmslice[plot]'",
-                      "lmslice: error: recovery fine-tuning needs peft: pip install 'lmslice[finetune]'",
+                      "lmslice: error: recovery fine-tuning with LoRA needs peft: pip install 'lmslice[finetune]'",
                       "lmslice: error: zero-shot evaluation needs lm-eval: pip install 'lmslice[eval]'"]
     for sliced in (out, tmp_path / "offloaded"):
         assert lmslice.load(sliced).get_input_embeddings().weight.shape[1] == 48
