@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmslice.adapters import ModelAdapter
-from lmslice.errors import LmsliceError
+from lmslice.errors import LmsliceError, first_line
 from lmslice.modeling import get_module
 
 
@@ -70,8 +70,7 @@ class ActivationStore:
         try:
             save_file({"activations": tensor.contiguous()}, self.directory / f"{name}.safetensors")
         except (OSError, SafetensorError) as error:  # disk full, mostly
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise LmsliceError(f"cannot spill calibration activations to {self.directory}: {message}; free disk "
+            raise LmsliceError(f"cannot spill calibration activations to {self.directory}: {first_line(error)}; free disk "
                                "space there, or drop --offload-activations") from error
         self.devices[name] = tensor.device
 

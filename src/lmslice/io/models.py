@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from lmslice import layout as layout_module
 from lmslice import modeling
-from lmslice.errors import LmsliceError
+from lmslice.errors import LmsliceError, first_line
 from lmslice.layout import Layout, LayoutError, layout_of
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -219,11 +219,6 @@ def _looks_like_hub_id(source: str) -> bool:
 
 # What damaged or truncated files raise inside `from_pretrained` (safetensors, json and gguf readers).
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, struct.error, EOFError)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _describe_key(key: str | tuple[Any, ...]) -> str:
