@@ -167,15 +167,20 @@ def test_inconsistent_lmslice_record_is_refused(edit: str, sliced_dir: Path, tmp
         lmslice.load(damaged)
 
 
+def change_tensors(directory: Path, change: str, *, missing: str, extra: str) -> None:
+    """Deletes the tensor `missing` ("missing") or adds a tensor `extra` (any other change) in the checkpoint."""
+    weights = load_file(directory / "model.safetensors")
+    if change == "missing":
+        del weights[missing]
+    else:
+        weights[extra] = torch.zeros(3)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
 def test_sliced_directory_with_wrong_tensors_is_refused(change: str, sliced_dir: Path, tmp_path: Path) -> None:
     damaged = copy_of(sliced_dir, tmp_path)
-    weights = load_file(damaged / "model.safetensors")
-    if change == "missing":
-        del weights["model.layers.0.mlp.up_proj.weight"]
-    else:
-        weights["model.layers.0.extra"] = torch.zeros(3)
-    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    change_tensors(damaged, change, missing="model.layers.0.mlp.up_proj.weight", extra="model.layers.0.extra")
     with pytest.raises(LmsliceError, match=f"do not match its config \\({change}: model.layers.0"):
         lmslice.load(damaged)
 
@@ -632,12 +637,7 @@ def transformers_llama(intermediate_size: int):
 @pytest.mark.parametrize("change", ["missing", "extra"])
 def test_7_plain_directories_with_missing_or_extra_tensors_are_refused(change: str, dense_dir, tmp_path) -> None:
     source = copy_of(dense_dir, tmp_path)
-    weights = load_file(source / "model.safetensors")
-    if change == "missing":
-        del weights["model.layers.1.mlp.up_proj.weight"]
-    else:
-        weights["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
-    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    change_tensors(source, change, missing="model.layers.1.mlp.up_proj.weight", extra="model.layers.1.mlp.extra.weight")
     with pytest.raises(LmsliceError, match="do not match its config"):
         lmslice.load(source)
 
