@@ -27,9 +27,9 @@ import copy
 import json
 import math
 import re
-from collections import Counter
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import gguf
