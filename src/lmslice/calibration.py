@@ -10,10 +10,10 @@ connection, the stream there is projected onto the kept components in place, as 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -154,35 +154,75 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.set_num_threads(threads)
 
 
+Item = TypeVar("Item")
+Hook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
+
+
+def walk(items: Iterable[Item], forward: Callable[[Item], Any],
+         hooks: Sequence[tuple[nn.Module, Hook]] = ()) -> list[Any]:
+    """The one walk over calibration data that every pass makes: `forward(item)` for each item, with
+    `hooks` in place as forward pre-hooks `hook(module, args, kwargs, item)` that also receive the item
+    being run (its mask, its stream). A hook that has what it needs raises `StopForward`, which ends that
+    item's forward early (its result is then None). The hooks are removed afterwards, whatever happens."""
+    current: list[Item] = []
+
+    def bind(hook: Hook) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        return lambda module, args, kwargs: hook(module, args, kwargs, current[0])
+
+    handles = [module.register_forward_pre_hook(bind(hook), with_kwargs=True) for module, hook in hooks]
+    results: list[Any] = []
+    try:
+        for item in items:
+            current[:] = [item]
+            try:
+                results.append(forward(item))
+            except StopForward:
+                results.append(None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    """One calibration batch on the model's device: token ids and the mask of real tokens."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor  # (batch, tokens), True for real tokens
+
+
+def model_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> list[ModelBatch]:
+    device = model.get_input_embeddings().weight.device
+    prepared = []
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        prepared.append(ModelBatch(input_ids, batch.get("attention_mask", torch.ones_like(input_ids)).to(device).bool()))
+    return prepared
+
+
+def run_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], hooks: Sequence[tuple[nn.Module, Hook]],
+              ) -> None:
+    """`walk` over the calibration batches through the whole model (each hook gets the `ModelBatch`)."""
+    walk(model_batches(model, batches),
+         lambda batch: model(input_ids=batch.input_ids, attention_mask=batch.mask.long(), use_cache=False), hooks)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: Iterable[dict[str, torch.Tensor]],
                          store: ActivationStore) -> list[BlockInput]:
     """Runs the model up to its first block on every batch and keeps what that block receives."""
-    first_block = get_module(model, adapter.blocks)[0]
-    device = model.get_input_embeddings().weight.device
     captured: list[BlockInput] = []
-    mask_of_batch: list[torch.Tensor] = []
 
-    def keep_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def keep_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: ModelBatch) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        stream = BlockInput(f"stream-{len(captured)}", tuple(args[1:]), kwargs, mask_of_batch[-1], store)
+        stream = BlockInput(f"stream-{len(captured)}", tuple(args[1:]), kwargs, batch.mask, store)
         stream.hidden = hidden
         captured.append(stream)
         raise StopForward
 
-    handle = first_block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
-    try:
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask", torch.ones_like(input_ids)).to(device)
-            mask_of_batch.append(mask.bool())
-            try:
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
+    run_model(model, batches, [(get_module(model, adapter.blocks)[0], keep_inputs)])
     return captured
 
 
@@ -216,31 +256,23 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
     norms = [get_module(block, path) for path in norm_paths]
     projections: list[torch.Tensor] = []
     inner: list[tuple[torch.Tensor, torch.Tensor]] = []
-    mask = streams[0].mask
 
-    def project(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def project(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], stream: BlockInput) -> None:
         hidden = args[0]
         projection = projections[norms.index(module)]
         hidden.copy_(hidden @ projection)
 
-    def accumulate_and_stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        covariance.add(args[0], mask)
+    def accumulate_and_stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                            stream: BlockInput) -> None:
+        covariance.add(args[0], stream.mask)
         raise StopForward
+
+    def forward(stream: BlockInput) -> torch.Tensor:
+        return run_block(block, stream, stream.hidden @ up)
 
     for norm, norm_path in zip(norms, norm_paths):
         covariance = Covariance(dim, device, f"input of {name}'s {norm_path}")
-        handles = [n.register_forward_pre_hook(project) for n in norms[: len(projections)]]
-        handles.append(norm.register_forward_pre_hook(accumulate_and_stop))
-        try:
-            for stream in streams:
-                mask = stream.mask
-                try:
-                    run_block(block, stream, stream.hidden @ up)
-                except StopForward:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        walk(streams, forward, [(n, project) for n in norms[: len(projections)]] + [(norm, accumulate_and_stop)])
         eigenvalues, eigenvectors = covariance.principal_components()
         inner.append((eigenvalues, eigenvectors))
         kept = eigenvectors[:, :width].to(dtype)
@@ -248,16 +280,14 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
         progress()
 
     covariance = Covariance(dim, device, f"output of {name}")
-    outputs = []
-    handles = [n.register_forward_pre_hook(project) for n in norms]
-    try:
-        for index, stream in enumerate(streams):
-            out = run_block(block, stream, stream.hidden @ up)
-            covariance.add(out, stream.mask)
-            outputs.append(BlockInput(f"output-{index}", (), {}, stream.mask, stream.store))
-            outputs[-1].hidden = out
-    finally:
-        for handle in handles:
-            handle.remove()
+    outputs: list[BlockInput] = []
+
+    def keep_output(stream: BlockInput) -> None:  # one batch's output resident at a time (see ActivationStore)
+        out = forward(stream)
+        covariance.add(out, stream.mask)
+        outputs.append(BlockInput(f"output-{len(outputs)}", (), {}, stream.mask, stream.store))
+        outputs[-1].hidden = out
+
+    walk(streams, keep_output, [(n, project) for n in norms])
     progress()
     return BlockSignals(inner, covariance.principal_components(), outputs)

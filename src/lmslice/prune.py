@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lmslice.adapters import Attention, Mlp, ModelAdapter, find_adapter
-from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block
+from lmslice.calibration import ActivationStore, BlockInput, StopForward, capture_block_inputs, run_block, walk
 from lmslice.errors import LmsliceError
 from lmslice.io.models import check_finite
 from lmslice.layout import STANDARD
@@ -166,10 +166,9 @@ def observe_consumer(block: nn.Module, path: str, streams: list[BlockInput], *, 
     consumer = get_module(block, path)
     width = consumer.in_features + (consumer.bias is not None)
     matrix = torch.zeros(width, width, dtype=torch.float64, device=consumer.weight.device)
-    current: list[BlockInput] = []
 
-    def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
-        hidden, stream = args[0], current[0]
+    def accumulate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], stream: BlockInput) -> None:
+        hidden = args[0]
         rows = hidden.reshape(-1, hidden.shape[-1])[stream.mask.reshape(-1).to(hidden.device)].float()
         if consumer.bias is not None:
             rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
@@ -179,16 +178,10 @@ def observe_consumer(block: nn.Module, path: str, streams: list[BlockInput], *, 
         if keep_inputs:
             stream.store.put(consumer_input(stream), hidden)
 
-    handle = consumer.register_forward_pre_hook(accumulate)
-    try:
-        for stream in streams:
-            current[:] = [stream]
-            try:
-                stream.hidden = run_block(block, stream, stream.hidden)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
+    def forward(stream: BlockInput) -> None:
+        stream.hidden = run_block(block, stream, stream.hidden)
+
+    walk(streams, forward, [(consumer, accumulate)])
     return matrix
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmslice.adapters import ModelAdapter
-from lmslice.calibration import Covariance, StopForward
+from lmslice.calibration import Covariance, ModelBatch, StopForward, run_model
 from lmslice.errors import LmsliceError
 from lmslice.fuse import norm_affine
 from lmslice.modeling import get_module
@@ -82,30 +82,17 @@ def shared_basis(model: nn.Module, adapter: ModelAdapter, batches: Iterable[dict
     gains = {norm: reader_gain(norm, readers, adapter.norm_kind) if weighting == "reader-gain" else 1.0
              for norm, readers in norms}
     mean_gain = sum(gains.values()) / len(gains)
-    state: dict[str, torch.Tensor] = {}
 
-    def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def accumulate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: ModelBatch) -> None:
         x = args[0].double()
         unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
         signal = x if weighting == "raw" else unit * (gains[module] / mean_gain) ** 0.5
-        total.add(signal, state["mask"])
+        total.add(signal, batch.mask)
         if module is final_norm:
-            head_input.add(unit, state["mask"])
+            head_input.add(unit, batch.mask)
             raise StopForward
 
-    handles = [norm.register_forward_pre_hook(accumulate) for norm, _ in norms]
-    try:
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask", torch.ones_like(input_ids)).to(device)
-            state["mask"] = mask.bool()
-            try:
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_model(model, batches, [(norm, accumulate) for norm, _ in norms])
     total.tokens = head_input.tokens  # per token, not per token and norm: only the scale of the spectrum
     eigenvalues, eigenvectors = total.principal_components()
     return SharedBasis(eigenvalues, eigenvectors, head_input.matrix / max(head_input.tokens, 1))
