@@ -646,7 +646,7 @@ def test_8_calibration_text_that_cannot_calibrate_is_refused_with_numbers(capsys
                                                                          monkeypatch) -> None:
     text = tmp_path / "aaaa.txt"
     text.write_text("a" * 20000)
-    monkeypatch.setattr("lmslice.cli.slice_command.slice_model", pytest.fail)
+    monkeypatch.setattr("lmslice.pipeline.slice_model", pytest.fail)
     for extra in (("--sparsity", "0.25"), ("--target-params", "0.8")):
         out = tmp_path / "out"
         code, error = run_cli(capsys, "slice", dense_dir, *extra, "--calib", text, "-o", out, "--calib-samples", "4",
@@ -670,7 +670,7 @@ def test_9_disk_full_while_spilling_activations_is_one_line(capsys, dense_dir, t
 
 def test_10_a_budget_the_sliced_model_cannot_meet_is_refused_before_slicing(capsys, dense_dir, text_file,
                                                                            tmp_path, monkeypatch) -> None:
-    from lmslice.frontier import sliced_skeleton
+    from lmslice.slicing import sliced_skeleton
     from lmslice.prune import channel_cost, mlp_width
     from lmslice.slicing import count_parameters
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import lmslice
 import tiny_models
 from lmslice.errors import LmsliceError
+from lmslice.pipeline import Slice, SliceConfig, compress
 from lmslice.slicing import slice_model
 
 
@@ -19,8 +20,8 @@ from lmslice.slicing import slice_model
 def sliced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            tiny_tokenizer) -> tuple[torch.nn.Module, Path]:
     model = tiny_models.build(request.param, torch.float32)
-    slice_model(model, tiny_models.random_batches(), 0.25, progress=False,
-                metadata={"calibration": {"source": "random", "samples": 6}})
+    compress(model, tiny_models.random_batches(), [Slice(SliceConfig(0.25))], progress=False,
+             calibration={"source": "random", "samples": 6})
     out = tmp_path_factory.mktemp(request.param) / "sliced"
     lmslice.save_sliced(model, tiny_tokenizer, out)
     return model, out

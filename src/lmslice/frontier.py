@@ -3,9 +3,9 @@ parameters (`count_parameters`: every tensor once, a tied embedding once), so a 
 perplexity against what a user really gets.
 
 A mode is a `Mode` in `MODES`: `supports` says whether the model's family can take it at all (the
-report's default modes are the supported ones), `check` refuses a budget before any slow work, and
-`compress` compresses the model in place and returns the model (the standard format builds a new
-one) and a short description of its shape. Add a mode: add a `Mode` to `MODES`.
+report's default modes are the supported ones), and `steps` builds the pipeline steps (`lmslice.pipeline`)
+that reach a budget, which `check` checks before any slow work and `compress` runs. Add a mode: add a
+`Mode` to `MODES`.
 
 Residual slicing keeps a width, not a parameter count, so the slicing modes search the widths (multiples
 of `round_to`) for the widest whose real parameter count is at most the budget (a budget is a ceiling,
@@ -16,7 +16,6 @@ would have.
 from __future__ import annotations
 
 import bisect
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,14 +23,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lmslice.adapters import ModelAdapter, find_adapter
+from lmslice.adapters import find_adapter
 from lmslice.errors import LmsliceError
-from lmslice.export import check_family, standard_config, standard_model
-from lmslice.fuse import norm_eps
-from lmslice.layout import Layout, Stream
-from lmslice.modeling import apply_layout, get_module
-from lmslice.prune import attention_of, plan_uniform, prune_to_budget
-from lmslice.slicing import count_parameters, layout_before, slice_model
+from lmslice.export import check_family, standard_config
+from lmslice.pipeline import (Compressed, Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig,
+                              Step, check_steps, compress)
+from lmslice.prune import PruneResult, attention_of, plan_uniform
+from lmslice.slicing import SliceResult, count_parameters, residual_width, sliced_skeleton
 
 Batches = list[dict[str, torch.Tensor]]
 
@@ -39,27 +37,6 @@ Batches = list[dict[str, torch.Tensor]]
 def check_budget(target_params: float) -> None:
     if not 0 < target_params <= 1:
         raise LmsliceError(f"--target-params must be in (0, 1], got {target_params:g}")
-
-
-def residual_width(model: nn.Module) -> int:
-    return get_module(model, find_adapter(model).embeddings[0]).weight.shape[1]
-
-
-def sliced_skeleton(model: nn.Module, width: int) -> nn.Module:
-    """A weightless copy of `model`'s structure sliced per block to `width`, head sliced too."""
-    adapter = find_adapter(model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
-    apply_layout(skeleton, skeleton_layout(skeleton, adapter, width))
-    return skeleton
-
-
-def skeleton_layout(skeleton: nn.Module, adapter: ModelAdapter, width: int) -> Layout:
-    """The layout of a per-block slice to `width`, head sliced, of the skeleton's structure (an output
-    pruned per block keeps its widths), for counting parameters: the norm epsilon (the skeleton's own)
-    shapes no parameter, and the few bias vectors that folding a LayerNorm adds are not counted."""
-    eps = norm_eps(get_module(skeleton, adapter.final_norm))
-    return layout_before(skeleton, adapter).replace(stream=Stream(width, width, eps))
 
 
 def sliced_parameters(model: nn.Module, width: int) -> int:
@@ -71,10 +48,8 @@ def sliced_parameters(model: nn.Module, width: int) -> int:
 def standard_parameters(model: nn.Module, width: int) -> int:
     """Real parameters of `model` sliced with one basis to `width` and written in the standard format
     with an untied head: the family's own architecture at hidden size `width`, as `standard_config` writes it."""
-    adapter = find_adapter(model)
     skeleton = sliced_skeleton(model, width)
-    skeleton.config.lmslice = skeleton_layout(skeleton, adapter, width).to_json()
-    config = standard_config(skeleton, adapter, tie_embeddings=False)
+    config = standard_config(skeleton, find_adapter(skeleton), tie_embeddings=False)
     with torch.device("meta"):
         return count_parameters(AutoModelForCausalLM.from_config(config))
 
@@ -119,32 +94,32 @@ def describe_mlp(widths: list[int]) -> str:
     return f"MLP {widths[0]}" if len(set(widths)) == 1 else f"MLP {min(widths)}-{max(widths)}"
 
 
-def _slicegpt(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
-              progress: bool) -> tuple[nn.Module, str]:
+def _slicegpt(model: nn.Module, target_params: float, round_to: int) -> list[Step]:
     width = widest_width_within(model, target_params, sliced_parameters, round_to)
-    result = slice_model(model, batches, sparsity_for_width(residual_width(model), width), round_to=round_to,
-                         slice_head=True, progress=progress)
-    return model, f"D'={result.width}"
+    return [Slice(SliceConfig(sparsity_for_width(residual_width(model), width), round_to, slice_head=True))]
 
 
-def _standard(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
-              progress: bool) -> tuple[nn.Module, str]:
+def _standard(model: nn.Module, target_params: float, round_to: int) -> list[Step]:
     width = widest_width_within(model, target_params, standard_parameters, round_to)
-    result = slice_model(model, batches, sparsity_for_width(residual_width(model), width), round_to=round_to,
-                         rotation="shared", slice_head=True, progress=progress)
-    return standard_model(model, tie_embeddings=False, head_input=result.head_input), f"D'={result.width}"
+    return [Slice(SliceConfig(sparsity_for_width(residual_width(model), width), round_to, rotation="shared")),
+            StandardFormat(StandardFormatConfig(tie_embeddings=False))]
 
 
-def _mlp(widths: str, heads: bool) -> Callable[..., tuple[nn.Module, str]]:
-    def compress(model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
-                 progress: bool) -> tuple[nn.Module, str]:
-        result = prune_to_budget(model, batches, target_params, widths=widths, round_to=round_to, progress=progress,
-                                 heads=heads)
-        plan = result.plan
-        return model, describe_mlp(plan.mlp_widths) + (f", heads {min(plan.attention_heads)}-"
-                                                       f"{max(plan.attention_heads)}" if plan.attention_heads else "")
+def _prune(widths: str, heads: bool) -> Callable[[nn.Module, float, int], list[Step]]:
+    def steps(model: nn.Module, target_params: float, round_to: int) -> list[Step]:
+        return [Prune(PruneConfig(target_params, widths, heads, round_to))]
 
-    return compress
+    return steps
+
+
+def _describe_width(result: Compressed) -> str:
+    return f"D'={result.result(SliceResult).width}"
+
+
+def _describe_plan(result: Compressed) -> str:
+    plan = result.result(PruneResult).plan
+    heads = f", heads {min(plan.attention_heads)}-{max(plan.attention_heads)}" if plan.attention_heads else ""
+    return describe_mlp(plan.mlp_widths) + heads
 
 
 def _supports_everything(model: nn.Module) -> None:
@@ -166,43 +141,41 @@ def _supports_heads(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class Mode:
-    """One way to compress a model to a real parameter budget.
+    """One way to compress a model to a real parameter budget: a list of pipeline steps.
 
-    `supports(model)` raises `LmsliceError` if the model's family cannot take the mode; `check(model,
-    target_params, round_to)` raises if the budget cannot be met, cheaply, before any calibration;
-    `compress(model, batches, target_params, round_to=, progress=)` compresses `model` in place and
-    returns the compressed model (possibly a new one) and a short description of its shape.
+    `supports(model)` raises `LmsliceError` if the model's family cannot take the mode; `steps(model,
+    target_params, round_to)` are the steps that reach the budget (refusing, cheaply, one they cannot);
+    `describe` says the shape a `compress` of them left, briefly.
     """
 
     name: str
     summary: str
     supports: Callable[[nn.Module], None]
-    check: Callable[[nn.Module, float, int], None]
-    compress: Callable[..., tuple[nn.Module, str]]
+    steps: Callable[[nn.Module, float, int], list[Step]]
+    describe: Callable[[Compressed], str]
 
+    def check(self, model: nn.Module, target_params: float, round_to: int) -> None:
+        """Refuses, before any calibration, a budget this mode cannot meet on this model."""
+        check_steps(model, self.steps(model, target_params, round_to))
 
-def _check_width(parameters: Callable[[nn.Module, int], int]) -> Callable[[nn.Module, float, int], None]:
-    def check(model: nn.Module, target_params: float, round_to: int) -> None:
-        widest_width_within(model, target_params, parameters, round_to)
-
-    return check
-
-
-def _check_mlp(model: nn.Module, target_params: float, round_to: int) -> None:
-    plan_uniform(model, target_params, round_to)
+    def compress(self, model: nn.Module, batches: Batches, target_params: float, *, round_to: int,
+                 progress: bool) -> tuple[nn.Module, str]:
+        """Compresses `model` (in place where the steps can) and returns the result and its shape."""
+        result = compress(model, batches, self.steps(model, target_params, round_to), progress=progress)
+        return result.model, self.describe(result)
 
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("slicegpt", "SliceGPT: a basis per block joined by shortcut matrices, head sliced",
-         _supports_everything, _check_width(sliced_parameters), _slicegpt),
+         _supports_everything, _slicegpt, _describe_width),
     Mode("standard", "one basis for the whole stream, the family's own architecture (untied head)",
-         _supports_standard, _check_width(standard_parameters), _standard),
+         _supports_standard, _standard, _describe_width),
     Mode("mlp-uniform", "MLP channels pruned with a least-squares refit, the same width in every block",
-         _supports_mlp, _check_mlp, _mlp("uniform", heads=False)),
+         _supports_mlp, _prune("uniform", heads=False), _describe_plan),
     Mode("mlp-measured", "MLP channels pruned with a least-squares refit, per-block widths by measured cost",
-         _supports_mlp, _check_mlp, _mlp("measured", heads=False)),
+         _supports_mlp, _prune("measured", heads=False), _describe_plan),
     Mode("mlp-heads", "MLP channels and attention query heads pruned with least-squares refits, per block by "
-         "measured cost", _supports_heads, _check_mlp, _mlp("measured", heads=True)),
+         "measured cost", _supports_heads, _prune("measured", heads=True), _describe_plan),
 )}
 
 

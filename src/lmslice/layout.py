@@ -7,7 +7,8 @@ model's own config. Standard library only: this file is copied beside every save
 
 The JSON is flat (format 1, as earlier lmslice wrote it): the module paths, then the residual stream's
 slice (`width`, `head_width`, `eps`, ...) if it was sliced, the per-block MLP widths and query heads if
-they were pruned, and what the model was made from (calibration, source, plan, fine-tuning).
+they were pruned, and what the model was made from (calibration, source, the steps and their configs,
+the plan, fine-tuning).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class Layout:
     source_model: str | None = None
     mlp_pruning: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
+    steps: tuple[dict[str, Any], ...] = ()  # the recipe of the run that made it: each step and its config
     history: tuple[dict[str, Any], ...] = ()  # the records of the lmslice outputs this one was made from
     notes: dict[str, Any] = field(default_factory=dict)  # further descriptive entries (shape nothing)
 
@@ -217,8 +219,9 @@ class Layout:
         for key in ("export", "calibration", "source_model", "mlp_pruning", "finetune"):
             if getattr(self, key) is not None:
                 record[key] = getattr(self, key)
-        if self.history:
-            record["history"] = list(self.history)
+        for key in ("steps", "history"):
+            if getattr(self, key):
+                record[key] = list(getattr(self, key))
         return {**self.notes, **record}
 
     @classmethod
@@ -262,6 +265,7 @@ class Layout:
             source_model=None if record.get("source_model") is None else str(record["source_model"]),
             mlp_pruning=_optional_mapping(record, "mlp_pruning"),
             finetune=_optional_mapping(record, "finetune"),
+            steps=tuple(_mapping(item, "steps[]") for item in record.get("steps") or ()),
             history=tuple(_mapping(item, "history[]") for item in record.get("history") or ()),
             notes={key: value for key, value in record.items() if key not in KNOWN_KEYS},
         )
@@ -311,7 +315,7 @@ class Layout:
 
 KNOWN_KEYS = frozenset({"format", "version", "family", "base_architecture", "modules", "hidden_size", *STREAM_KEYS,
                         "mlp_widths", "attention_heads", "export", "calibration", "source_model", "mlp_pruning",
-                        "finetune", "history"})
+                        "finetune", "steps", "history"})
 
 
 def _optional_mapping(record: dict[str, Any], key: str) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ from lmslice.errors import LmsliceError
 from lmslice.io.models import check_finite
 from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
-from lmslice.slicing import count_parameters, layout_before
+from lmslice.slicing import count_parameters, layout_before, skeleton_of
 
 CRITERIA = ("obs", "energy", "leverage")
 DEFAULT_CRITERION = "obs"
@@ -126,6 +126,19 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
         what = f"the narrowest MLP ({round_to} channels)" + (" and one query head per key/value group" if heads else "")
         raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: {what} keeps "
                            f"{smallest / dense:.3f}")
+
+
+def per_block_skeleton(model: nn.Module, heads: bool) -> nn.Module:
+    """A weightless copy of `model` recorded as pruned per block (its current MLP widths, and query heads
+    with `heads`): what a measured plan leaves, for the checks of the steps after it."""
+    adapter = find_adapter(model)
+    blocks = get_module(model, adapter.blocks)
+    before = layout_before(model, adapter)
+    attention_heads = tuple(HeadShape.of(block, attention_of(adapter)).heads for block in blocks) if heads \
+        else before.attention_heads
+    return skeleton_of(model, before.replace(export=None, mlp_widths=tuple(mlp_width(block, mlp_of(adapter))
+                                                                             for block in blocks),
+                                             attention_heads=attention_heads))
 
 
 def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
@@ -620,8 +633,7 @@ class PruneResult:
 def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], plan: WidthPlan, *,
                 criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING, refit_consumer: bool = True,
                 sensitivity: list[torch.Tensor] | None = None, head_sensitivity: list[torch.Tensor] | None = None,
-                progress: bool = True, activations: ActivationStore | None = None,
-                metadata: dict[str, Any] | None = None) -> PruneResult:
+                progress: bool = True, activations: ActivationStore | None = None) -> PruneResult:
     """Prunes every block's MLP to the widths of `plan` (and its attention to the plan's query heads,
     first), in place, in order, each on the stream the pruned blocks before it produce. With equal MLP
     widths and no heads pruned the model stays its own architecture (the config's intermediate size is
@@ -654,11 +666,8 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         kept_channels.append(kept.tolist())
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer,
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
-    extra = dict(metadata or {})
     heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads
-    layout = before.replace(mlp_pruning=pruning, calibration=extra.pop("calibration", before.calibration),
-                            source_model=extra.pop("source_model", before.source_model),
-                            notes={**before.notes, **extra})
+    layout = before.replace(mlp_pruning=pruning)
     if len(set(plan.mlp_widths)) == 1 and heads is None:
         setattr(model.config, mlp.width_config, plan.mlp_widths[0])
     if len(set(plan.mlp_widths)) == 1 and heads is None and layout.stream is None:
@@ -690,9 +699,8 @@ def first_windows(batches: list[dict[str, torch.Tensor]], count: int) -> list[di
 def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
                     widths: str = "measured", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
                     damping: float = DEFAULT_DAMPING, progress: bool = True,
-                    activations: ActivationStore | None = None, metadata: dict[str, Any] | None = None,
-                    parameters_dense: int | None = None, planning_windows: int = PLANNING_WINDOWS,
-                    heads: bool | None = None) -> PruneResult:
+                    activations: ActivationStore | None = None, parameters_dense: int | None = None,
+                    planning_windows: int = PLANNING_WINDOWS, heads: bool | None = None) -> PruneResult:
     """Keeps `target_params` of the model's real parameters by pruning MLP channels: the same width in
     every block ("uniform": the family's own architecture), or per-block widths from the measured cost
     of each block's cut ("measured": lmslice's layout). Channels are chosen by their Fisher-weighted
@@ -724,6 +732,5 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                                   head_sensitivity=head_sensitivity, heads=heads, damping=damping,
                                   activations=activations, parameters_dense=parameters_dense)
     result = prune_model(model, batches, plan, criterion=criterion, damping=damping, sensitivity=sensitivity,
-                         head_sensitivity=head_sensitivity, progress=progress, activations=activations,
-                         metadata=metadata)
+                         head_sensitivity=head_sensitivity, progress=progress, activations=activations)
     return replace(result, seconds=time.perf_counter() - start)  # the plan's passes count too

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from lmslice import __version__
 from lmslice.adapters import ModelAdapter, find_adapter
@@ -18,7 +20,7 @@ from lmslice.errors import LmsliceError
 from lmslice.layout import Layout, Stream, layout_of
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
 from lmslice.io.models import check_finite
-from lmslice.modeling import get_module, install_final_norm
+from lmslice.modeling import apply_layout, get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
 from lmslice.shared_basis import shared_basis
 
@@ -73,6 +75,32 @@ def layout_before(model: nn.Module, adapter: ModelAdapter) -> Layout:
     return layout.replace(version=__version__)
 
 
+def residual_width(model: nn.Module) -> int:
+    return get_module(model, find_adapter(model).embeddings[0]).weight.shape[1]
+
+
+def skeleton_of(model: nn.Module, layout: Layout) -> nn.Module:
+    """A weightless (meta-device) copy of `model`'s family with the structure `layout` describes, recorded
+    in its config: what the checks of a further step, and parameter counts, read."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    apply_layout(skeleton, layout)
+    skeleton.config.lmslice = layout.to_json()
+    return skeleton
+
+
+def sliced_skeleton(model: nn.Module, width: int, rotation: str = "per-block", slice_head: bool = True,
+                    round_to: int | None = None) -> nn.Module:
+    """`skeleton_of` `model` sliced to `width` (an output pruned per block keeps its widths), the head
+    sliced too where `slice_head` or the basis is shared. The norm epsilon (the model's own) shapes no
+    parameter, and the few bias vectors that folding a LayerNorm adds are not counted."""
+    adapter = find_adapter(model)
+    eps = norm_eps(get_module(model, adapter.final_norm))
+    head_width = width if slice_head or rotation == "shared" else residual_width(model)
+    stream = Stream(width, head_width, eps, rotation, round_to=round_to)
+    return skeleton_of(model, layout_before(model, adapter).replace(stream=stream))
+
+
 def check_can_slice(model: nn.Module) -> None:
     """Refuses, before any calibration, a model whose residual stream lmslice has already sliced per block
     (its shortcuts and weightless norms cannot be sliced again); plain outputs and pruned ones can be."""
@@ -108,10 +136,11 @@ class InMemory:
 @torch.no_grad()
 def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sparsity: float, *,
                 round_to: int = 8, slice_head: bool = False, progress: bool = True,
-                metadata: dict[str, Any] | None = None, storage: BlockStorage | None = None,
+                storage: BlockStorage | None = None,
                 activations: ActivationStore | None = None, centre_embeddings: bool | None = None,
                 rotation: str = "per-block", weighting: str = "unit-rms") -> SliceResult:
-    """Slices `model` in place and records what was done in `model.config.lmslice`.
+    """Slices `model` in place and records its new structure in `model.config.lmslice` (`compress` adds
+    the run's record: calibration, source, steps).
 
     `batches` are calibration batches (`input_ids`, optional `attention_mask`). The head keeps its full
     input width unless `slice_head` (as in the reference implementation); the last block then writes
@@ -207,12 +236,8 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     rotate_reader(get_module(model, adapter.head), basis)
     install_final_norm(model, adapter.modules(), width, head_width, hidden, eps)
 
-    extra = dict(metadata or {})
     model.config.lmslice = before.replace(
         stream=Stream(width, head_width, eps, rotation, sparsity, round_to, centre_embeddings, tied_embeddings,
                       tuple(added_biases), weighting if shared else None),
-        calibration=extra.pop("calibration", before.calibration),
-        source_model=extra.pop("source_model", before.source_model),
-        notes={**before.notes, **extra},
     ).to_json()
     return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra, head_input)

@@ -17,12 +17,13 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 evaluation, require_extra, require_text_sources, require_tokenizer, task_list)
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
-from lmslice.frontier import MODES, check_budget, check_frontier, parse_modes, residual_width, supported_modes
+from lmslice.frontier import MODES, check_budget, check_frontier, parse_modes, supported_modes
 from lmslice.io.data import mix_record
 from lmslice.io.models import (check_finite, check_output_dir, discarded_on_failure,
                                load_with_tokenizer, model_path, move_into_place, staging_dir)
 from lmslice.report import format_frontier_markdown, format_markdown, write_frontier_report, write_report
-from lmslice.slicing import check_sparsity, count_parameters, slice_model
+from lmslice.pipeline import Slice, SliceConfig, compress
+from lmslice.slicing import SliceResult, check_sparsity, count_parameters, residual_width
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -169,8 +170,8 @@ def sweep(dense: Any, batches: list, sparsities: list[float], measure: Callable[
     for sparsity in (value for value in sparsities if value > 0):
         # each sparsity slices its own copy: slicing works in place and must start from the dense model
         model = copy.deepcopy(dense)
-        result = slice_model(model, batches, sparsity, round_to=args.round_to, slice_head=args.slice_head,
-                             progress=progress)
+        step = Slice(SliceConfig(sparsity, args.round_to, slice_head=args.slice_head))
+        result = compress(model, batches, [step], progress=progress).result(SliceResult)
         rows.append({"sparsity": sparsity, "width": result.width, **measure(model),
                      "slicing_seconds": round(result.seconds, 2)})
         spectra = spectra or {"sparsity": sparsity, "values": result.spectra}

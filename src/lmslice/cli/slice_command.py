@@ -16,23 +16,23 @@ from torch import nn
 from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
-                                calibration_data, check_device, check_minimums, check_widths, evaluation,
-                                peak_memory_gib, require_text_sources, require_tokenizer)
+                                calibration_data, check_device, check_minimums, evaluation, peak_memory_gib,
+                                require_text_sources, require_tokenizer)
 from lmslice.cli.export_command import check_gguf_output, describe, write_gguf
 from lmslice.errors import LmsliceError
-from lmslice.export import TIE_BY_DEFAULT, check_family, check_standard_source, standard_model
+from lmslice.export import TIE_BY_DEFAULT
 from lmslice.export.gguf import check_exportable
-from lmslice.frontier import sliced_skeleton
 from lmslice.io.data import mix_record
-from lmslice.layout import layout_of
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, out_of_range, process_tag, resolve_dtype, round_to_dtype, save_sliced,
                                source_dtype)
-from lmslice.io.offload import open_offloaded, save_offloaded, slice_with_storage
+from lmslice.io.offload import open_offloaded, partial_output_removed_on_failure, save_offloaded
 from lmslice.modeling import get_module
-from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, attention_of, check_pruning, prune_to_budget
+from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
+                              check_steps, compress)
+from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, PruneResult
 from lmslice.shared_basis import WEIGHTINGS
-from lmslice.slicing import check_can_slice, check_sparsity, count_parameters, slice_model, sliced_width
+from lmslice.slicing import SliceResult, check_sparsity, count_parameters
 
 # Row lengths llama.cpp's quantised types need: 32 for Q8_0 and the legacy types, 256 for K-quants
 # (Q4_K_M ...); llama-quantize writes a matrix with other rows in a larger type, down to F16.
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         save_dtype = requested_save_dtype or source_dtype(args.model)
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
     args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
-    check_steps(args, model, adapter, gguf=gguf is not None)
+    steps = build_steps(args)
+    check_command(args, model, steps, adapter, gguf=gguf is not None)
     tokenizer = require_tokenizer(tokenizer, args.model)
 
     batches, calib_seqlen = calibration_data(args, model, tokenizer)
@@ -160,34 +161,19 @@ def run(args: argparse.Namespace) -> int:
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                    "batch_size": args.calib_batch_size, "seed": args.seed,
                    "mix": mix_record(args.calib, args.calib_samples)}
-    # pruning after slicing needs the head to read the sliced width (see prune.check_consumer)
-    options = dict(round_to=args.round_to, slice_head=args.slice_head or args.target_params is not None,
-                   progress=not args.json,
-                   metadata={"calibration": calibration, "source_model": str(args.model)})
-    if standard:
-        options.update(rotation="shared", weighting=args.basis_weighting)
     with contextlib.ExitStack() as cleanup:
+        activations = None
         if args.offload_activations:
             # named with this process, so a later run can tell a killed run's activations from a live one's
-            spill = cleanup.enter_context(tempfile.TemporaryDirectory(
-                prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent))
-            options["activations"] = ActivationStore(spill)
-        sliced = pruned = None
-        if args.sparsity is not None and storage is None:
-            sliced = slice_model(model, batches, args.sparsity, **options)
-        elif args.sparsity is not None:
-            sliced = slice_with_storage(model, storage, batches, args.sparsity, **options)
-        if args.target_params is not None:
-            pruned = prune_to_budget(model, batches, args.target_params, widths=args.mlp_widths,
-                                     round_to=args.round_to, criterion=args.prune_criterion, progress=not args.json,
-                                     activations=options.get("activations"), metadata=options["metadata"],
-                                     parameters_dense=dense_parameters, heads=args.prune_heads)
-    if standard:
-        tie = args.tie_embeddings
-        if tie is None:
-            tie = TIE_BY_DEFAULT and layout_of(model.config).stream.tied_embeddings
-        model = standard_model(model, tie_embeddings=tie, head_input=sliced.head_input)
-    notes += pruned.notes if pruned else []
+            activations = ActivationStore(cleanup.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent)))
+        if storage is not None:
+            cleanup.enter_context(partial_output_removed_on_failure(storage))
+        result = compress(model, batches, steps, progress=not args.json, activations=activations, storage=storage,
+                          calibration=calibration, source_model=str(args.model))
+    model = result.model
+    sliced, pruned = result.result(SliceResult), result.result(PruneResult)
+    notes += result.notes
     too_large = out_of_range(model.state_dict().items(), save_dtype) if storage is None else None
     if too_large and requested_save_dtype is None:  # the default dtype falls back; one asked for is refused
         notes.append(f"{too_large}: saved in bfloat16 instead of {str(save_dtype).removeprefix('torch.')}")
@@ -208,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
         "calibration": calibration,
-        "slicing_seconds": round(sum(step.seconds for step in (sliced, pruned) if step), 2),
+        "slicing_seconds": round(result.seconds, 2),
         "perplexity_dense": dense_ppl,
         "perplexity_sliced": sliced_ppl,
         "save_dtype": str(save_dtype).removeprefix("torch."),
@@ -234,34 +220,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_steps(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter, gguf: bool) -> None:
-    """Refuses, before the calibration text is read, every step this model cannot take: slicing a stream
-    already sliced, the standard format of blocks pruned per block, a budget that pruning (after slicing,
-    on the sliced model's real size) cannot reach, heads of a family whose heads are unknown, a standard
-    hidden size transformers rejects, a result `gguf` (llama.cpp) cannot represent."""
+def build_steps(args: argparse.Namespace) -> list[Step]:
+    """The pipeline the flags describe: slice the residual stream, prune to the budget, write the
+    standard format, each where asked."""
+    steps: list[Step] = []
     if args.sparsity is not None:
-        check_can_slice(model)
-        check_widths(model, [args.sparsity], args.round_to)
+        # pruning after slicing needs the head to read the sliced width (see prune.check_consumer)
+        steps.append(Slice(SliceConfig(args.sparsity, args.round_to,
+                                       slice_head=args.slice_head or args.target_params is not None,
+                                       rotation="shared" if args.format == "standard" else "per-block",
+                                       weighting=args.basis_weighting)))
+    if args.target_params is not None:
+        steps.append(Prune(PruneConfig(args.target_params, args.mlp_widths, args.prune_heads, args.round_to,
+                                       args.prune_criterion)))
     if args.format == "standard":
-        check_family(adapter)
-        check_standard_source(layout_of(model.config))
-        if args.sparsity:
-            check_standard_width(model, args.sparsity, args.round_to)
+        steps.append(StandardFormat(StandardFormatConfig(args.tie_embeddings)))
+    return steps
+
+
+def check_command(args: argparse.Namespace, model: nn.Module, steps: list[Step], adapter: ModelAdapter,
+                  gguf: bool) -> None:
+    """Refuses, before the calibration text is read, every step this model cannot take (`check_steps`:
+    slicing a stream already sliced, the standard format of blocks pruned per block, a budget that pruning
+    cannot reach on what slicing leaves, heads of a family whose heads are unknown, a standard hidden size
+    transformers rejects), and a result `gguf` (llama.cpp) cannot represent."""
+    check_steps(model, steps)
     if gguf:
         check_exportable(adapter.family, shortcuts=args.sparsity is not None and args.format != "standard",
                          per_block=args.target_params is not None and args.mlp_widths == "measured")
-    if args.prune_heads:  # asked for explicitly: a family without known heads is refused
-        attention_of(adapter)
-    if args.target_params is None:
-        return
-    heads = args.prune_heads if args.prune_heads is not None else (
-        args.mlp_widths == "measured" and adapter.attention is not None)
-    target = model
-    if args.sparsity is not None:  # the budget is checked on what slicing (head sliced) will leave
-        hidden = model.get_input_embeddings().weight.shape[1]
-        target = sliced_skeleton(model, sliced_width(hidden, args.sparsity, args.round_to))
-    check_pruning(target, args.target_params, args.round_to, widths=args.mlp_widths, heads=heads,
-                  parameters_dense=count_parameters(model))
 
 
 def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter) -> int:
@@ -274,20 +260,6 @@ def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter)
         if dense_width % ALIGNMENTS["gguf-k"] == 0:
             return ALIGNMENTS["gguf-k"]
     return 1
-
-
-def check_standard_width(model: nn.Module, sparsity: float, round_to: int) -> None:
-    """transformers requires the standard format's hidden size to be a multiple of the query heads (even
-    with head_dim given): refused here rather than at save, after the whole run."""
-    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
-    width = sliced_width(hidden, sparsity, round_to)
-    if width % heads:
-        step = math.lcm(round_to, heads)
-        nearest = [kept for kept in range(step, hidden, step)]
-        raise LmsliceError(f"--format standard: hidden size {width} (sparsity {sparsity}, multiples of {round_to}) is "
-                           f"not a multiple of the {heads} attention heads, which transformers requires; widths that "
-                           f"are: {', '.join(map(str, nearest[-4:])) or 'none below ' + str(hidden)} (sparsity "
-                           f"{', '.join(f'{1 - kept / hidden:.3g}' for kept in nearest[-4:])})")
 
 
 def format_summary(summary: dict) -> str:

@@ -8,11 +8,12 @@ activations and the embeddings/head.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,16 +197,17 @@ def slice_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str],
     Returns the model skeleton (blocks on the meta device) and what slicing did."""
     model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite,
                                     save_dtype=save_dtype)
-    result = slice_with_storage(model, storage, batches, sparsity, **slice_options)
+    with partial_output_removed_on_failure(storage):
+        result = slice_model(model, batches, sparsity, storage=storage, **slice_options)
     save_offloaded(model, storage, tokenizer, Path(out), overwrite)
     return model, result
 
 
-def slice_with_storage(model: nn.Module, storage: OffloadedBlocks, batches: list[dict[str, torch.Tensor]],
-                       sparsity: float, **slice_options: Any) -> SliceResult:
-    """`slice_model` that removes the partial output if it fails."""
+@contextlib.contextmanager
+def partial_output_removed_on_failure(storage: OffloadedBlocks) -> Iterator[None]:
+    """Removes what `storage` has written of the output if the body fails."""
     try:
-        return slice_model(model, batches, sparsity, storage=storage, **slice_options)
+        yield
     except BaseException:
         if storage.staging is not None:
             shutil.rmtree(storage.staging, ignore_errors=True)
