@@ -3,7 +3,6 @@ tests/test_llamacpp.py runs the files in llama.cpp itself)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import gguf
