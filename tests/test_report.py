@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import tiny_models
 from lmslice.adapters import find_adapter
@@ -275,3 +276,17 @@ def test_budgets_and_modes_are_parsed() -> None:
             parse_budgets(bad)
     with pytest.raises(LmsliceError, match="--modes is empty"):
         parse_modes(" , ")
+
+
+def test_standard_mode_keeps_a_hidden_size_transformers_can_save(calibration, tmp_path) -> None:
+    # 6 query heads of 16 do not divide the multiples of round_to 8 (as SmolLM2's 9 heads at 0.8: width 376)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tiny_models.VOCAB, hidden_size=96, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                                      intermediate_size=160, max_position_embeddings=128)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    model, shape = MODES["standard"].compress(dense, calibration, 0.7, round_to=8, progress=False)
+    width = model.config.hidden_size
+    assert width % 6 == 0 and width % 8 == 0 and shape == f"D'={width}"
+    model.save_pretrained(tmp_path / "standard")
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "standard").config.hidden_size == width

@@ -16,6 +16,7 @@ would have.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,6 +101,8 @@ def _slicegpt(model: nn.Module, target_params: float, round_to: int) -> list[Ste
 
 
 def _standard(model: nn.Module, target_params: float, round_to: int) -> list[Step]:
+    # transformers saves a hidden size only as a multiple of the query heads (see check_standard_width)
+    round_to = math.lcm(round_to, model.config.num_attention_heads)
     width = widest_width_within(model, target_params, standard_parameters, round_to)
     return [Slice(SliceConfig(sparsity_for_width(residual_width(model), width), round_to, rotation="shared")),
             StandardFormat(StandardFormatConfig(tie_embeddings=False))]

@@ -122,7 +122,8 @@ class Run:
 
 
 class Step(Protocol):
-    name: str
+    name: str  # as the recipe in the layout records it
+    config: Any  # the step's typed settings (a frozen dataclass)
 
     def check(self, model: nn.Module, parameters_dense: int) -> nn.Module:
         """Raises `LmsliceError` if the step cannot apply to a model of this structure and layout; returns
