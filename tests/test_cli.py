@@ -107,3 +107,13 @@ def test_every_subcommand_has_help(capsys) -> None:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
         assert "usage" in text
+
+
+def test_errors_name_the_flags_that_set_what_the_library_calls_settings() -> None:
+    from lmslice.cli import in_flags
+
+    assert in_flags("fewer than round_to 8: lower the sparsity or round_to") == \
+        "fewer than --round-to 8: lower the sparsity or --round-to"
+    assert in_flags("needs per-block widths (measured mlp_widths)") == "needs per-block widths (--mlp-widths measured)"
+    # a saved record's keys are not settings
+    assert in_flags("lmslice.mlp_widths has 3 entries; lmslice.round_to") == "lmslice.mlp_widths has 3 entries; lmslice.round_to"

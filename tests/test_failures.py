@@ -130,7 +130,7 @@ def test_non_finite_calibration_signal_names_the_block() -> None:
 def test_round_to_wider_than_the_kept_width_is_refused(capsys, dense_dir, text_file, tmp_path) -> None:
     assert sliced_width(64, 0.25, 48) == 48 and sliced_width(64, 0, 1000) == 64
     for hidden, sparsity, round_to in ((64, 0.25, 65), (64, 0.25, 1000), (576, 0.999, 8)):
-        with pytest.raises(LmsliceError, match="fewer than --round-to"):
+        with pytest.raises(LmsliceError, match="fewer than round_to"):
             sliced_width(hidden, sparsity, round_to)
     out = tmp_path / "out"
     code, error = run_cli(capsys, *slice_args(dense_dir, out, text_file, "--round-to", "65"))

@@ -25,7 +25,7 @@ from lmslice.slicing import slice_model
     (lambda: SliceConfig(1.0), "sparsity must be in"),
     (lambda: SliceConfig(0.25, rotation="diagonal"), "unknown rotation"),
     (lambda: SliceConfig(0.25, weighting="loud"), "unknown basis weighting"),
-    (lambda: PruneConfig(0.0), "budget must be in"),
+    (lambda: PruneConfig(0.0), "target_params must be in"),
     (lambda: PruneConfig(0.8, round_to=0), "round_to must be a positive integer"),
     (lambda: PruneConfig(0.8, widths="wide"), "unknown MLP widths"),
     (lambda: PruneConfig(0.8, criterion="magnitude"), "unknown channel criterion"),

@@ -257,7 +257,7 @@ def test_a_sliced_model_whose_head_reads_more_is_refused() -> None:
     model = tiny_models.build("llama")
     batches = tiny_models.random_batches(count=2)
     slice_model(model, batches, 0.25, progress=False)
-    with pytest.raises(LmsliceError, match="--slice-head"):
+    with pytest.raises(LmsliceError, match="slice_head"):
         prune_to_budget(model, batches, 0.7)
 
 
@@ -310,7 +310,7 @@ def test_head_pruning_is_refused_where_it_cannot_apply() -> None:
     batches = tiny_models.random_batches()
     with pytest.raises(LmsliceError, match="query heads of phi3"):
         prune_to_budget(tiny_models.build("phi3"), batches, 0.8, heads=True)
-    with pytest.raises(LmsliceError, match="--mlp-widths measured"):
+    with pytest.raises(LmsliceError, match="measured mlp_widths"):
         prune_to_budget(tiny_models.build("llama"), batches, 0.8, widths="uniform", heads=True)
 
 

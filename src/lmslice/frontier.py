@@ -37,7 +37,7 @@ Batches = list[dict[str, torch.Tensor]]
 
 def check_budget(target_params: float) -> None:
     if not 0 < target_params <= 1:
-        raise LmsliceError(f"--target-params must be in (0, 1], got {target_params:g}")
+        raise LmsliceError(f"target_params must be in (0, 1], got {target_params:g}")
 
 
 def sliced_parameters(model: nn.Module, width: int) -> int:
@@ -62,7 +62,7 @@ def widest_width_within(model: nn.Module, target_params: float, parameters: Call
     width meets."""
     check_budget(target_params)
     if round_to < 1:
-        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+        raise LmsliceError(f"round_to must be a positive integer, got {round_to}")
     hidden = residual_width(model)
     dense = count_parameters(model)
     target = target_params * dense
@@ -70,7 +70,7 @@ def widest_width_within(model: nn.Module, target_params: float, parameters: Call
     # model, so it never meets a budget, and a weightless copy cannot tell whether the head would be untied.
     widths = list(range(round_to, hidden, round_to))
     if not widths:
-        raise LmsliceError(f"--round-to {round_to} leaves no width to slice to below the residual width {hidden}")
+        raise LmsliceError(f"round_to {round_to} leaves no width to slice to below the residual width {hidden}")
     counts: dict[int, int] = {}
 
     def count(width: int) -> int:

@@ -79,7 +79,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.target_params <= 1:
-            raise LmsliceError(f"the parameter budget must be in (0, 1], got {self.target_params:g}")
+            raise LmsliceError(f"target_params must be in (0, 1], got {self.target_params:g}")
         if self.round_to < 1:
             raise LmsliceError(f"round_to must be a positive integer, got {self.round_to}")
         if self.widths not in WIDTHS:
@@ -87,7 +87,7 @@ class PruneConfig:
         if self.criterion not in CRITERIA:
             raise LmsliceError(f"unknown channel criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.heads and self.widths != "measured":
-            raise LmsliceError("pruning attention heads needs per-block (measured) MLP widths")
+            raise LmsliceError("pruning attention heads needs per-block widths (measured mlp_widths)")
         if not self.damping > 0:
             raise LmsliceError(f"the refit's damping must be positive, got {self.damping:g}")
         if self.planning_windows < 1:

@@ -99,9 +99,9 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
     that differ (an output pruned per block). `parameters_dense` is what `target_params` is a fraction of
     (default: the model's own parameters)."""
     if not 0 < target_params <= 1:
-        raise LmsliceError(f"--target-params must be in (0, 1], got {target_params}")
+        raise LmsliceError(f"target_params must be in (0, 1], got {target_params}")
     if round_to < 1:
-        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+        raise LmsliceError(f"round_to must be a positive integer, got {round_to}")
     if widths not in WIDTHS:
         raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
     adapter = find_adapter(model)
@@ -112,7 +112,7 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
     full = [mlp_width(block, mlp) for block in blocks]
     if widths == "uniform" and len(set(full)) > 1:
         raise LmsliceError(f"the blocks' MLPs differ in width ({min(full)}-{max(full)}: pruned per block); uniform "
-                           "pruning needs equal widths: use --mlp-widths measured, or start from the dense model")
+                           "pruning needs equal widths: use measured mlp_widths, or start from the dense model")
     dense = parameters_dense or count_parameters(model)
     removable = sum((width - narrowest_width(width, round_to)) * channel_cost(block, mlp)
                     for width, block in zip(full, blocks))
@@ -606,7 +606,7 @@ def check_consumer(block: nn.Module, mlp: Mlp) -> nn.Linear:
     consumer = get_module(block, mlp.consumer)
     if getattr(consumer, "residual_width", consumer.out_features) != consumer.out_features:
         raise LmsliceError("pruning MLP channels of a sliced model needs its head sliced too: slice with "
-                           "--slice-head (slice_head=True)")
+                           "slice_head")
     return consumer
 
 
@@ -715,7 +715,7 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     if heads is None:
         heads = widths == "measured" and adapter.attention is not None
     if heads and widths != "measured":
-        raise LmsliceError("pruning attention heads needs per-block widths (--mlp-widths measured)")
+        raise LmsliceError("pruning attention heads needs per-block widths (measured mlp_widths)")
     if planning_windows < 1:
         raise LmsliceError(f"planning needs at least one calibration window, got {planning_windows}")
     batches = list(batches)

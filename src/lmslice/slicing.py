@@ -30,7 +30,7 @@ def check_sparsity(sparsity: float, round_to: int) -> None:
     if not 0 <= sparsity < 1:
         raise LmsliceError(f"sparsity must be in [0, 1), got {sparsity}")
     if round_to < 1:
-        raise LmsliceError(f"--round-to must be a positive integer, got {round_to}")
+        raise LmsliceError(f"round_to must be a positive integer, got {round_to}")
 
 
 def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
@@ -40,8 +40,8 @@ def sliced_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
         return hidden
     kept = int((1 - sparsity) * hidden)
     if kept < round_to:
-        raise LmsliceError(f"sparsity {sparsity} keeps {kept} of {hidden} features, fewer than --round-to {round_to}: "
-                           "lower the sparsity or --round-to")
+        raise LmsliceError(f"sparsity {sparsity} keeps {kept} of {hidden} features, fewer than round_to {round_to}: "
+                           "lower the sparsity or round_to")
     return kept // round_to * round_to
 
 
@@ -108,7 +108,7 @@ def check_can_slice(model: nn.Module) -> None:
     if layout is not None and not layout.standard and layout.stream is not None:
         source = f" ({layout.source_model})" if layout.source_model else ""
         raise LmsliceError("this model's residual stream is already sliced (lmslice's layout); slice the dense "
-                           f"model it came from{source} instead, or prune this one with --target-params")
+                           f"model it came from{source} instead, or prune this one to target_params")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -158,7 +158,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
         raise LmsliceError(f"unknown rotation {rotation!r}; choose per-block or shared")
     shared = rotation == "shared"
     if shared and storage is not None:
-        raise LmsliceError("a shared basis needs the whole model in memory for its dense pass: drop --offload")
+        raise LmsliceError("a shared basis needs the whole model in memory for its dense pass: do not offload its blocks")
     start = time.perf_counter()
     check_can_slice(model)
     adapter = find_adapter(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -14,6 +15,16 @@ from lmslice.cli import (bench_command, eval_command, export_command, finetune_c
 from lmslice.errors import LmsliceError
 
 SUBCOMMANDS = (slice_command, ppl, eval_command, finetune_command, report_command, bench_command, export_command)
+
+# The library names settings as its configs do (`round_to`); on the command line they are flags.
+FLAGS = {"measured mlp_widths": "--mlp-widths measured", "round_to": "--round-to",
+         "target_params": "--target-params", "slice_head": "--slice-head"}
+_SETTING = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, FLAGS)) + r")\b")
+
+
+def in_flags(message: str) -> str:
+    """`message` with the settings it names as the flags that set them (a record's `lmslice.` keys stay)."""
+    return _SETTING.sub(lambda match: FLAGS[match[1]], message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except LmsliceError as error:
-        print(f"lmslice: error: {error}", file=sys.stderr)
+        print(f"lmslice: error: {in_flags(str(error))}", file=sys.stderr)
         return 2
     except Terminated:
         print("lmslice: terminated", file=sys.stderr)
