@@ -2,9 +2,10 @@
 
 A step is a typed config (validated when it is made) and two methods:
 
-- `check(model, parameters_dense)` refuses, before any calibration text is read, what the step cannot do
-  to a model of this structure and layout, and returns the structure the step will leave (a weightless
-  copy where it differs), so `check_steps` checks a whole list against the model it starts from;
+- `check(model, run)` refuses, before any calibration text is read, what the step cannot do to a model
+  of this structure and layout in this run (its blocks offloaded, say), and returns the structure the
+  step will leave (a weightless copy where it differs), so `check_steps` checks a whole list against the
+  model it starts from;
 - `apply(model, batches, run)` makes the cut and returns the model (the standard format builds a new one).
 
 `compress` runs the steps in order on the same calibration batches and then writes the run's record (the
@@ -125,9 +126,9 @@ class Step(Protocol):
     name: str  # as the recipe in the layout records it
     config: Any  # the step's typed settings (a frozen dataclass)
 
-    def check(self, model: nn.Module, parameters_dense: int) -> nn.Module:
-        """Raises `LmsliceError` if the step cannot apply to a model of this structure and layout; returns
-        the structure it leaves (weightless where it differs from `model`)."""
+    def check(self, model: nn.Module, run: Run) -> nn.Module:
+        """Raises `LmsliceError` if the step cannot apply to a model of this structure and layout in `run`;
+        returns the structure it leaves (weightless where it differs from `model`)."""
 
     def apply(self, model: nn.Module, batches: Batches, run: Run) -> nn.Module:
         """Makes the cut (in place where it can) and returns the model; appends its result to `run.results`."""
@@ -138,11 +139,12 @@ class Slice:
     config: SliceConfig
     name: str = "slice"
 
-    def check(self, model: nn.Module, parameters_dense: int) -> nn.Module:
+    def check(self, model: nn.Module, run: Run) -> nn.Module:
         check_can_slice(model)
         width = sliced_width(residual_width(model), self.config.sparsity, self.config.round_to)
-        if self.config.rotation == "shared" and run_offloaded(model):
-            raise LmsliceError("a shared basis needs the whole model in memory for its dense pass")
+        if self.config.rotation == "shared" and run.storage is not None:
+            raise LmsliceError("a shared basis needs the whole model in memory for its dense pass: do not offload "
+                               "its blocks")
         return sliced_skeleton(model, width, self.config.rotation, self.config.slice_head, self.config.round_to)
 
     def apply(self, model: nn.Module, batches: Batches, run: Run) -> nn.Module:
@@ -159,19 +161,19 @@ class Prune:
     config: PruneConfig
     name: str = "prune"
 
-    def check(self, model: nn.Module, parameters_dense: int) -> nn.Module:
+    def check(self, model: nn.Module, run: Run) -> nn.Module:
+        if run.storage is not None:
+            raise LmsliceError("pruning needs the whole model in memory: do not offload its blocks")
         config = self.config
         heads = config.prunes_heads(model)
         if config.heads:  # asked for explicitly: a family without known heads is refused
             attention_of(find_adapter(model))
         check_pruning(model, config.target_params, config.round_to, widths=config.widths, heads=heads,
-                      parameters_dense=parameters_dense)
+                      parameters_dense=run.parameters_dense)
         # measured widths are known only after calibration: what follows sees a model pruned per block
         return per_block_skeleton(model, heads) if config.widths == "measured" else model
 
     def apply(self, model: nn.Module, batches: Batches, run: Run) -> nn.Module:
-        if run.storage is not None:
-            raise LmsliceError("pruning needs the whole model in memory: it cannot read offloaded blocks")
         config = self.config
         run.results.append(prune_to_budget(model, batches, config.target_params, widths=config.widths,
                                            round_to=config.round_to, criterion=config.criterion,
@@ -187,7 +189,7 @@ class StandardFormat:
     config: StandardFormatConfig = StandardFormatConfig()
     name: str = "standard-format"
 
-    def check(self, model: nn.Module, parameters_dense: int) -> nn.Module:
+    def check(self, model: nn.Module, run: Run) -> nn.Module:
         check_family(find_adapter(model))
         layout = layout_of(model.config)
         check_standard_source(layout)
@@ -218,21 +220,16 @@ def check_standard_width(model: nn.Module, width: int, round_to: int | None) -> 
                            f"{', '.join(f'{1 - kept / hidden:.3g}' for kept in nearest)})")
 
 
-def run_offloaded(model: nn.Module) -> bool:
-    """Whether the model's blocks wait on disk (`lmslice.io.offload`): their weights are on the meta device."""
-    return any(parameter.is_meta for parameter in model.parameters())
-
-
-def check_steps(model: nn.Module, steps: list[Step]) -> nn.Module:
-    """Every step can apply to what the steps before it leave: refused in one line naming the step, before
-    any calibration. Returns the structure the last step leaves."""
+def check_steps(model: nn.Module, steps: list[Step], *, storage: BlockStorage | None = None) -> nn.Module:
+    """Every step can apply to what the steps before it leave (with the blocks in `storage`, if given):
+    refused in one line naming the step, before any calibration. Returns the structure the last step leaves."""
     if not steps:
         raise LmsliceError("no steps: give at least one cut")
-    parameters_dense = count_parameters(model)
+    run = Run(count_parameters(model), storage=storage)
     shape = model
     for step in steps:
         try:
-            shape = step.check(shape, parameters_dense)
+            shape = step.check(shape, run)
         except LmsliceError as error:
             if len(steps) == 1:
                 raise
@@ -264,7 +261,7 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
     checking the whole list (`check_steps`), and records the run in the result's layout: `calibration`
     (how the batches were drawn), `source_model` and the steps with their configs."""
     started = time.perf_counter()
-    check_steps(model, steps)
+    check_steps(model, steps, storage=storage)
     run = Run(count_parameters(model), progress, activations, storage)
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")

@@ -26,7 +26,7 @@ from lmslice.io.data import mix_record
 from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
                                model_path, out_of_range, process_tag, resolve_dtype, round_to_dtype, save_sliced,
                                source_dtype)
-from lmslice.io.offload import open_offloaded, partial_output_removed_on_failure, save_offloaded
+from lmslice.io.offload import OffloadedBlocks, open_offloaded, partial_output_removed_on_failure, save_offloaded
 from lmslice.modeling import get_module
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
                               check_steps, compress)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
     args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
     steps = build_steps(args)
-    check_command(args, model, steps, adapter, gguf=gguf is not None)
+    check_command(args, model, steps, adapter, storage, gguf=gguf is not None)
     tokenizer = require_tokenizer(tokenizer, args.model)
 
     batches, calib_seqlen = calibration_data(args, model, tokenizer)
@@ -239,12 +239,12 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
 
 
 def check_command(args: argparse.Namespace, model: nn.Module, steps: list[Step], adapter: ModelAdapter,
-                  gguf: bool) -> None:
+                  storage: OffloadedBlocks | None, gguf: bool) -> None:
     """Refuses, before the calibration text is read, every step this model cannot take (`check_steps`:
     slicing a stream already sliced, the standard format of blocks pruned per block, a budget that pruning
     cannot reach on what slicing leaves, heads of a family whose heads are unknown, a standard hidden size
     transformers rejects), and a result `gguf` (llama.cpp) cannot represent."""
-    check_steps(model, steps)
+    check_steps(model, steps, storage=storage)
     if gguf:
         check_exportable(adapter.family, shortcuts=args.sparsity is not None and args.format != "standard",
                          per_block=args.target_params is not None and args.mlp_widths == "measured")
