@@ -49,8 +49,8 @@ DEFAULT_CRITERION = "obs"
 # WikiText-2 / pydoc (benchmarks/cross_domain.py), choice / refit λ: 1.680 / 2.161 at 0.1 / 0.3; 1.694 /
 # 2.163 at 0.3 / 0.3, 1.695 / 2.216 at 0.1 / 0.1, 1.922 / 2.234 at 1 / 1, 1.783 / 3.310 at 0.01 / 0.3; the
 # ridge toward zero at 0.01 (the default before) 1.929 / 4.026. A larger λ makes the choice see less of
-# the calibration text's own correlations. In-domain at 0.6 / 0.9: 3.687 / 1.244 (before 3.839 / 1.323; 0.3 / 0.3:
-# 4.000 / 1.273).
+# the calibration text's own correlations. In-domain at 0.6 / 0.9: 3.687 / 1.244 (before 3.839 / 1.323;
+# 0.3 / 0.3: 4.000 / 1.273).
 DEFAULT_DAMPING = 0.1
 REFIT_DAMPING = 0.3
 WIDTHS = ("uniform", "measured")
