@@ -597,7 +597,7 @@ def test_5_a_cut_that_leaves_nan_is_refused_naming_the_block_and_tensor(monkeypa
     with pytest.raises(LmsliceError, match=r"pruning block 0 left \d+ NaN or inf values in "
                                            r"model\.layers\.0\.mlp\.down_proj\.weight"):
         prune.prune_to_budget(tiny_models.build("llama", torch.float32), tiny_models.random_batches(), 0.8,
-                              progress=False, heads=False)
+                              widths="uniform", progress=False)  # every block is cut, block 0 first
 
 
 @pytest.mark.parametrize("round_to, widths", [(30, "measured"), (60, "measured"), (30, "uniform")])

@@ -22,7 +22,7 @@ from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
 from lmslice.prune import (HeadShape, channel_cost, first_windows, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
-                           prune_block_heads, prune_block_mlp, prune_model, prune_to_budget)
+                           prune_block_heads, prune_block_mlp, prune_model, prune_to_budget, refit)
 from lmslice.slicing import count_parameters, layout_before, slice_model
 
 
@@ -114,6 +114,32 @@ def test_least_squares_refit_beats_deleting_the_same_channels(family: str, crite
     deleted_error, deleted_kept = block_error(refit=False)
     assert refit_kept == deleted_kept
     assert refit_error < 0.8 * deleted_error
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_refit_is_least_squares_pulled_toward_the_kept_weights(bias: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    channels, kept = 12, torch.tensor([0, 2, 3, 7, 8, 11])
+    inputs = torch.randn(200, channels, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 3, channels)
+    if bias:  # the constant channel observe_consumer appends
+        inputs = torch.cat([inputs, torch.ones(200, 1, dtype=torch.float64)], dim=1)
+    weight = torch.randn(5, inputs.shape[1], generator=generator, dtype=torch.float64)
+    matrix = inputs.T @ inputs
+    columns = torch.cat([kept, torch.arange(channels, inputs.shape[1])])
+    # λ = 0: plain least squares on the kept channels
+    plain = torch.linalg.lstsq(inputs[:, columns], inputs @ weight.T).solution.T
+    torch.testing.assert_close(refit(weight, matrix, kept, channels, 0.0), plain, rtol=1e-9, atol=1e-9)
+    # any λ: the minimiser of ‖W'X_S − WX‖² + λ‖W'_S − W_S‖² (its gradient is zero), λ = 0.3 mean diag G[S, S]
+    shift = 0.3 * matrix.diagonal()[kept].mean()
+    pulled = refit(weight, matrix, kept, channels, 0.3)
+    gradient = pulled @ matrix[columns][:, columns] - weight @ matrix[:, columns]
+    gradient[:, :len(kept)] += shift * (pulled[:, :len(kept)] - weight[:, kept])
+    assert gradient.abs().max() < 1e-9 * matrix.abs().max() * weight.abs().max()
+    # λ → ∞: the kept columns as they were (deletion); the undamped bias is still refit
+    deleted = refit(weight, matrix, kept, channels, 1e9)
+    torch.testing.assert_close(deleted[:, :len(kept)], weight[:, kept], rtol=0, atol=1e-6)
+    if not bias:
+        torch.testing.assert_close(deleted, weight[:, kept], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
