@@ -730,8 +730,9 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     windows. `parameters_dense` is what `target_params` is a fraction of (default: the model's own
     parameters; give the dense model's when `model` was sliced first). With `heads` (measured widths
     only; by default wherever the family's heads are known), query heads compete with MLP channels for
-    the budget too: SmolLM2-135M at 0.9 / 0.8 / 0.7 / 0.6 of its parameters, perplexity 1.050 / 1.178 /
-    1.477 / 1.953 x dense with heads, 1.050 / 1.201 / 1.505 / 2.008 without."""
+    the budget too: SmolLM2-135M at 0.9 / 0.8 / 0.7 / 0.6 of its parameters (pydoc calibration, with the
+    damping before DEFAULT_DAMPING's), perplexity 1.050 / 1.178 / 1.477 / 1.953 x dense with heads, 1.050 /
+    1.201 / 1.505 / 2.008 without."""
     start = time.perf_counter()
     adapter = find_adapter(model)
     if heads is None:
