@@ -34,7 +34,7 @@ import torch
 
 from protocol import add_protocol_options, load_protocol
 
-import lmslice.prune
+import lmslice.prune.surgery
 from lmslice.prune import prune_to_budget
 from lmslice.slicing import count_parameters
 
@@ -43,7 +43,7 @@ Refit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.T
 
 def variant_refit(kind: str, strength: float) -> Refit:
     """The consumer refit of variant `kind` (zero, anchor, shrinkALPHA, delete) at λ = `strength`
-    · mean diag G[S, S]; it replaces `lmslice.prune.refit` (same arguments: its own damping is ignored)."""
+    · mean diag G[S, S]; it replaces `lmslice.prune.surgery.refit` (same arguments: its own damping is ignored)."""
 
     def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channels: int,
               damping: float) -> torch.Tensor:
@@ -100,18 +100,18 @@ def main() -> None:
     print("| budget | variant | real parameters | " + " | ".join(f"ppl {name} | × dense" for name in names)
           + " | time s |")
     print("|---|---|---|" + "---|---|" * len(sources) + "---|", flush=True)
-    library_refit = lmslice.prune.refit
+    library_refit = lmslice.prune.surgery.refit
     for budget in [float(value) for value in args.budgets.split(",")]:
         for spec in args.variants.split(","):
             refit, options = parse_variant(spec)
             candidate = copy.deepcopy(model)
-            lmslice.prune.refit = refit or library_refit
+            lmslice.prune.surgery.refit = refit or library_refit
             try:
                 started = time.perf_counter()
                 prune_to_budget(candidate, batches, budget, progress=False, **options)
                 seconds = time.perf_counter() - started
             finally:
-                lmslice.prune.refit = library_refit
+                lmslice.prune.surgery.refit = library_refit
             ppl = protocol.measure(candidate)
             share = count_parameters(candidate) / dense_parameters
             cells = " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense_ppl[source]:.3f}" for source in sources)

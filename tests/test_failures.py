@@ -590,14 +590,15 @@ def test_5_a_block_whose_mlp_input_is_zero_is_pruned_finitely_and_said(criterion
 
 
 def test_5_a_cut_that_leaves_nan_is_refused_naming_the_block_and_tensor(monkeypatch) -> None:
-    import lmslice.prune as prune
+    import lmslice.prune.surgery as surgery
+    from lmslice.prune import prune_to_budget
 
-    real_refit = prune.refit
-    monkeypatch.setattr(prune, "refit", lambda *args: real_refit(*args) * float("nan"))
+    real_refit = surgery.refit
+    monkeypatch.setattr(surgery, "refit", lambda *args: real_refit(*args) * float("nan"))
     with pytest.raises(LmsliceError, match=r"pruning block 0 left \d+ NaN or inf values in "
                                            r"model\.layers\.0\.mlp\.down_proj\.weight"):
-        prune.prune_to_budget(tiny_models.build("llama", torch.float32), tiny_models.random_batches(), 0.8,
-                              widths="uniform", progress=False)  # every block is cut, block 0 first
+        prune_to_budget(tiny_models.build("llama", torch.float32), tiny_models.random_batches(), 0.8,
+                        widths="uniform", progress=False)  # every block is cut, block 0 first
 
 
 @pytest.mark.parametrize("round_to, widths", [(30, "measured"), (60, "measured"), (30, "uniform")])

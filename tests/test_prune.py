@@ -349,6 +349,6 @@ def test_cli_refuses_heads_without_measured_widths(capsys, tmp_path: Path) -> No
 def test_reported_time_includes_the_plan(monkeypatch) -> None:
     model = tiny_models.build("llama")
     clock = iter(range(0, 1000, 10))
-    monkeypatch.setattr("lmslice.prune.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("lmslice.prune.passes.time.perf_counter", lambda: next(clock))
     result = prune_to_budget(model, tiny_models.random_batches(), 0.8, progress=False)
     assert result.seconds == 30  # the budget's start, prune_model's start and end, the budget's end

@@ -1,0 +1,223 @@
+"""How a parameter budget is spent: uniform widths, or per-block widths and heads from each cut's measured
+cost along its elimination path, taken greedily."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmslice.adapters import find_adapter
+from lmslice.calibration import ActivationStore, capture_block_inputs
+from lmslice.errors import LmsliceError
+from lmslice.modeling import get_module
+from lmslice.prune.measure import consumer_weight, observe_consumer
+from lmslice.slicing import count_parameters, layout_before, skeleton_of
+from lmslice.prune.shapes import (HeadShape, attention_of, channel_cost, check_consumer, mlp_of, mlp_width,
+                                  narrowest_width)
+from lmslice.prune.solvers import DEFAULT_DAMPING, damped, head_elimination, obs_elimination
+
+
+WIDTHS = ("uniform", "measured")
+
+
+@dataclass
+class WidthPlan:
+    """How a parameter budget is spent: the MLP width of every block. Stored in the output's config."""
+
+    target_params: float  # fraction of the dense model's parameters to keep
+    parameters_dense: int
+    parameters_planned: int
+    mlp_widths: list[int]
+    round_to: int
+    attention_heads: list[int] | None = None  # query heads per block, where heads are pruned too
+
+    @property
+    def achieved(self) -> float:
+        return self.parameters_planned / self.parameters_dense
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "achieved": self.achieved}
+
+
+def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, widths: str = "measured",
+                  heads: bool = False, parameters_dense: int | None = None) -> None:
+    """Refuses, before any calibration, what pruning cannot do to this model: a budget out of range or
+    below what the narrowest MLPs (and, with `heads`, one query head per key/value group) keep, a family
+    whose channels are unknown, a sliced model whose head was not sliced, or uniform widths for blocks
+    that differ (an output pruned per block). `parameters_dense` is what `target_params` is a fraction of
+    (default: the model's own parameters)."""
+    if not 0 < target_params <= 1:
+        raise LmsliceError(f"target_params must be in (0, 1], got {target_params}")
+    if round_to < 1:
+        raise LmsliceError(f"round_to must be a positive integer, got {round_to}")
+    if widths not in WIDTHS:
+        raise LmsliceError(f"unknown MLP widths {widths!r}; choose one of {', '.join(WIDTHS)}")
+    adapter = find_adapter(model)
+    mlp = mlp_of(adapter)
+    blocks = list(get_module(model, adapter.blocks))
+    for block in blocks:
+        check_consumer(block, mlp)
+    full = [mlp_width(block, mlp) for block in blocks]
+    if widths == "uniform" and len(set(full)) > 1:
+        raise LmsliceError(f"the blocks' MLPs differ in width ({min(full)}-{max(full)}: pruned per block); uniform "
+                           "pruning needs equal widths: use measured mlp_widths, or start from the dense model")
+    dense = parameters_dense or count_parameters(model)
+    removable = sum((width - narrowest_width(width, round_to)) * channel_cost(block, mlp)
+                    for width, block in zip(full, blocks))
+    if heads:
+        attention = attention_of(adapter)
+        for block in blocks:
+            shape = HeadShape.of(block, attention)
+            removable += (shape.heads // shape.groups - 1) * shape.step_cost(block, attention)
+    smallest = count_parameters(model) - removable
+    if smallest > target_params * dense:
+        what = f"the narrowest MLP ({round_to} channels)" + (" and one query head per key/value group" if heads else "")
+        raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: {what} keeps "
+                           f"{smallest / dense:.3f}")
+
+
+def per_block_skeleton(model: nn.Module, heads: bool) -> nn.Module:
+    """A weightless copy of `model` recorded as pruned per block (its current MLP widths, and query heads
+    with `heads`): what a measured plan leaves, for the checks of the steps after it."""
+    adapter = find_adapter(model)
+    blocks = get_module(model, adapter.blocks)
+    before = layout_before(model, adapter)
+    attention_heads = tuple(HeadShape.of(block, attention_of(adapter)).heads for block in blocks) if heads \
+        else before.attention_heads
+    return skeleton_of(model, before.replace(export=None, mlp_widths=tuple(mlp_width(block, mlp_of(adapter))
+                                                                             for block in blocks),
+                                             attention_heads=attention_heads))
+
+
+def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
+                 parameters_dense: int | None = None) -> WidthPlan:
+    """The widest MLP width, the same in every block, that keeps at most `target_params` of
+    `parameters_dense` (default: the model's own parameters; give the dense model's when `model` was
+    already sliced): the full width, or a multiple of `round_to`. The plan then misses the budget by
+    less than one rounding step (`round_to` channels in every block)."""
+    check_pruning(model, target_params, round_to, widths="uniform", parameters_dense=parameters_dense)
+    adapter = find_adapter(model)
+    mlp = mlp_of(adapter)
+    blocks = list(get_module(model, adapter.blocks))
+    dense = parameters_dense or count_parameters(model)
+    current = count_parameters(model)
+    full = mlp_width(blocks[0], mlp)
+    per_channel = sum(channel_cost(block, mlp) for block in blocks)
+    budget = target_params * dense
+    if current <= budget:
+        width = full
+    else:  # reachable (checked above), so at least round_to
+        width = min(math.floor((budget - current + full * per_channel) / per_channel) // round_to * round_to,
+                    full // round_to * round_to)
+    planned = current - (full - width) * per_channel
+    return WidthPlan(target_params, dense, planned, [width] * len(blocks), round_to)
+
+
+@torch.no_grad()
+def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]], target_params: float, *,
+                       round_to: int = 8, sensitivity: list[torch.Tensor] | None = None,
+                       head_sensitivity: list[torch.Tensor] | None = None, heads: bool = False,
+                       damping: float = DEFAULT_DAMPING, activations: ActivationStore | None = None,
+                       parameters_dense: int | None = None) -> WidthPlan:
+    """Per-block MLP widths (and with `heads`, query heads) within `target_params`, spent where they
+    cost least.
+
+    On the dense model's calibration stream, each block's output error as a function of its cut is
+    measured along the least-squares elimination path (`obs_elimination`, `round_to` channels a step;
+    `head_elimination`, one query head per key/value group a step), weighted by `sensitivity` and
+    `head_sensitivity` (the diagonal Fisher of what the MLP and the attention write: the error then
+    estimates the loss it costs, comparable across blocks and kinds of cut). Steps are then taken
+    greedily, the cheapest marginal error per parameter first, until the budget is met.
+    """
+    check_pruning(model, target_params, round_to, heads=heads, parameters_dense=parameters_dense)
+    adapter = find_adapter(model)
+    mlp = mlp_of(adapter)
+    attention = attention_of(adapter) if heads else None
+    blocks = get_module(model, adapter.blocks)
+    dense = parameters_dense or count_parameters(model)
+    streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
+    # one cut per block's MLP, then one per block's attention: the error after each step of its path, the
+    # parameters each step removes, and the width (channels or heads) each step leaves
+    paths: list[tuple[list[float], list[int], list[int]]] = []
+    head_paths = []
+    for index, block in enumerate(blocks):
+        if attention is not None:
+            shape = HeadShape.of(block, attention)
+            output = get_module(block, attention.output)
+            weight = consumer_weight(output)
+            if head_sensitivity is not None:
+                weight = weight * head_sensitivity[index].sqrt()[:, None].to(weight)
+            matrix = observe_consumer(block, attention.output, streams, advance=False)
+            regularised = damped(matrix, shape.heads * shape.head_dim, damping)
+            errors = head_elimination(weight, regularised, shape, shape.heads // shape.groups - 1)[1]
+            head_paths.append((errors, [shape.step_cost(block, attention)] * len(errors),
+                               [shape.heads - shape.groups * (step + 1) for step in range(len(errors))]))
+        consumer = get_module(block, mlp.consumer)
+        channels = consumer.in_features
+        weight = consumer_weight(consumer)
+        if sensitivity is not None:
+            weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
+        regularised = damped(observe_consumer(block, mlp.consumer, streams), channels, damping)
+        paths.append(mlp_path(weight, regularised, channels, round_to, channel_cost(block, mlp)))
+    paths += head_paths
+    steps = [0] * len(paths)
+
+    def marginal(cut: int) -> float:
+        """The error per parameter of the cut's next step (inf once its path has none left)."""
+        errors, costs, _ = paths[cut]
+        if steps[cut] >= len(errors):
+            return math.inf
+        before = errors[steps[cut] - 1] if steps[cut] else 0.0
+        return (errors[steps[cut]] - before) / costs[steps[cut]]
+
+    current = count_parameters(model)
+    excess = current - target_params * dense
+    removed = 0
+    while removed < excess:
+        cheapest = min(range(len(paths)), key=marginal)
+        if marginal(cheapest) == math.inf:  # every path is at its end (check_pruning makes this unreachable)
+            raise LmsliceError(f"pruning cannot reach {target_params:g} of the parameters: every block is at its "
+                               "narrowest")
+        removed += paths[cheapest][1][steps[cheapest]]
+        steps[cheapest] += 1
+
+    def width(cut: int, full: int) -> int:
+        return paths[cut][2][steps[cut] - 1] if steps[cut] else full
+
+    widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
+    attention_heads = [width(len(blocks) + cut, HeadShape.of(block, attention).heads)
+                       for cut, block in enumerate(blocks)] if attention is not None else []
+    return WidthPlan(target_params, dense, current - removed, widths, round_to, attention_heads or None)
+
+
+def mlp_path(weight: torch.Tensor, regularised: torch.Tensor, channels: int, round_to: int,
+             cost: int) -> tuple[list[float], list[int], list[int]]:
+    """One MLP's elimination path at the widths a plan may leave: the multiples of `round_to` below
+    `channels`, down to `round_to`. Returns the output error at each, the parameters each step removes
+    (`cost` per channel) and the widths. The path is measured in about 32 steps and interpolated."""
+    widths = list(range((channels - 1) // round_to * round_to, round_to - 1, -round_to))
+    if not widths:
+        return [], [], []
+    remove = channels - widths[-1]
+    chunk = math.ceil(remove / round_to / 32) * round_to
+    errors = obs_elimination(weight, regularised, channels, remove, chunk)[1]
+    positions = [min((step + 1) * chunk, remove) for step in range(len(errors))]
+    curve = [_interpolate(positions, errors, channels - kept) for kept in widths]
+    costs = [(before - kept) * cost for before, kept in zip([channels] + widths, widths)]
+    return curve, costs, widths
+
+
+def _interpolate(positions: list[int], values: list[float], position: float) -> float:
+    """values[k] sits at positions[k] (increasing), 0 at position 0; linear in between."""
+    below = bisect.bisect_left(positions, position)
+    if below < len(positions) and positions[below] == position:
+        return values[below]
+    low_position, low = (positions[below - 1], values[below - 1]) if below else (0, 0.0)
+    if below >= len(positions):
+        return values[-1]
+    return low + (values[below] - low) * (position - low_position) / (positions[below] - low_position)

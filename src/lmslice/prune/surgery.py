@@ -1,0 +1,100 @@
+"""Cutting one block: its query heads, then its MLP channels, chosen and refit on the block's stream,
+which moves on to the pruned block's output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmslice.adapters import Attention, Mlp
+from lmslice.calibration import BlockInput
+from lmslice.modeling import get_module
+from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, silent_inputs
+from lmslice.prune.shapes import HeadShape, check_consumer
+from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, damped, head_elimination,
+                                   keep_channels, refit)
+
+
+@torch.no_grad()
+def prune_block_heads(block: nn.Module, attention: Attention, streams: list[BlockInput], keep: int, *,
+                      damping: float = DEFAULT_DAMPING, refit_damping: float = REFIT_DAMPING,
+                      output_weights: torch.Tensor | None = None) -> list[int]:
+    """Keeps `keep` query heads of the block's attention (as many in every key/value group), chosen
+    from `streams` (the block's input, left where they are) by the output projection's error
+    (weighted by `output_weights`), which is refit by least squares on the heads kept. Returns them."""
+    shape = HeadShape.of(block, attention)
+    if keep >= shape.heads:
+        return list(range(shape.heads))
+    output = get_module(block, attention.output)
+    queries = get_module(block, attention.queries)
+    matrix = observe_consumer(block, attention.output, streams, advance=False)
+    weight = consumer_weight(output)
+    channels = shape.heads * shape.head_dim
+    selection = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
+    kept = head_elimination(selection, damped(matrix, channels, damping), shape,
+                            (shape.heads - keep) // shape.groups)[0]
+    columns = shape.columns(kept, weight.device)
+    new_weight = refit(weight, matrix, columns, channels, refit_damping)
+    _set_linear(output, new_weight[:, :len(columns)].to(output.weight.dtype),
+                None if output.bias is None else new_weight[:, len(columns)].to(output.bias.dtype))
+    _set_linear(queries, queries.weight[columns], None if queries.bias is None else queries.bias[columns])
+    get_module(block, attention.module).num_key_value_groups = keep // shape.groups
+    return kept
+
+
+@torch.no_grad()
+def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep: int, *,
+                    criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
+                    refit_damping: float = REFIT_DAMPING, refit_consumer: bool = True,
+                    output_weights: torch.Tensor | None = None, notes: list[str] | None = None,
+                    name: str = "block") -> torch.Tensor:
+    """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input), and
+    carries `streams` on to the pruned block's output. Returns the kept channel indices. Without
+    `refit_consumer` the consumer's columns are only deleted. `output_weights` (one per output feature,
+    e.g. `output_sensitivity`) weigh the output error by which channels are chosen; the refit, a
+    least-squares fit per output feature, does not depend on them. What a user should know (an MLP
+    silent on the calibration text) is added to `notes`, naming the block by `name`."""
+    consumer = check_consumer(block, mlp)
+    channels = consumer.in_features
+    # The consumer's output is added to the residual stream (it is one of the block's writers), so the
+    # pruned block's output is the dense block's plus the change in the consumer's output: one pass
+    # measures G and carries the stream.
+    matrix = observe_consumer(block, mlp.consumer, streams, keep_inputs=True)
+    weight = consumer_weight(consumer)
+    if notes is not None and keep < channels and silent_inputs(matrix, channels):
+        notes.append(f"{name}: the MLP's input is zero on every calibration token (G = 0): damping from the floor "
+                     f"λ = {refit_damping:g}, its down projection's kept columns left as they were")
+    if keep >= channels:
+        kept, new_weight = torch.arange(channels, device=weight.device), weight
+    else:
+        selection_weight = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
+        kept = keep_channels(selection_weight, matrix, channels, keep, criterion, damping)
+        if refit_consumer:
+            new_weight = refit(weight, matrix, kept, channels, refit_damping)
+        else:
+            new_weight = torch.cat([weight[:, kept], weight[:, channels:]], dim=1)
+    kept = kept.to(consumer.weight.device)
+    new_bias = None if consumer.bias is None else new_weight[:, len(kept)].to(consumer.bias.dtype)
+    new_weight = new_weight[:, :len(kept)].to(consumer.weight.dtype)
+    for stream in streams:
+        inputs = stream.store.take(consumer_input(stream))
+        if len(kept) < channels:
+            change = (F.linear(inputs[..., kept], new_weight, new_bias)
+                      - F.linear(inputs, consumer.weight, consumer.bias))
+            hidden = stream.hidden
+            stream.hidden = hidden + change.view_as(hidden)  # OPT's MLP reads the tokens flattened
+    _set_linear(consumer, new_weight, new_bias)
+    rows = torch.cat([kept + part * channels for part in range(mlp.fused)])
+    for path in mlp.producers:
+        producer = get_module(block, path)
+        _set_linear(producer, producer.weight[rows], None if producer.bias is None else producer.bias[rows])
+    return kept.cpu()
+
+
+def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    requires_grad = linear.weight.requires_grad
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad)
+    linear.out_features, linear.in_features = weight.shape
