@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from protocol import add_protocol_options, load_protocol
+from protocol import add_protocol_options, load_protocol, print_header
 
 import lmslice.prune.surgery
 from lmslice.prune import prune_to_budget
@@ -94,12 +94,8 @@ def main() -> None:
     names = [Path(source).name for source in sources]
     dense_ppl = protocol.measure(model)
     dense_parameters = count_parameters(model)
-    print(f"model {args.model}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; evaluation "
-          f"{', '.join(names)} (test split, {args.eval_max_windows} windows of {args.eval_seqlen}); dense "
-          + ", ".join(f"{dense_ppl[source]:.3f}" for source in sources), flush=True)
-    print("| budget | variant | real parameters | " + " | ".join(f"ppl {name} | × dense" for name in names)
-          + " | time s |")
-    print("|---|---|---|" + "---|---|" * len(sources) + "---|", flush=True)
+    print_header(args, names, [dense_ppl[source] for source in sources], ["budget", "variant", "real parameters"],
+                 ["time s"])
     library_refit = lmslice.prune.surgery.refit
     for budget in [float(value) for value in args.budgets.split(",")]:
         for spec in args.variants.split(","):

@@ -54,3 +54,16 @@ def load_protocol(args: argparse.Namespace) -> Protocol:
     eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test"))
                    for source in args.eval_data.split(",")}
     return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows, tokenizer)
+
+
+def print_header(args: argparse.Namespace, names: list[str], dense: list[float], key_columns: list[str],
+                 tail_columns: list[str], model_note: str = "") -> None:
+    """The protocol line (model, calibration, evaluation texts `names` and their `dense` perplexities) and
+    the head of the markdown table the perplexity benchmarks print: `key_columns`, a perplexity and a
+    ratio per text, `tail_columns`."""
+    print(f"model {args.model}{model_note}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; "
+          f"evaluation {', '.join(names)} (test split, {args.eval_max_windows} windows of {args.eval_seqlen}); "
+          "dense " + ", ".join(f"{value:.3f}" for value in dense), flush=True)
+    columns = [*key_columns, *(part for name in names for part in (f"ppl {name}", "× dense")), *tail_columns]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns), flush=True)

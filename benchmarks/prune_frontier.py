@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from protocol import add_protocol_options, load_protocol
+from protocol import add_protocol_options, load_protocol, print_header
 
 from lmslice.adapters import find_adapter
 from lmslice.frontier import MODES, describe_mlp
@@ -98,12 +98,9 @@ def main() -> None:
     dense_ppl = measure(model)
     dense_parameters = count_parameters(model)
     names = [Path(source).name for source in sources]
-    print(f"model {args.model}{' (head untied)' if args.untie_head else ''}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; evaluation "
-          f"{', '.join(names)} (test split, {args.eval_max_windows} windows of {args.eval_seqlen}); dense "
-          + ", ".join(f"{dense_ppl[source]:.3f}" for source in sources), flush=True)
-    print("| budget | mode | shape | real parameters | " + " | ".join(f"ppl {name} | × dense" for name in names)
-          + " | time s | peak RSS GiB |")
-    print("|---|---|---|---|" + "---|---|" * len(sources) + "---|---|", flush=True)
+    print_header(args, names, [dense_ppl[source] for source in sources],
+                 ["budget", "mode", "shape", "real parameters"], ["time s", "peak RSS GiB"],
+                 " (head untied)" if args.untie_head else "")
     for budget in [float(value) for value in args.budgets.split(",")]:
         for mode in args.modes.split(","):
             candidate = copy.deepcopy(model)
