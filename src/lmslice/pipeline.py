@@ -121,6 +121,10 @@ class Run:
     storage: BlockStorage | None = None
     results: list[Any] = field(default_factory=list)
 
+    def result(self, kind: type) -> Any:
+        """The last result of this kind (`SliceResult`, `PruneResult`), or None."""
+        return next((result for result in reversed(self.results) if isinstance(result, kind)), None)
+
 
 class Step(Protocol):
     name: str  # as the recipe in the layout records it
@@ -200,7 +204,7 @@ class StandardFormat:
         return model
 
     def apply(self, model: nn.Module, batches: Batches, run: Run) -> nn.Module:
-        sliced = next(result for result in reversed(run.results) if isinstance(result, SliceResult))
+        sliced = run.result(SliceResult)
         tie = self.config.tie_embeddings
         if tie is None:
             tie = TIE_BY_DEFAULT and layout_of(model.config).stream.tied_embeddings
@@ -239,19 +243,19 @@ def check_steps(model: nn.Module, steps: list[Step], *, storage: BlockStorage | 
 
 @dataclass
 class Compressed:
-    """What `compress` returns: the model (possibly a new one), each step's result and the time taken."""
+    """What `compress` returns: the model (possibly a new one), the run (each step's result: `run.result`)
+    and the time taken."""
 
     model: nn.Module
-    results: list[Any]
+    run: Run
     seconds: float
 
     def result(self, kind: type) -> Any:
-        """The last result of this kind (`SliceResult`, `PruneResult`), or None."""
-        return next((result for result in reversed(self.results) if isinstance(result, kind)), None)
+        return self.run.result(kind)
 
     @property
     def notes(self) -> list[str]:
-        return [note for result in self.results if isinstance(result, PruneResult) for note in result.notes]
+        return [note for result in self.run.results if isinstance(result, PruneResult) for note in result.notes]
 
 
 def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress: bool = True,
@@ -273,4 +277,4 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
         source_model=source_model or layout.source_model,
         steps=tuple({"step": step.name, **dataclasses.asdict(step.config)} for step in steps),
     ).to_json()
-    return Compressed(model, run.results, time.perf_counter() - started)
+    return Compressed(model, run, time.perf_counter() - started)

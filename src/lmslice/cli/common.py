@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import resource
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,6 @@ from lmslice.evaluation.zeroshot import PAPER_TASKS
 from lmslice.io.data import (DEFAULT_CALIBRATION, HUB_SOURCES, describe_sources, load_text, mixed_calibration_batches,
                              parse_mix, tokenize)
 from lmslice.io.models import DTYPES
-from lmslice.slicing import sliced_width
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -94,12 +92,6 @@ def require_text_sources(*sources: str | None) -> None:
     names = [part.source for source in sources if source is not None for part in parse_mix(source)]
     if any(name in HUB_SOURCES for name in names):
         require_extra("datasets", "data", "reading a Hugging Face dataset")
-
-
-def check_widths(model: nn.Module, sparsities: Iterable[float], round_to: int) -> None:
-    """Every sparsity leaves at least `round_to` features of this model's width (before calibration)."""
-    for sparsity in sparsities:
-        sliced_width(model.get_input_embeddings().weight.shape[1], sparsity, round_to)
 
 
 def calibration_data(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase,

@@ -13,7 +13,7 @@ from typing import Any
 
 from lmslice.calibration import check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
-                                add_zero_shot_options, calibration_data, check_device, check_minimums, check_widths,
+                                add_zero_shot_options, calibration_data, check_device, check_minimums,
                                 evaluation, require_extra, require_text_sources, require_tokenizer, task_list)
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
@@ -22,7 +22,7 @@ from lmslice.io.data import mix_record
 from lmslice.io.models import (check_finite, check_output_dir, discarded_on_failure,
                                load_with_tokenizer, model_path, move_into_place, staging_dir)
 from lmslice.report import format_frontier_markdown, format_markdown, write_frontier_report, write_report
-from lmslice.pipeline import Slice, SliceConfig, compress
+from lmslice.pipeline import Slice, SliceConfig, check_steps, compress
 from lmslice.slicing import SliceResult, check_sparsity, count_parameters, residual_width
 
 
@@ -111,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
         modes = modes or supported_modes(dense)
         check_frontier(dense, modes, budgets, args.round_to)
     else:
-        check_widths(dense, sparsities, args.round_to)
+        slices = {sparsity: Slice(SliceConfig(sparsity, args.round_to, slice_head=args.slice_head))
+                  for sparsity in sparsities if sparsity > 0}
+        for step in slices.values():
+            check_steps(dense, [step])
     tokenizer = require_tokenizer(tokenizer, args.model)
     batches, calib_seqlen = calibration_data(args, dense, tokenizer)
     warning = check_calibration(batches, dense.get_input_embeddings().weight.shape[1])
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         write, format_table = write_frontier_report, format_frontier_markdown
     else:
         report.update(slice_head=args.slice_head, parameters_dense=dense_parameters,
-                      **sweep(dense, batches, sparsities, measure, args, progress))
+                      **sweep(dense, batches, slices, measure, progress))
         write, format_table = write_report, format_markdown
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     staging = staging_dir(output)
@@ -162,15 +165,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep(dense: Any, batches: list, sparsities: list[float], measure: Callable[[Any], dict[str, Any]],
-          args: argparse.Namespace, progress: bool) -> dict[str, Any]:
-    """The dense model and a SliceGPT copy per sparsity above 0: `rows` and the `spectra` of the first."""
+def sweep(dense: Any, batches: list, slices: dict[float, Slice], measure: Callable[[Any], dict[str, Any]],
+          progress: bool) -> dict[str, Any]:
+    """The dense model and a SliceGPT copy per sparsity above 0 (its step in `slices`): `rows` and the
+    `spectra` of the first."""
     rows = [{"sparsity": 0.0, "width": dense.config.hidden_size, **measure(dense)}]
     spectra = None
-    for sparsity in (value for value in sparsities if value > 0):
+    for sparsity, step in slices.items():
         # each sparsity slices its own copy: slicing works in place and must start from the dense model
         model = copy.deepcopy(dense)
-        step = Slice(SliceConfig(sparsity, args.round_to, slice_head=args.slice_head))
         result = compress(model, batches, [step], progress=progress).result(SliceResult)
         rows.append({"sparsity": sparsity, "width": result.width, **measure(model),
                      "slicing_seconds": round(result.seconds, 2)})
