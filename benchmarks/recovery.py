@@ -24,7 +24,7 @@ import copy
 import time
 from pathlib import Path
 
-from protocol import add_protocol_options, load_protocol
+from protocol import add_protocol_options, load_protocol, print_header
 
 import lmslice
 from lmslice.distill import Distillation
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--full-lr", type=float, default=FULL_LEARNING_RATE,
+                        help=f"learning rate of distill-full (default: the library's, {FULL_LEARNING_RATE:g})")
     parser.add_argument("--save-dir", type=Path, default=None)
     parser.add_argument("--pruned", type=Path, default=None,
                         help="start from this compressed model (a --save-dir's pruned/) instead of compressing")
@@ -57,7 +59,9 @@ def main() -> None:
     windows = calibration_batches(tokenize(tokenizer, load_text(args.train_data, split="train")), steps,
                                   args.eval_seqlen, 1, seed=7)
 
-    dense_ppl = protocol.perplexity(dense)
+    sources = list(protocol.eval_tokens)
+    names = [Path(source).name for source in sources]
+    dense_ppl = protocol.measure(dense)
     began = time.perf_counter()
     if args.pruned:
         compressed, shape = lmslice.load(args.pruned), f"loaded from {args.pruned}"
@@ -65,20 +69,21 @@ def main() -> None:
         compressed, shape = MODES[args.mode].compress(copy.deepcopy(dense), protocol.batches, args.target_params,
                                                       round_to=8, progress=False)
     compress_seconds = time.perf_counter() - began
-    pruned_ppl = protocol.perplexity(compressed)
     if args.save_dir and not args.pruned:
         lmslice.save_sliced(compressed, tokenizer, args.save_dir / "pruned", overwrite=True)
-    eval_name = Path(next(iter(protocol.eval_tokens))).name
-    print(f"model {args.model} at {args.target_params:g} ({args.mode}: {shape}, {compress_seconds:.0f} s); "
-          f"calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; training {args.train_data}, "
-          f"windows of {args.eval_seqlen}, batch 1; evaluation {eval_name} ({args.eval_max_windows} windows of "
-          f"{args.eval_seqlen}); dense {dense_ppl:.3f}, pruned {pruned_ppl:.3f} ({pruned_ppl / dense_ppl:.3f}x)",
-          flush=True)
-    print("| method | lr | tokens | steps | ppl | × dense | training s |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print_header(args, names, [dense_ppl[source] for source in sources], ["method", "lr", "tokens", "steps"],
+                 ["training s"], f" at {args.target_params:g} ({args.mode}: {shape}, {compress_seconds:.0f} s); "
+                 f"training {args.train_data}, windows of {args.eval_seqlen}, batch 1")
+
+    def row(method: str, lr: float, tokens: int, steps: int, model, seconds: float) -> None:
+        ppl = protocol.measure(model)
+        ratios = " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense_ppl[source]:.3f}" for source in sources)
+        print(f"| {method} | {lr:g} | {tokens} | {steps} | {ratios} | {seconds:.0f} |", flush=True)
+
+    row("none", 0, 0, 0, compressed, 0)
     for method in methods:
         full = method == "distill-full"
-        lr = FULL_LEARNING_RATE if full else LEARNING_RATE
+        lr = args.full_lr if full else LEARNING_RATE
         distillation = (Distillation(dense, args.temperature, args.top_k) if method.startswith("distill")
                         else None)
         pending = list(checkpoints)
@@ -91,11 +96,8 @@ def main() -> None:
             while pending and tokens >= pending[0]:
                 pending.pop(0)
             paused = time.perf_counter()
-            ppl = protocol.perplexity(model)
-            trained_seconds = paused - started - measuring[0]
+            row(method, lr, tokens, steps_done, model, paused - started - measuring[0])
             measuring[0] += time.perf_counter() - paused
-            print(f"| {method} | {lr:g} | {tokens} | {steps_done} | {ppl:.3f} | {ppl / dense_ppl:.3f} | "
-                  f"{trained_seconds:.0f} |", flush=True)
 
         student, _ = finetune(copy.deepcopy(compressed), windows, lr=lr, full_parameters=full,
                               distillation=distillation, on_step=measure, progress=False)
