@@ -6,9 +6,9 @@
 
 The model is compressed once (`lmslice.frontier` mode, default mlp-heads: what `lmslice slice
 --target-params` does), then each method trains its own copy on the same random windows of
---train-data (train split), one window of --seqlen tokens per step, and its perplexity on --eval-data
-(test split) is measured each time the tokens seen pass a value of --tokens: one run per method gives
-the whole curve (the learning rate is constant, so a shorter run would have trained the same steps).
+--train-data (train split), one window of --seqlen tokens per step, and its perplexity on each
+--eval-data text (test split) is measured each time the tokens seen pass a value of --tokens: one run per
+method gives the whole curve (the learning rate is constant, so a shorter run would have trained the same steps).
 
 Methods: `lora-rft` (the paper's LoRA recipe on the next-token loss), `distill-lora` (the same LoRA,
 the dense teacher's distribution as the target: `lmslice finetune --distill-from`), `distill-full`
