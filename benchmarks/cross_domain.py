@@ -28,11 +28,10 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from protocol import add_protocol_options, load_protocol, print_header
+from protocol import add_protocol_options, load_protocol, perplexity_cells, print_header
 
 import lmslice.prune.surgery
 from lmslice.prune import prune_to_budget
@@ -90,12 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     protocol = load_protocol(args)
     model, batches = protocol.model, protocol.batches
-    sources = list(protocol.eval_tokens)
-    names = [Path(source).name for source in sources]
     dense_ppl = protocol.measure(model)
     dense_parameters = count_parameters(model)
-    print_header(args, names, [dense_ppl[source] for source in sources], ["budget", "variant", "real parameters"],
-                 ["time s"])
+    print_header(args, dense_ppl, ["budget", "variant", "real parameters"], ["time s"])
     library_refit = lmslice.prune.surgery.refit
     for budget in [float(value) for value in args.budgets.split(",")]:
         for spec in args.variants.split(","):
@@ -110,7 +106,7 @@ def main() -> None:
                 lmslice.prune.surgery.refit = library_refit
             ppl = protocol.measure(candidate)
             share = count_parameters(candidate) / dense_parameters
-            cells = " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense_ppl[source]:.3f}" for source in sources)
+            cells = perplexity_cells(ppl, dense_ppl)
             print(f"| {budget:.2f} | {spec} | {100 * share:.1f}% | {cells} | {seconds:.0f} |", flush=True)
             del candidate
 

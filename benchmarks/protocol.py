@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,14 +57,20 @@ def load_protocol(args: argparse.Namespace) -> Protocol:
     return Protocol(model, batches, eval_tokens, args.eval_seqlen, args.eval_max_windows, tokenizer)
 
 
-def print_header(args: argparse.Namespace, names: list[str], dense: list[float], key_columns: list[str],
-                 tail_columns: list[str], model_note: str = "") -> None:
-    """The protocol line (model, calibration, evaluation texts `names` and their `dense` perplexities) and
+def print_header(args: argparse.Namespace, dense: dict[str, float], key_columns: list[str], tail_columns: list[str],
+                 model_note: str = "") -> None:
+    """The protocol line (model, calibration, each evaluation text and its `dense` perplexity, by source) and
     the head of the markdown table the perplexity benchmarks print: `key_columns`, a perplexity and a
     ratio per text, `tail_columns`."""
+    names = [Path(source).name for source in dense]
     print(f"model {args.model}{model_note}; calibration {args.calib} {args.calib_samples} x {args.calib_seqlen}; "
           f"evaluation {', '.join(names)} (test split, {args.eval_max_windows} windows of {args.eval_seqlen}); "
-          "dense " + ", ".join(f"{value:.3f}" for value in dense), flush=True)
+          "dense " + ", ".join(f"{value:.3f}" for value in dense.values()), flush=True)
     columns = [*key_columns, *(part for name in names for part in (f"ppl {name}", "× dense")), *tail_columns]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns), flush=True)
+
+
+def perplexity_cells(ppl: dict[str, float], dense: dict[str, float]) -> str:
+    """The table cells `print_header` heads for one model: its perplexity and ratio to dense on each text."""
+    return " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense[source]:.3f}" for source in dense)

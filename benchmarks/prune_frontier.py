@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from protocol import add_protocol_options, load_protocol, print_header
+from protocol import add_protocol_options, load_protocol, perplexity_cells, print_header
 
 from lmslice.adapters import find_adapter
 from lmslice.frontier import MODES, describe_mlp
@@ -93,13 +93,9 @@ def main() -> None:
     model, batches, measure = protocol.model, protocol.batches, protocol.measure
     if args.untie_head:
         untie_head(model)
-    sources = list(protocol.eval_tokens)
-
     dense_ppl = measure(model)
     dense_parameters = count_parameters(model)
-    names = [Path(source).name for source in sources]
-    print_header(args, names, [dense_ppl[source] for source in sources],
-                 ["budget", "mode", "shape", "real parameters"], ["time s", "peak RSS GiB"],
+    print_header(args, dense_ppl, ["budget", "mode", "shape", "real parameters"], ["time s", "peak RSS GiB"],
                  " (head untied)" if args.untie_head else "")
     for budget in [float(value) for value in args.budgets.split(",")]:
         for mode in args.modes.split(","):
@@ -110,7 +106,7 @@ def main() -> None:
             seconds, peak = time.perf_counter() - started, peak_memory_gib()
             ppl = measure(candidate)
             share = count_parameters(candidate) / dense_parameters
-            cells = " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense_ppl[source]:.3f}" for source in sources)
+            cells = perplexity_cells(ppl, dense_ppl)
             print(f"| {budget:.2f} | {mode} | {shape} | {100 * share:.1f}% | {cells} | {seconds:.1f} | {peak:.2f} |",
                   flush=True)
             del candidate

@@ -24,7 +24,8 @@ import copy
 import time
 from pathlib import Path
 
-from protocol import add_protocol_options, load_protocol, print_header
+from protocol import add_protocol_options, load_protocol, perplexity_cells, print_header
+from torch import nn
 
 import lmslice
 from lmslice.distill import Distillation
@@ -59,8 +60,6 @@ def main() -> None:
     windows = calibration_batches(tokenize(tokenizer, load_text(args.train_data, split="train")), steps,
                                   args.eval_seqlen, 1, seed=7)
 
-    sources = list(protocol.eval_tokens)
-    names = [Path(source).name for source in sources]
     dense_ppl = protocol.measure(dense)
     began = time.perf_counter()
     if args.pruned:
@@ -71,14 +70,13 @@ def main() -> None:
     compress_seconds = time.perf_counter() - began
     if args.save_dir and not args.pruned:
         lmslice.save_sliced(compressed, tokenizer, args.save_dir / "pruned", overwrite=True)
-    print_header(args, names, [dense_ppl[source] for source in sources], ["method", "lr", "tokens", "steps"],
+    print_header(args, dense_ppl, ["method", "lr", "tokens", "steps"],
                  ["training s"], f" at {args.target_params:g} ({args.mode}: {shape}, {compress_seconds:.0f} s); "
                  f"training {args.train_data}, windows of {args.eval_seqlen}, batch 1")
 
-    def row(method: str, lr: float, tokens: int, steps: int, model, seconds: float) -> None:
-        ppl = protocol.measure(model)
-        ratios = " | ".join(f"{ppl[source]:.3f} | {ppl[source] / dense_ppl[source]:.3f}" for source in sources)
-        print(f"| {method} | {lr:g} | {tokens} | {steps} | {ratios} | {seconds:.0f} |", flush=True)
+    def row(method: str, lr: float, tokens: int, steps: int, model: nn.Module, seconds: float) -> None:
+        cells = perplexity_cells(protocol.measure(model), dense_ppl)
+        print(f"| {method} | {lr:g} | {tokens} | {steps} | {cells} | {seconds:.0f} |", flush=True)
 
     row("none", 0, 0, 0, compressed, 0)
     for method in methods:

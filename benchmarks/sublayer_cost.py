@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 
-import torch
 from protocol import add_protocol_options, load_protocol
 
 from lmslice.adapters import find_adapter
@@ -28,10 +27,6 @@ from lmslice.frontier import MODES
 from lmslice.modeling import get_module
 from lmslice.prune.shapes import attention_of, mlp_of
 from lmslice.slicing import count_parameters
-
-
-def sublayer_parameters(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def main() -> None:
@@ -49,7 +44,7 @@ def main() -> None:
     pruned, shape = mode.compress(copy.deepcopy(dense), protocol.batches, args.target_params, round_to=8,
                                   progress=False)
     blocks = get_module(pruned, adapter.blocks)
-    attention_size = sublayer_parameters(get_module(get_module(dense, adapter.blocks)[0], attention.module))
+    attention_size = count_parameters(get_module(get_module(dense, adapter.blocks)[0], attention.module))
     deeper, _ = mode.compress(copy.deepcopy(dense), protocol.batches,
                               args.target_params - attention_size / parameters_dense, round_to=8, progress=False)
     base = protocol.perplexity(pruned)
@@ -64,8 +59,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|", flush=True)
     for index, block in enumerate(blocks):
         sublayers = [  # (the projection whose zeroing deletes it, its parameters)
-            (get_module(block, attention.output), sublayer_parameters(get_module(block, attention.module))),
-            (get_module(block, mlp.consumer), sum(sublayer_parameters(get_module(block, path))
+            (get_module(block, attention.output), count_parameters(get_module(block, attention.module))),
+            (get_module(block, mlp.consumer), sum(count_parameters(get_module(block, path))
                                                   for path in (*mlp.producers, mlp.consumer)))]
         cells = []
         for output, size in sublayers:
@@ -77,6 +72,7 @@ def main() -> None:
         heads = get_module(block, attention.output).in_features // get_module(block, attention.module).head_dim
         width = get_module(block, mlp.consumer).in_features
         print(f"| {index} | {heads} | {width} | " + " | ".join(cells) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()
