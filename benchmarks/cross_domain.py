@@ -19,7 +19,8 @@ Gram matrix of its input over the calibration tokens, S the channels kept, λ = 
 Options of `prune_to_budget` follow as `+NAME=VALUE`: `+damping=0.3` the damping that choosing the
 channels and heads and planning the widths use, `+planning_windows=32` the windows the Fisher and the
 plan are measured on (default: the library's own). Prints a markdown table: real
-parameters, perplexity and its ratio to dense on each evaluation text, the pruning time.
+parameters, perplexity and its ratio to dense on each evaluation text, the heads left (query, key/value,
+and the blocks whose attention was deleted), the pruning time.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch
 from protocol import add_protocol_options, load_protocol, perplexity_cells, print_header
 
 import lmslice.prune.surgery
+from lmslice.adapters import find_adapter
+from lmslice.modeling import get_module, head_counts
 from lmslice.prune import prune_to_budget
 from lmslice.slicing import count_parameters
 
@@ -91,7 +94,8 @@ def main() -> None:
     model, batches = protocol.model, protocol.batches
     dense_ppl = protocol.measure(model)
     dense_parameters = count_parameters(model)
-    print_header(args, dense_ppl, ["budget", "variant", "real parameters"], ["time s"])
+    print_header(args, dense_ppl, ["budget", "variant", "real parameters"],
+                 ["query / key-value heads, blocks without attention", "time s"])
     library_refit = lmslice.prune.surgery.refit
     for budget in [float(value) for value in args.budgets.split(",")]:
         for spec in args.variants.split(","):
@@ -107,8 +111,16 @@ def main() -> None:
             ppl = protocol.measure(candidate)
             share = count_parameters(candidate) / dense_parameters
             cells = perplexity_cells(ppl, dense_ppl)
-            print(f"| {budget:.2f} | {spec} | {100 * share:.1f}% | {cells} | {seconds:.0f} |", flush=True)
+            print(f"| {budget:.2f} | {spec} | {100 * share:.1f}% | {cells} | {describe_heads(candidate)} | "
+                  f"{seconds:.0f} |", flush=True)
             del candidate
+
+
+def describe_heads(model: torch.nn.Module) -> str:
+    adapter = find_adapter(model)
+    counts = [head_counts(block, adapter.attention) for block in get_module(model, adapter.blocks)]
+    return (f"{sum(count[0] for count in counts)} / {sum(count[1] for count in counts)}, "
+            f"{sum(count[0] == 0 for count in counts)}")
 
 
 if __name__ == "__main__":

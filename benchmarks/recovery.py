@@ -14,7 +14,8 @@ Methods: `lora-rft` (the paper's LoRA recipe on the next-token loss), `distill-l
 the dense teacher's distribution as the target: `lmslice finetune --distill-from`), `distill-full`
 (every parameter trained, distilled). Training seconds exclude the perplexity measurements.
 Prints a markdown table; --save-dir keeps the compressed model and each method's final one, and
---pruned DIR starts another run from that compressed model.
+--pruned DIR starts another run from that compressed model (or from a method's saved model, with
+another --windows-seed, to extend its curve).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--save-dir", type=Path, default=None)
     parser.add_argument("--pruned", type=Path, default=None,
                         help="start from this compressed model (a --save-dir's pruned/) instead of compressing")
+    parser.add_argument("--windows-seed", type=int, default=7,
+                        help="seed of the training windows (another seed continues a saved run on new windows)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     checkpoints = sorted(int(value) for value in args.tokens.split(","))
@@ -58,7 +61,7 @@ def main() -> None:
     dense, tokenizer = protocol.model, protocol.tokenizer
     steps = -(-checkpoints[-1] // args.eval_seqlen)
     windows = calibration_batches(tokenize(tokenizer, load_text(args.train_data, split="train")), steps,
-                                  args.eval_seqlen, 1, seed=7)
+                                  args.eval_seqlen, 1, seed=args.windows_seed)
 
     dense_ppl = protocol.measure(dense)
     began = time.perf_counter()

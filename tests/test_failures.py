@@ -562,6 +562,19 @@ PRUNED_EDITS = {
     "modules.mlp deleted": (lambda layout: layout["modules"].pop("mlp"), "needs lmslice.modules.mlp"),
     "heads not a multiple of the key/value heads": (lambda layout: layout["attention_heads"].__setitem__(0, 3),
                                                     "multiple of the 2 key/value heads"),
+    "the first block without attention": (lambda layout: layout["attention_heads"].__setitem__(0, 0),
+                                          "the first block keeps its attention"),
+    "a block without attention, no key/value paths": (
+        lambda layout: (layout["modules"]["attention"].pop("keys"), layout["modules"]["attention"].pop("values"),
+                        layout["attention_heads"].__setitem__(1, 0)), "needs the attention's key/value paths"),
+    "keys named without values": (lambda layout: layout["modules"]["attention"].pop("values"),
+                                  "names keys without values"),
+    "fused as a string": (lambda layout: layout["modules"]["attention"].__setitem__("fused", "yes"),
+                          "modules.attention.fused must be true or false"),
+    # a record from before whole groups could leave (no key/value paths) cannot describe one that did
+    "one whole group without key/value paths": (
+        lambda layout: (layout["modules"]["attention"].pop("keys"), layout["modules"]["attention"].pop("values"),
+                        layout["attention_heads"].__setitem__(0, 1)), "multiple of the 2 key/value heads"),
 }
 
 

@@ -20,7 +20,7 @@ from lmslice.io.models import save_sliced
 from lmslice.prune import WidthPlan, prune_model
 from lmslice.slicing import slice_model
 
-PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 4])
+PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 1])
 UNIFORM = WidthPlan(0.8, 1, 1, mlp_widths=[96, 96, 96], round_to=8)
 
 
@@ -47,15 +47,17 @@ def test_per_block_widths_and_heads_are_deci_arrays(family: str, tmp_path: Path,
     read = fields(path)
     assert layout.architecture == read["general.architecture"] == "deci"
     assert read["deci.feed_forward_length"] == [96, 64, 112]
-    assert read["deci.attention.head_count"] == [4, 2, 4]
-    assert read["deci.attention.head_count_kv"] == [2, 2, 2]
+    # the last block keeps one whole key/value group of the two
+    assert read["deci.attention.head_count"] == [4, 2, 1]
+    assert read["deci.attention.head_count_kv"] == [2, 2, 1]
     assert read["deci.attention.key_length"] == read["deci.rope.dimension_count"] == 16
     stored = tensors(path)
-    for index, (width, heads) in enumerate(zip([96, 64, 112], [4, 2, 4])):
+    for index, (width, heads, key_value_heads) in enumerate(zip([96, 64, 112], [4, 2, 1], [2, 2, 1])):
         # ggml lists dimensions innermost first: (columns, rows)
         assert list(stored[f"blk.{index}.ffn_down.weight"].shape) == [width, 64]
         assert list(stored[f"blk.{index}.attn_q.weight"].shape) == [64, heads * 16]
         assert list(stored[f"blk.{index}.attn_output.weight"].shape) == [heads * 16, 64]
+        assert list(stored[f"blk.{index}.attn_k.weight"].shape) == [64, key_value_heads * 16]
     # q rows are permuted per head for llama.cpp's rope, as its converter does; v is not
     q = model.model.layers[1].self_attn.q_proj.weight.detach()
     np.testing.assert_array_equal(np.asarray(stored["blk.1.attn_q.weight"].data), interleave_rope(q, 2).numpy())
@@ -63,6 +65,17 @@ def test_per_block_widths_and_heads_are_deci_arrays(family: str, tmp_path: Path,
     np.testing.assert_array_equal(np.asarray(stored["blk.1.attn_v.weight"].data), v.numpy())
     assert ("blk.0.attn_q.bias" in stored) == (family == "qwen2")
     assert "output.weight" not in stored or not model.config.tie_word_embeddings
+
+
+def test_a_block_without_attention_has_no_heads_and_no_attention_tensors(tmp_path: Path, tiny_tokenizer) -> None:
+    model = pruned("llama", WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 0, 1]))
+    path = tmp_path / "model.gguf"
+    export_gguf(model, path, tiny_tokenizer, outtype="f32")
+    read = fields(path)
+    assert read["deci.attention.head_count"] == [4, 0, 1] and read["deci.attention.head_count_kv"] == [2, 0, 1]
+    names = set(tensors(path))
+    assert not {name for name in names if name.startswith("blk.1.attn_")}
+    assert {"blk.0.attn_norm.weight", "blk.2.attn_q.weight", "blk.1.ffn_norm.weight"} <= names
 
 
 @pytest.mark.parametrize("family, architecture", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),

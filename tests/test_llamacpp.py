@@ -40,8 +40,9 @@ GELU_TOLERANCE = 1e-2
 def tolerance(name: str) -> float:
     return GELU_TOLERANCE if name.startswith("gemma") else TOLERANCE
 GGML_F32 = 0  # KV cache type: float32, so the cache itself rounds nothing
-PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 4])
+PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 1])
 UNIFORM = WidthPlan(0.8, 1, 1, mlp_widths=[96, 96, 96], round_to=8)
+ATTENTION_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 0, 1])
 
 
 def tiny(family: str) -> nn.Module:
@@ -57,12 +58,13 @@ def case(name: str) -> nn.Module:
     if mode == "standard":
         result = slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
         return standard_model(model, head_input=result.head_input)
-    prune_model(model, tiny_models.random_batches(), PER_BLOCK if mode == "perblock" else UNIFORM, progress=False)
+    plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE}
+    prune_model(model, tiny_models.random_batches(), plans[mode], progress=False)
     return model
 
 
-CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-uniform", "qwen2-uniform", "gemma-uniform",
-         "llama-standard"]
+CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-attentionfree", "llama-uniform",
+         "qwen2-uniform", "gemma-uniform", "llama-standard"]
 
 
 @pytest.fixture(scope="module")

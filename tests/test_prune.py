@@ -20,9 +20,10 @@ from lmslice.adapters.llama import LLAMA
 from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
-from lmslice.modeling import get_module
-from lmslice.prune import (HeadShape, channel_cost, first_windows, mlp_width, output_sensitivity, plan_by_importance, plan_uniform,
-                           prune_block_heads, prune_block_mlp, prune_model, prune_to_budget, refit)
+from lmslice.modeling import AttentionFree, get_module
+from lmslice.prune import (HeadShape, channel_cost, first_windows, head_shapes, mlp_width, output_sensitivity,
+                           plan_by_importance, plan_uniform, prune_block_heads, prune_block_mlp, prune_model,
+                           prune_to_budget, refit)
 from lmslice.slicing import count_parameters, layout_before, slice_model
 
 
@@ -273,7 +274,7 @@ def test_carried_stream_is_exact_in_a_sliced_model(family: str) -> None:
         inputs = [stream.hidden.clone() for stream in streams]
         if adapter.attention is not None:
             shape = HeadShape.of(block, adapter.attention)
-            prune_block_heads(block, adapter.attention, streams, shape.heads - shape.groups)
+            prune_block_heads(block, adapter.attention, streams, shape.heads_after(1))
         prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
         for stream, hidden in zip(streams, inputs):
             torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
@@ -287,23 +288,32 @@ def test_a_sliced_model_whose_head_reads_more_is_refused() -> None:
         prune_to_budget(model, batches, 0.7)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "phi", "gpt_neox", "gpt_neox_sequential"])
 def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_path: Path) -> None:
-    """Query heads leave one per key/value group (the output projection refit), then the MLP is pruned:
-    the carried stream is what the pruned block computes, and the saved model reloads identically."""
+    """Query heads leave along the path (one per key/value group, then whole groups; the output
+    projection refit), a different number of steps in each block, then the MLP is pruned: the carried
+    stream is what the pruned block computes, the key/value heads of the groups left are the dense
+    block's, and the saved model reloads identically."""
     model = tiny_models.build(family, torch.float64)
     adapter = find_adapter(model)
+    attention = adapter.attention
     batches = tiny_models.random_batches(count=2)
     streams = capture_block_inputs(model, adapter, batches, ActivationStore())
     blocks = get_module(model, adapter.blocks)
+    dense_blocks = get_module(tiny_models.build(family, torch.float64), adapter.blocks)
     heads = []
-    for block in blocks:
-        shape = HeadShape.of(block, adapter.attention)
+    for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks)):
+        shape = HeadShape.of(block, attention)
+        assert shape.steps == shape.per_group - 1 + shape.groups - 1  # every family here can drop whole groups
         inputs = [stream.hidden.clone() for stream in streams]
-        heads.append(shape.heads - shape.groups)
-        kept = prune_block_heads(block, adapter.attention, streams, heads[-1])
-        assert len(kept) == heads[-1] and get_module(block, adapter.attention.module).num_key_value_groups \
-            == heads[-1] // shape.groups
+        heads.append(shape.heads_after([1, shape.steps, shape.steps - 1][index]))
+        kept = prune_block_heads(block, attention, streams, heads[-1])
+        after = HeadShape.of(block, attention)
+        assert len(kept) == after.heads == heads[-1] and after.groups == min(heads[-1], shape.groups)
+        if attention.keys is not None and after.groups < shape.groups:
+            groups = sorted({head // shape.per_group for head in kept})
+            keys = get_module(dense_block, attention.keys).weight[shape.columns(groups, torch.device("cpu"))]
+            assert torch.equal(get_module(block, attention.keys).weight, keys)
         prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
         for stream, hidden in zip(streams, inputs):
             torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
@@ -319,6 +329,71 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
     assert (logits - dense(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # really pruned
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "phi", "gpt_neox"])
+def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_path: Path) -> None:
+    """Block 1's heads all leave (its attention becomes `AttentionFree`: OPT's and Phi's keep a refit
+    output bias), the others' one step: the carried stream is what the pruned blocks compute, the saved
+    model reloads identically, and greedy decoding through the cache matches recomputing every step."""
+    model = tiny_models.build(family, torch.float64)
+    adapter = find_adapter(model)
+    attention = adapter.attention
+    batches = tiny_models.random_batches(count=2)
+    streams = capture_block_inputs(model, adapter, batches, ActivationStore())
+    blocks = get_module(model, adapter.blocks)
+    heads = []
+    for index, block in enumerate(blocks):
+        shape = HeadShape.of(block, attention, removable=index > 0)
+        heads.append(0 if index == 1 else shape.heads_after(1))
+        inputs = [stream.hidden.clone() for stream in streams]
+        prune_block_heads(block, attention, streams, heads[-1], removable=index > 0)
+        prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
+        for stream, hidden in zip(streams, inputs):
+            torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
+    free = get_module(blocks[1], attention.module)
+    dense_output = get_module(get_module(tiny_models.build(family), adapter.blocks)[1], attention.output)
+    assert isinstance(free, AttentionFree) and (free.bias is not None) == (dense_output.bias is not None)
+    assert HeadShape.of(blocks[1], attention).steps == 0  # nothing left for a later plan to cut
+    model.config.lmslice = layout_before(model, adapter).replace(
+        mlp_widths=tuple(mlp_width(block, adapter.mlp) for block in blocks), attention_heads=tuple(heads)).to_json()
+    lmslice.save_sliced(model, None, tmp_path / "pruned")
+    reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
+    ids, mask = tiny_models.padded_inputs()
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+    def greedy(use_cache: bool):
+        return reloaded.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 use_cache=use_cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+    cached, recomputed = greedy(True), greedy(False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert max((a - b).abs().max() for a, b in zip(cached.logits, recomputed.logits)) <= 1e-10
+
+
+def test_the_plan_takes_whole_attentions_where_they_cost_least_but_never_the_first() -> None:
+    """With the value projections scaled down every head is nearly free: a budget that needs all but
+    2000 of the parameters the heads can give takes every step of every path, which leaves block 0
+    one head (the cache counts tokens there) and deletes the attention of the others."""
+    model = tiny_models.build("llama")
+    adapter = find_adapter(model)
+    blocks = get_module(model, adapter.blocks)
+    for block in blocks:
+        block.self_attn.v_proj.weight.data *= 1e-4
+    heads_parameters = sum(sum(HeadShape.of(block, adapter.attention, index > 0).step_costs(block, adapter.attention))
+                           for index, block in enumerate(blocks))
+    dense = count_parameters(model)
+    result = prune_to_budget(model, tiny_models.random_batches(), (dense - heads_parameters + 2000) / dense,
+                             heads=True, progress=False)
+    assert result.plan.attention_heads == [1, 0, 0] and result.plan.mlp_widths == [112] * 3
+    assert count_parameters(model) == dense - heads_parameters
+    ids, mask = tiny_models.padded_inputs()
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
+    again = prune_to_budget(model, tiny_models.random_batches(), 0.6, parameters_dense=dense, progress=False)
+    assert again.plan.attention_heads == [1, 0, 0] and count_parameters(model) <= 0.6 * dense  # MLPs only now
+    with pytest.raises(LmsliceError, match="^a block of this model has no attention left"):
+        lmslice.check_steps(model, [lmslice.Slice(lmslice.SliceConfig(0.25))])
+
+
 def test_heads_compete_for_the_budget() -> None:
     """Scaled-down value projections make every head nearly free to remove: the plan takes them first."""
     model = tiny_models.build("llama")
@@ -326,10 +401,13 @@ def test_heads_compete_for_the_budget() -> None:
     for block in get_module(model, adapter.blocks):
         get_module(block, "self_attn.v_proj").weight.data *= 1e-4
     batches = tiny_models.random_batches()
+    dense_shape = HeadShape.of(get_module(model, adapter.blocks)[0], adapter.attention)
     result = prune_to_budget(model, batches, 0.9, heads=True, progress=False)
-    assert result.plan.attention_heads == [2, 2, 2]
+    heads = result.plan.attention_heads
+    # 4 heads in 2 groups: a step (two query heads, or a whole group of one) is 4096 parameters, 10% is three
+    assert result.plan.mlp_widths == [112] * 3 and sum(dense_shape.steps_to(count) for count in heads) == 3
     assert count_parameters(model) == result.plan.parameters_planned <= 0.9 * result.plan.parameters_dense
-    assert model.config.lmslice["attention_heads"] == [2, 2, 2]
+    assert model.config.lmslice["attention_heads"] == heads
 
 
 def test_head_pruning_is_refused_where_it_cannot_apply() -> None:
@@ -338,6 +416,38 @@ def test_head_pruning_is_refused_where_it_cannot_apply() -> None:
         prune_to_budget(tiny_models.build("phi3"), batches, 0.8, heads=True)
     with pytest.raises(LmsliceError, match="measured mlp_widths"):
         prune_to_budget(tiny_models.build("llama"), batches, 0.8, widths="uniform", heads=True)
+
+
+def test_whole_key_value_groups_leave_a_multi_head_model_and_the_summary_says_so(tiny_tokenizer, text_file: Path,
+                                                                                  tmp_path: Path, capsys) -> None:
+    """OPT is multi-head (every head its own group): its heads leave whole, key and value rows with them,
+    down to none but in block 0. Scaled-down value projections make them nearly free, so a budget that
+    needs all but 2000 of the parameters the heads can give takes every head the paths allow."""
+    model = tiny_models.build("opt", torch.float32)
+    adapter = find_adapter(model)
+    blocks = get_module(model, adapter.blocks)
+    for block in blocks:
+        block.self_attn.v_proj.weight.data *= 1e-4
+    dense = count_parameters(model)
+    budget = (dense - sum(sum(shape.step_costs(block, adapter.attention))
+                          for block, shape in zip(blocks, head_shapes(model, adapter))) + 2000) / dense
+    model.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "pruned"
+    assert main(["slice", str(tmp_path / "dense"), "--target-params", f"{budget:.6f}", "--calib", str(text_file),
+                 "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "query heads    0-1 by block, 0 on average (output projection refit)" in printed
+    assert "key/value heads 0-1 by block, 0 on average (whole groups removed)" in printed
+    assert "no attention   blocks 1, 2 (deleted whole)" in printed
+    pruned = lmslice.load(out)
+    record = json.loads((out / "config.json").read_text())["lmslice"]
+    assert record["attention_heads"] == [1, 0, 0] and record["mlp_widths"] == [112] * 3
+    assert pruned.model.decoder.layers[0].self_attn.k_proj.out_features == 16
+    assert pruned.model.decoder.layers[0].self_attn.num_heads == 1
+    assert all(isinstance(block.self_attn, AttentionFree) for block in pruned.model.decoder.layers[1:])
+    ids, mask = tiny_models.padded_inputs()
+    assert torch.isfinite(pruned(input_ids=ids, attention_mask=mask).logits).all()
 
 
 def test_cli_refuses_heads_without_measured_widths(capsys, tmp_path: Path) -> None:

@@ -181,12 +181,12 @@ def test_each_mode_lands_within_a_rounding_step_of_its_budget(mode: str, budget:
         assert width + round_to < 64 and counter(dense, width + round_to) > target
     else:
         # pruning never exceeds the budget and stops short of it by less than one step of round_to channels:
-        # in every block (uniform) or in one block (measured), or of one query head per key/value group
+        # in every block (uniform) or in one block (measured), or of one step of a block's heads
         blocks = list(get_module(dense, "model.layers"))
         adapter = find_adapter(dense)
         costs = [round_to * channel_cost(block, mlp_of(adapter)) for block in blocks]
         if mode == "mlp-heads":
-            costs += [HeadShape.of(block, adapter.attention).step_cost(block, adapter.attention) for block in blocks]
+            costs += [max(HeadShape.of(block, adapter.attention).step_costs(block, adapter.attention)) for block in blocks]
         step = sum(costs) if mode == "mlp-uniform" else max(costs)
         assert 0 <= target - real < step
     if mode == "standard":

@@ -79,9 +79,28 @@ class MlpPaths:
 
 @dataclass(frozen=True)
 class AttentionPaths:
+    """Where a block's attention heads are. `queries` writes the query heads (`head_dim` rows each, the
+    module attribute `head_dim_attribute`), `output` reads them (`head_dim` columns each). `keys` and
+    `values` write the key/value heads; with them known a whole key/value group can leave, once it has one
+    query head left. `fused` (GPT-NeoX): `queries` writes query, key and value of each head in turn and
+    there are no separate key/value projections (every head its own group). The module attributes
+    `heads_attribute` (query heads) and `groups_attribute` (query heads per key/value head) are kept
+    current where the family's forward reads them. Query heads otherwise leave one from every key/value
+    group at a time."""
+
     module: str
     queries: str
     output: str
+    keys: str | None = None
+    values: str | None = None
+    fused: bool = False
+    head_dim_attribute: str = "head_dim"
+    heads_attribute: str | None = None
+    groups_attribute: str | None = "num_key_value_groups"
+
+    @property
+    def whole_groups(self) -> bool:
+        return self.fused or (self.keys is not None and self.values is not None)
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,8 @@ class Modules:
                              "fused": self.mlp.fused,
                              **({"width_config": self.mlp.width_config} if self.mlp.width_config else {})}
         if self.attention is not None:
-            record["attention"] = {"module": self.attention.module, "queries": self.attention.queries,
-                                   "output": self.attention.output}
+            record["attention"] = {key: getattr(self.attention, key) for key in ATTENTION_KEYS
+                                   if getattr(self.attention, key) != ATTENTION_DEFAULTS[key]}
         return record
 
     @classmethod
@@ -139,11 +158,33 @@ class Modules:
                            None if width_config is None else _text(width_config, "modules.mlp.width_config"))
         if "attention" in record:
             entry = _mapping(record["attention"], "modules.attention")
-            attention = AttentionPaths(*(_text(_require(entry, key, "modules.attention."), f"modules.attention.{key}")
-                                         for key in ("module", "queries", "output")))
+            attention = _attention(entry)
         return cls(_texts(record["embeddings"], "modules.embeddings"), _text(record["blocks"], "modules.blocks"),
                    tuple(parsed), _text(record["final_norm"], "modules.final_norm"),
                    _text(record["head"], "modules.head"), mlp, attention)
+
+
+ATTENTION_KEYS = tuple(item.name for item in fields(AttentionPaths))
+ATTENTION_DEFAULTS = {item.name: item.default for item in fields(AttentionPaths)}
+
+
+def _attention(entry: dict[str, Any]) -> AttentionPaths:
+    values: dict[str, Any] = {}
+    for key in ATTENTION_KEYS:
+        name = f"modules.attention.{key}"
+        if key in ("module", "queries", "output"):
+            values[key] = _text(_require(entry, key, "modules.attention."), name)
+        elif key == "fused":
+            values[key] = entry.get(key, False)
+            if not isinstance(values[key], bool):
+                raise LayoutError(f"lmslice.{name} must be true or false, got {values[key]!r}")
+        elif entry.get(key, ATTENTION_DEFAULTS[key]) is not None:
+            values[key] = _text(entry.get(key, ATTENTION_DEFAULTS[key]), name)
+        else:
+            values[key] = None
+    if (values["keys"] is None) != (values["values"] is None):
+        raise LayoutError("lmslice.modules.attention names keys without values, or values without keys")
+    return AttentionPaths(**values)
 
 
 @dataclass(frozen=True)
@@ -169,7 +210,9 @@ STREAM_KEYS = tuple(item.name for item in fields(Stream))
 @dataclass(frozen=True)
 class Layout:
     """Everything a saved model is beyond its family's config. `stream` is None where the residual stream
-    keeps its width; `mlp_widths` / `attention_heads` are None where every block keeps the config's;
+    keeps its width; `mlp_widths` / `attention_heads` are None where every block keeps the config's (a
+    block with fewer query heads than the config's key/value heads keeps that many whole groups; with
+    none, its attention is gone: `AttentionFree`);
     `export` is STANDARD where the model *is* its family's architecture (config widths changed, no
     remote code needed)."""
 
@@ -257,7 +300,7 @@ class Layout:
             hidden_size=hidden,
             stream=stream,
             mlp_widths=_widths(record.get("mlp_widths"), "mlp_widths"),
-            attention_heads=_widths(record.get("attention_heads"), "attention_heads"),
+            attention_heads=_widths(record.get("attention_heads"), "attention_heads", least=0),
             export=export,
             format=version,
             version=str(record.get("version", "")),
@@ -295,10 +338,18 @@ class Layout:
         if self.attention_heads is not None:
             heads, groups = config.get("num_attention_heads"), config.get("num_key_value_heads")
             groups = groups if isinstance(groups, int) and groups > 0 else heads
+            whole_groups = self.modules.attention.whole_groups
+            if self.attention_heads[0] == 0:
+                raise LayoutError("lmslice.attention_heads[0] is 0: the first block keeps its attention "
+                                  "(transformers counts the cached tokens there)")
+            if 0 in self.attention_heads and (not whole_groups or self.stream is not None):
+                raise LayoutError("lmslice.attention_heads has a block without attention, which needs the "
+                                  "attention's key/value paths and an unsliced stream")
             for count in self.attention_heads:
                 if isinstance(heads, int) and count > heads:
                     raise LayoutError(f"lmslice.attention_heads {count} exceeds num_attention_heads {heads}")
-                if isinstance(groups, int) and count % groups:
+                # fewer query heads than key/value heads: whole groups left, one query head in each kept one
+                if isinstance(groups, int) and count % groups and not (whole_groups and count < groups):
                     raise LayoutError(f"lmslice.attention_heads {count} is not a multiple of the "
                                       f"{groups} key/value heads")
         if self.standard:
@@ -322,12 +373,12 @@ def _optional_mapping(record: dict[str, Any], key: str) -> dict[str, Any] | None
     return None if record.get(key) is None else _mapping(record[key], key)
 
 
-def _widths(value: Any, name: str) -> tuple[int, ...] | None:
+def _widths(value: Any, name: str, least: int = 1) -> tuple[int, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not value:
         raise LayoutError(f"lmslice.{name} must be a non-empty list of integers, got {value!r}")
-    return tuple(_integer(item, f"{name}[{index}]") for index, item in enumerate(value))
+    return tuple(_integer(item, f"{name}[{index}]", least) for index, item in enumerate(value))
 
 
 def _stream(record: dict[str, Any]) -> Stream:

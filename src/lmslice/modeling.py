@@ -152,6 +152,25 @@ class ShortcutLinear(StreamWriter):
         return self.to_stream_width(out)
 
 
+class AttentionFree(nn.Module):
+    """A block's attention once its last head is pruned: it adds nothing to the residual stream but a
+    constant, its output projection's bias refit to what the attention wrote on average (where it has
+    one). Decoder layers call their attention module and take the first item it returns; it caches no
+    keys, so transformers' cache (which counts tokens in the first block) needs block 0's attention."""
+
+    def __init__(self, width: int, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.width = width
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.width)
+        return (out if self.bias is None else out + self.bias), None
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, bias={self.bias is not None}"
+
+
 class WideningLinear(StreamWriter):
     """A further writer of the last block's last connection (parallel blocks have several) when the head
     reads more features than the stream has."""
@@ -233,12 +252,53 @@ def resize_mlp(block: nn.Module, mlp: MlpPaths, width: int) -> None:
 
 
 def resize_attention(block: nn.Module, attention: AttentionPaths, heads: int) -> None:
-    """The block's attention with `heads` query heads, as many for every key/value head."""
+    """The block's attention with `heads` query heads: as many for every key/value head, or, with fewer
+    heads than key/value heads, that many whole key/value groups of one query head each; with none,
+    `AttentionFree`."""
+    if heads == 0:
+        remove_attention(block, attention)
+        return
+    _, groups, head_dim = head_counts(block, attention)
+    key_value_heads = min(heads, groups)
+    resize_linear(get_module(block, attention.queries), out_features=heads * head_dim * (3 if attention.fused else 1))
+    for path in (attention.keys, attention.values):
+        if path is not None:
+            resize_linear(get_module(block, path), out_features=key_value_heads * head_dim)
+    resize_linear(get_module(block, attention.output), in_features=heads * head_dim)
+    set_head_counts(block, attention, heads, key_value_heads)
+
+
+def remove_attention(block: nn.Module, attention: AttentionPaths, bias: torch.Tensor | None = None) -> None:
+    """Replaces the block's attention by `AttentionFree`, adding `bias` (uninitialised where None and its
+    output projection has one: it comes from the checkpoint)."""
+    output = get_module(block, attention.output)
+    if bias is None and output.bias is not None:
+        bias = output.bias.new_empty(output.out_features)
+    set_module(block, attention.module, AttentionFree(output.out_features, bias))
+
+
+def head_counts(block: nn.Module, attention: AttentionPaths) -> tuple[int, int, int]:
+    """The block's query heads, key/value heads and head dimension, as its projections hold them (0, 0,
+    0 for a block without attention)."""
     module = get_module(block, attention.module)
-    key_value_heads = get_module(block, attention.queries).out_features // module.head_dim // module.num_key_value_groups
-    module.num_key_value_groups = heads // key_value_heads
-    resize_linear(get_module(block, attention.queries), out_features=heads * module.head_dim)
-    resize_linear(get_module(block, attention.output), in_features=heads * module.head_dim)
+    if isinstance(module, AttentionFree):
+        return 0, 0, 0
+    head_dim = getattr(module, attention.head_dim_attribute)
+    heads = get_module(block, attention.queries).out_features // head_dim // (3 if attention.fused else 1)
+    if attention.fused:
+        return heads, heads, head_dim
+    if attention.keys is not None:
+        return heads, get_module(block, attention.keys).out_features // head_dim, head_dim
+    return heads, heads // getattr(module, attention.groups_attribute), head_dim
+
+
+def set_head_counts(block: nn.Module, attention: AttentionPaths, heads: int, key_value_heads: int) -> None:
+    """Keeps the attention module's own counts (those its forward reads) in step with its projections."""
+    module = get_module(block, attention.module)
+    if attention.groups_attribute is not None:
+        setattr(module, attention.groups_attribute, heads // key_value_heads)
+    if attention.heads_attribute is not None:
+        setattr(module, attention.heads_attribute, heads)
 
 
 def install_final_norm(model: nn.Module, modules: Modules, width: int, head_width: int, hidden: int,
@@ -332,7 +392,7 @@ def sliced_class(base: type) -> type:
             return super().from_pretrained(*args, **kwargs)
 
         def _init_weights(self, module: nn.Module) -> None:
-            if not isinstance(module, (SlicedRMSNorm, StreamWriter)):
+            if not isinstance(module, (SlicedRMSNorm, StreamWriter, AttentionFree)):
                 super()._init_weights(module)
 
     Sliced.__name__ = Sliced.__qualname__ = "LmsliceForCausalLM"

@@ -109,6 +109,9 @@ def check_can_slice(model: nn.Module) -> None:
         source = f" ({layout.source_model})" if layout.source_model else ""
         raise LmsliceError("this model's residual stream is already sliced (lmslice's layout); slice the dense "
                            f"model it came from{source} instead, or prune this one to target_params")
+    if layout is not None and 0 in (layout.attention_heads or ()):
+        raise LmsliceError("a block of this model has no attention left (pruned away), so no output projection "
+                           "to carry its shortcut; slice the model it was pruned from, or prune this one further")
 
 
 def count_parameters(model: nn.Module) -> int:

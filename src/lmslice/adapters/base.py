@@ -39,16 +39,8 @@ class Mlp:
     fused: int = 1
 
 
-@dataclass(frozen=True)
-class Attention:
-    """Grouped-query attention's heads: `queries` writes them (head_dim rows each), `output` reads them
-    (head_dim columns each), and `module` holds `head_dim` and `num_key_value_groups` (query heads per
-    key/value head). Query heads leave one from every key/value group at a time, so the keys and values
-    stay as they are."""
-
-    module: str
-    queries: str
-    output: str
+# Where the heads are is the same record an adapter holds and a saved layout stores.
+Attention = AttentionPaths
 
 
 @dataclass(frozen=True)
@@ -83,11 +75,9 @@ class ModelAdapter:
         """The paths, as the layout record of a saved model stores them."""
         mlp = None if self.mlp is None else MlpPaths(self.mlp.producers, self.mlp.consumer, self.mlp.fused,
                                                       self.mlp.width_config)
-        attention = None if self.attention is None else AttentionPaths(self.attention.module, self.attention.queries,
-                                                                        self.attention.output)
         return Modules(self.embeddings, self.blocks,
                        tuple(ResidualPaths(tuple(r.reads.items()), r.writes) for r in self.residuals),
-                       self.final_norm, self.head, mlp, attention)
+                       self.final_norm, self.head, mlp, self.attention)
 
     def module_map(self) -> dict[str, Any]:
         """The paths, in the JSON form stored in a sliced model's config."""

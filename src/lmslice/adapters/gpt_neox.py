@@ -4,7 +4,7 @@ use_parallel_residual is False (a second adapter for the same architecture)."""
 from collections.abc import Callable
 from typing import Any
 
-from lmslice.adapters.base import Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
 
 ATTENTION = Residual(reads={"input_layernorm": ("attention.query_key_value",)}, writes=("attention.dense",))
 MLP = Residual(reads={"post_attention_layernorm": ("mlp.dense_h_to_4h",)}, writes=("mlp.dense_4h_to_h",))
@@ -22,7 +22,11 @@ def _adapter(family: str, residuals: tuple[Residual, ...], parallel: bool) -> Mo
     return ModelAdapter(family=family, architectures=("GPTNeoXForCausalLM",), embeddings=("gpt_neox.embed_in",),
                         blocks="gpt_neox.layers", residuals=residuals, final_norm="gpt_neox.final_layer_norm",
                         head="lm_head", norm_kind="layer", unsupported=_requires_parallel(parallel),
-                        mlp=Mlp(producers=("mlp.dense_h_to_4h",), consumer="mlp.dense_4h_to_h"))
+                        mlp=Mlp(producers=("mlp.dense_h_to_4h",), consumer="mlp.dense_4h_to_h"),
+                        # multi-head, query, key and value of each head side by side in one projection
+                        attention=Attention(module="attention", queries="attention.query_key_value",
+                                            output="attention.dense", fused=True, head_dim_attribute="head_size",
+                                            groups_attribute=None))
 
 
 GPT_NEOX = _adapter("gpt_neox", (Residual(reads={**ATTENTION.reads, **MLP.reads},

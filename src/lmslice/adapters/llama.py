@@ -20,5 +20,6 @@ LLAMA = ModelAdapter(
     final_norm="model.norm",
     head="lm_head",
     mlp=Mlp(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj"),
-    attention=Attention(module="self_attn", queries="self_attn.q_proj", output="self_attn.o_proj"),
+    attention=Attention(module="self_attn", queries="self_attn.q_proj", output="self_attn.o_proj",
+                        keys="self_attn.k_proj", values="self_attn.v_proj"),
 )

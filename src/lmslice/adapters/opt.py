@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from lmslice.adapters.base import Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
 
 
 def _unsupported(config: Any) -> str | None:
@@ -32,4 +32,8 @@ OPT = ModelAdapter(
     norm_kind="layer",
     unsupported=_unsupported,
     mlp=Mlp(producers=("fc1",), consumer="fc2", width_config="ffn_dim"),
+    # multi-head: every head its own key/value group; the forward reshapes by the module's num_heads
+    attention=Attention(module="self_attn", queries="self_attn.q_proj", output="self_attn.out_proj",
+                        keys="self_attn.k_proj", values="self_attn.v_proj", heads_attribute="num_heads",
+                        groups_attribute=None),
 )

@@ -1,6 +1,6 @@
 """Phi-1/1.5/2: one LayerNorm feeds attention and MLP in parallel; the head has a bias."""
 
-from lmslice.adapters.base import Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
 
 PHI = ModelAdapter(
     family="phi",
@@ -18,4 +18,6 @@ PHI = ModelAdapter(
     head="lm_head",
     norm_kind="layer",
     mlp=Mlp(producers=("mlp.fc1",), consumer="mlp.fc2"),
+    attention=Attention(module="self_attn", queries="self_attn.q_proj", output="self_attn.dense",
+                        keys="self_attn.k_proj", values="self_attn.v_proj"),
 )

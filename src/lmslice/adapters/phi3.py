@@ -1,4 +1,6 @@
-"""Phi-3: Llama's layout with fused qkv_proj and gate_up_proj, which are ordinary readers."""
+"""Phi-3: Llama's layout with fused qkv_proj and gate_up_proj, which are ordinary readers. Its heads are
+not prunable per block: the forward splits qkv_proj at the config's num_attention_heads, shared by every
+block."""
 
 from lmslice.adapters.base import Mlp, ModelAdapter, Residual
 

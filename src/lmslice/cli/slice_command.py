@@ -27,7 +27,7 @@ from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_toke
                                model_path, out_of_range, process_tag, resolve_dtype, round_to_dtype, save_sliced,
                                source_dtype)
 from lmslice.io.offload import OffloadedBlocks, open_offloaded, partial_output_removed_on_failure, save_offloaded
-from lmslice.modeling import get_module
+from lmslice.modeling import get_module, head_counts
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
                               check_steps, compress)
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, PruneResult
@@ -61,10 +61,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "1.18 with heads), or the same width in every block (uniform: the family's own architecture, "
                              "served by any runtime; 1.33) (default: measured)")
     parser.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --target-params and measured widths: attention query heads (one from every "
-                             "key/value group at a time, the output projection refit) compete with MLP channels "
-                             "for the budget (default: yes where lmslice knows the family's heads: Llama, Mistral, "
-                             "Qwen2, Gemma; SmolLM2-135M at 0.8: perplexity ratio 1.18 with, 1.20 without)")
+                        help="with --target-params and measured widths: attention heads (one query head from every "
+                             "key/value group at a time, then whole key/value groups; the output projection refit) "
+                             "compete with MLP channels for the budget (default: yes where lmslice knows the "
+                             "family's heads: every family but Phi-3; SmolLM2-135M at 0.8: perplexity ratio 1.18 "
+                             "with, 1.20 without)")
     parser.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                         help=f"with --target-params: how MLP channels are chosen (default: {DEFAULT_CRITERION})")
     parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
@@ -189,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         **({"sparsity": args.sparsity, "format": args.format, "hidden_size": sliced.hidden_size,
             "width": sliced.width, "head_width": sliced.head_width} if sliced else {}),
         **({"target_params": args.target_params, "mlp_widths": pruned.plan.mlp_widths,
-            "attention_heads": pruned.plan.attention_heads, "prune_criterion": args.prune_criterion}
+            "attention_heads": pruned.plan.attention_heads, "key_value_heads": _key_value_heads(model, pruned),
+            "prune_criterion": args.prune_criterion}
            if pruned else {}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
@@ -281,6 +283,11 @@ def format_summary(summary: dict) -> str:
                      f"{summary['prune_criterion']}, down projection refit by least squares)")
         if summary["attention_heads"]:
             lines.append(f"  query heads    {_describe_widths(summary['attention_heads'])} (output projection refit)")
+        if summary["key_value_heads"] and len(set(summary["key_value_heads"])) > 1:
+            lines.append(f"  key/value heads {_describe_widths(summary['key_value_heads'])} (whole groups removed)")
+        if 0 in (summary["attention_heads"] or ()):
+            free = [str(index) for index, heads in enumerate(summary["attention_heads"]) if heads == 0]
+            lines.append(f"  no attention   block{'s' * (len(free) > 1)} {', '.join(free)} (deleted whole)")
     lines += [
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]
@@ -299,6 +306,14 @@ def format_summary(summary: dict) -> str:
     ]
     lines += [f"  note           {note}" for note in summary["notes"]]
     return "\n".join(lines)
+
+
+def _key_value_heads(model: nn.Module, pruned: PruneResult) -> list[int] | None:
+    """Each block's key/value heads, where query heads were pruned (whole groups may have left)."""
+    if not pruned.plan.attention_heads:
+        return None
+    adapter = find_adapter(model)
+    return [head_counts(block, adapter.attention)[1] for block in get_module(model, adapter.blocks)]
 
 
 def _describe_widths(widths: list[int]) -> str:

@@ -7,7 +7,8 @@ Which llama.cpp architecture a model becomes is decided by its blocks:
   writes it. Its loader reads layer 0's widths for every layer;
 * per-block MLP widths and query heads (`--target-params` with measured widths): `deci`, the
   architecture of the Nemotron-NAS models, whose loader (`src/models/deci.cpp`) reads
-  `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays.
+  `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays
+  (a block whose attention was pruned away is `head_count` 0 and has no attention tensors).
   Its block is Llama's (RMSNorm, SiLU-gated MLP, rope on interleaved pairs) with optional q/k/v,
   output and MLP biases, so Llama, Mistral and Qwen2 (q/k/v biases) fit it. Gemma does not: its GELU
   MLP, its √hidden embedding scale and its rope on halves are not in `deci`.
@@ -41,7 +42,7 @@ from lmslice.adapters import find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export.standard import standard_model
 from lmslice.layout import layout_of
-from lmslice.modeling import ShortcutLinear, get_module
+from lmslice.modeling import ShortcutLinear, get_module, head_counts
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # The family's own llama.cpp architecture, for models whose blocks are all equal.
@@ -119,10 +120,8 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
                            "export; convert the saved model with llama.cpp's convert_hf_to_gguf.py")
     blocks = get_module(model, adapter.blocks)
     embedding = model.get_input_embeddings().weight.shape[1]
-    attention = [block.self_attn for block in blocks]
-    head_dim = attention[0].head_dim
-    heads = [a.q_proj.out_features // head_dim for a in attention]
-    kv_heads = [a.k_proj.out_features // head_dim for a in attention]
+    counts = [head_counts(block, adapter.attention) for block in blocks]
+    heads, kv_heads, head_dim = [count[0] for count in counts], [count[1] for count in counts], counts[0][2]
     widths = [block.mlp.down_proj.in_features for block in blocks]
     per_block = len({*zip(heads, kv_heads, widths)}) > 1
     check_exportable(family, per_block=per_block)
@@ -167,6 +166,8 @@ def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, torch.
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LmsliceError(f"no GGUF name for {key} in llama.cpp's {layout.architecture}")
+        if name.startswith("blk.") and ".attn_" in name and not layout.heads[int(name.split(".")[1])]:
+            continue  # deci builds a block without heads from no attention tensors, not even its norm
         data = value.detach().to("cpu", torch.float32)
         if layout.architecture in INTERLEAVED_ROPE and (".attn_q." in name or ".attn_k." in name):
             block = int(name.split(".")[1])

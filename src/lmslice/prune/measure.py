@@ -83,8 +83,9 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden.requires_grad_()
 
+    # a block whose attention was pruned away has no output projection: its entry stays None
     handles = [get_module(block, path).register_forward_hook(track(path, index))
-               for path in paths for index, block in enumerate(blocks)]
+               for path in paths for index, block in enumerate(blocks) if _holds(block, path)]
     handles.append(blocks[0].register_forward_pre_hook(make_differentiable, with_kwargs=True))
     device = model.get_input_embeddings().weight.device
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -108,6 +109,14 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
         for parameter in trainable:
             parameter.requires_grad_(True)
     return sums
+
+
+def _holds(block: nn.Module, path: str) -> bool:
+    try:
+        get_module(block, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def consumer_weight(consumer: nn.Linear) -> torch.Tensor:

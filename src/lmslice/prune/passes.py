@@ -19,7 +19,7 @@ from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
 from lmslice.prune.measure import PLANNING_WINDOWS, consumer_sensitivity, first_windows
 from lmslice.prune.plan import WidthPlan, check_pruning, plan_by_importance, plan_uniform
-from lmslice.prune.shapes import attention_of, mlp_of
+from lmslice.prune.shapes import attention_of, attention_removable, mlp_of
 from lmslice.prune.solvers import DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING
 from lmslice.prune.surgery import prune_block_heads, prune_block_mlp
 from lmslice.slicing import layout_before
@@ -64,7 +64,8 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         name = f"block {index}"
         if plan.attention_heads:
             prune_block_heads(block, attention_of(adapter), streams, plan.attention_heads[index], damping=damping,
-                              output_weights=None if head_sensitivity is None else head_sensitivity[index])
+                              output_weights=None if head_sensitivity is None else head_sensitivity[index],
+                              removable=attention_removable(index, before))
         kept = prune_block_mlp(block, mlp, streams, plan.mlp_widths[index], criterion=criterion, damping=damping,
                                refit_consumer=refit_consumer,
                                output_weights=None if sensitivity is None else sensitivity[index],

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmslice.adapters import find_adapter
+from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import ActivationStore, capture_block_inputs
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
 from lmslice.prune.measure import consumer_weight, observe_consumer
 from lmslice.slicing import count_parameters, layout_before, skeleton_of
-from lmslice.prune.shapes import (HeadShape, attention_of, channel_cost, check_consumer, mlp_of, mlp_width,
-                                  narrowest_width)
+from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
+                                  mlp_width, narrowest_width)
 from lmslice.prune.solvers import DEFAULT_DAMPING, damped, head_elimination, obs_elimination
 
 
@@ -47,9 +47,9 @@ class WidthPlan:
 def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, widths: str = "measured",
                   heads: bool = False, parameters_dense: int | None = None) -> None:
     """Refuses, before any calibration, what pruning cannot do to this model: a budget out of range or
-    below what the narrowest MLPs (and, with `heads`, one query head per key/value group) keep, a family
-    whose channels are unknown, a sliced model whose head was not sliced, or uniform widths for blocks
-    that differ (an output pruned per block). `parameters_dense` is what `target_params` is a fraction of
+    below what the narrowest MLPs (and, with `heads`, the fewest query heads each block's path reaches)
+    keep, a family whose channels are unknown, a sliced model whose head was not sliced, or uniform
+    widths for blocks that differ (an output pruned per block). `parameters_dense` is what `target_params` is a fraction of
     (default: the model's own parameters)."""
     if not 0 < target_params <= 1:
         raise LmsliceError(f"target_params must be in (0, 1], got {target_params}")
@@ -71,12 +71,14 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
                     for width, block in zip(full, blocks))
     if heads:
         attention = attention_of(adapter)
-        for block in blocks:
-            shape = HeadShape.of(block, attention)
-            removable += (shape.heads // shape.groups - 1) * shape.step_cost(block, attention)
+        for block, shape in zip(blocks, head_shapes(model, adapter)):
+            removable += sum(shape.step_costs(block, attention))
     smallest = count_parameters(model) - removable
     if smallest > target_params * dense:
-        what = f"the narrowest MLP ({round_to} channels)" + (" and one query head per key/value group" if heads else "")
+        what = f"the narrowest MLP ({round_to} channels)"
+        if heads:
+            what += " and the fewest query heads" + ("" if attention_of(adapter).whole_groups
+                                                     else " (one per key/value group)")
         raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: {what} keeps "
                            f"{smallest / dense:.3f}")
 
@@ -129,10 +131,10 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
 
     On the dense model's calibration stream, each block's output error as a function of its cut is
     measured along the least-squares elimination path (`obs_elimination`, `round_to` channels a step;
-    `head_elimination`, one query head per key/value group a step), weighted by `sensitivity` and
-    `head_sensitivity` (the diagonal Fisher of what the MLP and the attention write: the error then
-    estimates the loss it costs, comparable across blocks and kinds of cut). Steps are then taken
-    greedily, the cheapest marginal error per parameter first, until the budget is met.
+    `head_elimination`, one query head from every key/value group a step, then whole groups), weighted by
+    `sensitivity` and `head_sensitivity` (the diagonal Fisher of what the MLP and the attention write:
+    the error then estimates the loss it costs, comparable across blocks and kinds of cut). Steps are
+    then taken greedily, the cheapest marginal error per parameter first, until the budget is met.
     """
     check_pruning(model, target_params, round_to, heads=heads, parameters_dense=parameters_dense)
     adapter = find_adapter(model)
@@ -145,18 +147,20 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     # parameters each step removes, and the width (channels or heads) each step leaves
     paths: list[tuple[list[float], list[int], list[int]]] = []
     head_paths = []
+    shapes = head_shapes(model, adapter) if attention is not None else []
     for index, block in enumerate(blocks):
-        if attention is not None:
-            shape = HeadShape.of(block, attention)
+        if attention is not None and shapes[index].steps:
+            shape = shapes[index]
             output = get_module(block, attention.output)
             weight = consumer_weight(output)
             if head_sensitivity is not None:
                 weight = weight * head_sensitivity[index].sqrt()[:, None].to(weight)
             matrix = observe_consumer(block, attention.output, streams, advance=False)
             regularised = damped(matrix, shape.heads * shape.head_dim, damping)
-            errors = head_elimination(weight, regularised, shape, shape.heads // shape.groups - 1)[1]
-            head_paths.append((errors, [shape.step_cost(block, attention)] * len(errors),
-                               [shape.heads - shape.groups * (step + 1) for step in range(len(errors))]))
+            errors = head_elimination(weight, regularised, shape, shape.steps)[1]
+            head_paths.append((errors, shape.step_costs(block, attention), shape.path()[1:]))
+        elif attention is not None:
+            head_paths.append(([], [], []))  # no attention left to cut
         consumer = get_module(block, mlp.consumer)
         channels = consumer.in_features
         weight = consumer_weight(consumer)
@@ -190,9 +194,16 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         return paths[cut][2][steps[cut] - 1] if steps[cut] else full
 
     widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
-    attention_heads = [width(len(blocks) + cut, HeadShape.of(block, attention).heads)
-                       for cut, block in enumerate(blocks)] if attention is not None else []
+    attention_heads = [width(len(blocks) + cut, shape.heads) for cut, shape in enumerate(shapes)]
     return WidthPlan(target_params, dense, current - removed, widths, round_to, attention_heads or None)
+
+
+def head_shapes(model: nn.Module, adapter: ModelAdapter) -> list[HeadShape]:
+    """Each block's heads, and how far its path goes (its whole attention where `attention_removable`)."""
+    layout = layout_before(model, adapter)
+    attention = attention_of(adapter)
+    return [HeadShape.of(block, attention, attention_removable(index, layout))
+            for index, block in enumerate(get_module(model, adapter.blocks))]
 
 
 def mlp_path(weight: torch.Tensor, regularised: torch.Tensor, channels: int, round_to: int,

@@ -9,7 +9,8 @@ from torch import nn
 
 from lmslice.adapters import Attention, Mlp, ModelAdapter
 from lmslice.errors import LmsliceError
-from lmslice.modeling import get_module
+from lmslice.layout import Layout
+from lmslice.modeling import get_module, head_counts
 
 
 def mlp_of(adapter: ModelAdapter) -> Mlp:
@@ -43,31 +44,90 @@ def attention_of(adapter: ModelAdapter) -> Attention:
     return adapter.attention
 
 
+def spans(indices: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """The positions of slots `indices` of `size` consecutive features each."""
+    return torch.cat([torch.arange(index * size, (index + 1) * size, device=device) for index in indices])
+
+
 @dataclass(frozen=True)
 class HeadShape:
     """A block's query heads: `heads` of `head_dim` features, in `groups` key/value groups (HF orders
-    the heads group by group)."""
+    the heads group by group). Its elimination path takes one query head from every group at a time
+    down to one in each, then, where the family's key/value heads are known (`whole_groups`), whole
+    groups, down to one, or with `removable` to none (the block's attention gone)."""
 
     heads: int
     head_dim: int
     groups: int
+    whole_groups: bool = False
+    removable: bool = False
 
     @classmethod
-    def of(cls, block: nn.Module, attention: Attention) -> HeadShape:
-        module = get_module(block, attention.module)
-        heads = get_module(block, attention.queries).out_features // module.head_dim
-        return cls(heads, module.head_dim, heads // module.num_key_value_groups)
+    def of(cls, block: nn.Module, attention: Attention, removable: bool = False) -> HeadShape:
+        heads, groups, head_dim = head_counts(block, attention)
+        return cls(heads, head_dim, groups, attention.whole_groups, removable and attention.whole_groups)
+
+    @property
+    def per_group(self) -> int:
+        return self.heads // self.groups if self.groups else 0
+
+    @property
+    def steps(self) -> int:
+        """The steps of the elimination path (none where the attention is gone)."""
+        if not self.heads:
+            return 0
+        return self.per_group - 1 + (self.groups - 1 + self.removable if self.whole_groups else 0)
+
+    def heads_after(self, steps: int) -> int:
+        """The query heads left after `steps` steps of the path."""
+        if steps < self.per_group:
+            return self.heads - steps * self.groups
+        return self.groups - (steps - self.per_group + 1)
+
+    def steps_to(self, heads: int) -> int:
+        """The steps of the path that leave `heads` query heads."""
+        if heads == self.heads:
+            return 0
+        steps = (self.heads - heads) // self.groups if heads >= self.groups else self.per_group - 1 + self.groups - heads
+        if not 0 <= steps <= self.steps or self.heads_after(steps) != heads:
+            raise LmsliceError(f"a block of {self.heads} query heads in {self.groups} key/value groups cannot keep "
+                               f"{heads}: its path keeps {', '.join(map(str, self.path()))}")
+        return steps
+
+    def path(self) -> list[int]:
+        """The query heads each step of the path leaves, the first the block's own."""
+        return [self.heads_after(step) for step in range(self.steps + 1)]
 
     def columns(self, heads: list[int], device: torch.device) -> torch.Tensor:
-        return torch.cat([torch.arange(head * self.head_dim, (head + 1) * self.head_dim, device=device)
-                          for head in heads])
+        """The features of `heads` (or of key/value groups) in a projection's head_dim-wide slots."""
+        return spans(heads, self.head_dim, device)
 
-    def step_cost(self, block: nn.Module, attention: Attention) -> int:
-        """Parameters one query head from every group holds: rows of the query projection (and bias),
-        columns of the output projection."""
+    def step_costs(self, block: nn.Module, attention: Attention) -> list[int]:
+        """The parameters each step of the path removes: one query head from every group (its rows of
+        the query projection, with bias, and columns of the output projection), or one whole group (its
+        one query head, and its key and value rows), the last of them the block's whole attention."""
+        if not self.steps:
+            return []
         queries = get_module(block, attention.queries)
         output = get_module(block, attention.output)
-        return self.groups * self.head_dim * (queries.in_features + (queries.bias is not None) + output.out_features)
+        row = queries.in_features + (queries.bias is not None)
+        query_head = self.head_dim * (row + output.out_features)
+        per_group_steps = [self.groups * query_head] * (self.per_group - 1)
+        if not self.whole_groups:
+            return per_group_steps
+        if attention.fused:
+            key_value = 2 * self.head_dim * row
+        else:
+            key_value = self.head_dim * sum(linear.in_features + (linear.bias is not None) for linear in
+                                            (get_module(block, attention.keys), get_module(block, attention.values)))
+        return per_group_steps + [query_head + key_value] * (self.steps - len(per_group_steps))
+
+
+def attention_removable(index: int, layout: Layout) -> bool:
+    """Whether block `index` of a model with `layout` may lose its whole attention: not the first block
+    (transformers counts the cached tokens there), and not in a sliced stream (its output projection
+    carries the shortcut)."""
+    return index > 0 and layout.stream is None
 
 
 def check_consumer(block: nn.Module, mlp: Mlp) -> nn.Linear:

@@ -115,13 +115,14 @@ def remove_jointly(weight: torch.Tensor, inverse: torch.Tensor, removed: torch.T
 
 def head_elimination(weight: torch.Tensor, regularised: torch.Tensor, shape: HeadShape, steps: int,
                      ) -> tuple[list[int], list[float]]:
-    """Removes one query head from every key/value group, `steps` times: in each group the head whose
-    removal (its columns of the output projection W, the others refit by least squares) costs least
-    alone, tr(W_S ((G⁻¹)_SS)⁻¹ W_Sᵀ); then W and G⁻¹ are updated jointly, as in `obs_elimination`.
-    Returns the kept heads and the output error after each step."""
+    """Takes `steps` steps of the shape's elimination path: while the groups hold several query heads,
+    one from every key/value group, in each the head whose removal (its columns of the output
+    projection W, the others refit by least squares) costs least alone, tr(W_S ((G⁻¹)_SS)⁻¹ W_Sᵀ); then
+    the whole group whose one head costs least. W and G⁻¹ are updated jointly after each step, as in
+    `obs_elimination`. Returns the kept heads and the output error after each step."""
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(regularised))
     weight = weight.clone()
-    per_group = shape.heads // shape.groups
+    per_group = shape.per_group
     alive = [list(range(group * per_group, (group + 1) * per_group)) for group in range(shape.groups)]
     errors: list[float] = []
     error = 0.0
@@ -131,7 +132,10 @@ def head_elimination(weight: torch.Tensor, regularised: torch.Tensor, shape: Hea
         return torch.trace(weight[:, columns] @ torch.linalg.inv(inverse[columns][:, columns]) @ weight[:, columns].T)
 
     for _ in range(steps):
-        removed = [group.pop(min(range(len(group)), key=lambda i: cost(group[i]))) for group in alive]
+        if len(alive[0]) > 1:
+            removed = [group.pop(min(range(len(group)), key=lambda i: cost(group[i]))) for group in alive]
+        else:
+            removed = alive.pop(min(range(len(alive)), key=lambda i: cost(alive[i][0])))
         error += remove_jointly(weight, inverse, shape.columns(removed, weight.device))
         errors.append(error)
     return sorted(head for group in alive for head in group), errors

@@ -9,9 +9,9 @@ from torch.nn import functional as F
 
 from lmslice.adapters import Attention, Mlp
 from lmslice.calibration import BlockInput
-from lmslice.modeling import get_module
+from lmslice.modeling import get_module, remove_attention, set_head_counts
 from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, silent_inputs
-from lmslice.prune.shapes import HeadShape, check_consumer
+from lmslice.prune.shapes import HeadShape, check_consumer, spans
 from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, damped, head_elimination,
                                    keep_channels, refit)
 
@@ -19,27 +19,39 @@ from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAM
 @torch.no_grad()
 def prune_block_heads(block: nn.Module, attention: Attention, streams: list[BlockInput], keep: int, *,
                       damping: float = DEFAULT_DAMPING, refit_damping: float = REFIT_DAMPING,
-                      output_weights: torch.Tensor | None = None) -> list[int]:
-    """Keeps `keep` query heads of the block's attention (as many in every key/value group), chosen
-    from `streams` (the block's input, left where they are) by the output projection's error
-    (weighted by `output_weights`), which is refit by least squares on the heads kept. Returns them."""
-    shape = HeadShape.of(block, attention)
+                      output_weights: torch.Tensor | None = None, removable: bool = False) -> list[int]:
+    """Keeps `keep` query heads of the block's attention (as many in every key/value group, or, below
+    one per group, `keep` whole groups; none, where `removable`, replaces the attention by
+    `AttentionFree`), chosen from `streams` (the block's input, left where they are) along the shape's
+    elimination path by the output projection's error (weighted by `output_weights`), which is refit by
+    least squares on the heads kept. Returns them."""
+    shape = HeadShape.of(block, attention, removable)
     if keep >= shape.heads:
         return list(range(shape.heads))
     output = get_module(block, attention.output)
-    queries = get_module(block, attention.queries)
     matrix = observe_consumer(block, attention.output, streams, advance=False)
     weight = consumer_weight(output)
     channels = shape.heads * shape.head_dim
     selection = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
-    kept = head_elimination(selection, damped(matrix, channels, damping), shape,
-                            (shape.heads - keep) // shape.groups)[0]
+    kept = head_elimination(selection, damped(matrix, channels, damping), shape, shape.steps_to(keep))[0]
+    if not kept:  # only a bias can be left: the refit makes it what the attention wrote on average
+        nothing = torch.zeros(0, dtype=torch.long, device=weight.device)
+        remove_attention(block, attention, None if output.bias is None else
+                         refit(weight, matrix, nothing, channels, refit_damping)[:, 0].to(output.bias.dtype))
+        return kept
     columns = shape.columns(kept, weight.device)
     new_weight = refit(weight, matrix, columns, channels, refit_damping)
     _set_linear(output, new_weight[:, :len(columns)].to(output.weight.dtype),
                 None if output.bias is None else new_weight[:, len(columns)].to(output.bias.dtype))
-    _set_linear(queries, queries.weight[columns], None if queries.bias is None else queries.bias[columns])
-    get_module(block, attention.module).num_key_value_groups = keep // shape.groups
+    groups = sorted({head // shape.per_group for head in kept})
+    if attention.fused:  # query, key and value rows of each head side by side
+        _keep_rows(get_module(block, attention.queries), spans(kept, 3 * shape.head_dim, weight.device))
+    else:
+        _keep_rows(get_module(block, attention.queries), columns)
+        for path in (attention.keys, attention.values):
+            if path is not None and len(groups) < shape.groups:
+                _keep_rows(get_module(block, path), shape.columns(groups, weight.device))
+    set_head_counts(block, attention, len(kept), len(groups))
     return kept
 
 
@@ -88,8 +100,12 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     rows = torch.cat([kept + part * channels for part in range(mlp.fused)])
     for path in mlp.producers:
         producer = get_module(block, path)
-        _set_linear(producer, producer.weight[rows], None if producer.bias is None else producer.bias[rows])
+        _keep_rows(producer, rows)
     return kept.cpu()
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    _set_linear(linear, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
 
 
 def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
