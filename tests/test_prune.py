@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import lmslice
 import tiny_models
 from conftest import corpus_text
-from lmslice.adapters import find_adapter
+from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.adapters.llama import LLAMA
 from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.cli import main
@@ -294,12 +294,8 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
     projection refit), a different number of steps in each block, then the MLP is pruned: the carried
     stream is what the pruned block computes, the key/value heads of the groups left are the dense
     block's, and the saved model reloads identically."""
-    model = tiny_models.build(family, torch.float64)
-    adapter = find_adapter(model)
-    attention = adapter.attention
-    batches = tiny_models.random_batches(count=2)
-    streams = capture_block_inputs(model, adapter, batches, ActivationStore())
-    blocks = get_module(model, adapter.blocks)
+    model, adapter, streams = pruning_start(family)
+    attention, blocks = adapter.attention, get_module(model, adapter.blocks)
     dense_blocks = get_module(tiny_models.build(family, torch.float64), adapter.blocks)
     heads = []
     for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks)):
@@ -317,29 +313,41 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
         prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
         for stream, hidden in zip(streams, inputs):
             torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
+    reloaded = saved_and_reloaded(model, adapter, heads, tmp_path)
+    ids, mask = tiny_models.padded_inputs()
+    logits = reloaded(input_ids=ids, attention_mask=mask).logits
     dense = tiny_models.build(family, torch.float64)
-    widths = [mlp_width(block, adapter.mlp) for block in blocks]
-    model.config.lmslice = layout_before(model, adapter).replace(mlp_widths=tuple(widths),
+    assert (logits - dense(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # really pruned
+
+
+def pruning_start(family: str) -> tuple[torch.nn.Module, ModelAdapter, list]:
+    """A tiny float64 model of `family`, its adapter and its first block's calibration stream."""
+    model = tiny_models.build(family, torch.float64)
+    adapter = find_adapter(model)
+    return model, adapter, capture_block_inputs(model, adapter, tiny_models.random_batches(count=2), ActivationStore())
+
+
+def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: list[int], tmp_path: Path) -> torch.nn.Module:
+    """`model`, pruned by hand to `heads` and its current MLP widths, saved and loaded back: its logits
+    are checked to be the same."""
+    widths = tuple(mlp_width(block, adapter.mlp) for block in get_module(model, adapter.blocks))
+    model.config.lmslice = layout_before(model, adapter).replace(mlp_widths=widths,
                                                                  attention_heads=tuple(heads)).to_json()
     lmslice.save_sliced(model, None, tmp_path / "pruned")
     reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
     ids, mask = tiny_models.padded_inputs()
-    logits = reloaded(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
-    assert (logits - dense(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # really pruned
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+    return reloaded
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "phi", "gpt_neox"])
 def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_path: Path) -> None:
-    """Block 1's heads all leave (its attention becomes `AttentionFree`: OPT's and Phi's keep a refit
-    output bias), the others' one step: the carried stream is what the pruned blocks compute, the saved
+    """Block 1's heads all leave (its attention becomes `AttentionFree`, with a refit bias where the
+    output projection had one), the others' one step: the carried stream is what the pruned blocks compute, the saved
     model reloads identically, and greedy decoding through the cache matches recomputing every step."""
-    model = tiny_models.build(family, torch.float64)
-    adapter = find_adapter(model)
-    attention = adapter.attention
-    batches = tiny_models.random_batches(count=2)
-    streams = capture_block_inputs(model, adapter, batches, ActivationStore())
-    blocks = get_module(model, adapter.blocks)
+    model, adapter, streams = pruning_start(family)
+    attention, blocks = adapter.attention, get_module(model, adapter.blocks)
     heads = []
     for index, block in enumerate(blocks):
         shape = HeadShape.of(block, attention, removable=index > 0)
@@ -353,13 +361,8 @@ def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_
     dense_output = get_module(get_module(tiny_models.build(family), adapter.blocks)[1], attention.output)
     assert isinstance(free, AttentionFree) and (free.bias is not None) == (dense_output.bias is not None)
     assert HeadShape.of(blocks[1], attention).steps == 0  # nothing left for a later plan to cut
-    model.config.lmslice = layout_before(model, adapter).replace(
-        mlp_widths=tuple(mlp_width(block, adapter.mlp) for block in blocks), attention_heads=tuple(heads)).to_json()
-    lmslice.save_sliced(model, None, tmp_path / "pruned")
-    reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
+    reloaded = saved_and_reloaded(model, adapter, heads, tmp_path)
     ids, mask = tiny_models.padded_inputs()
-    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
-                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
 
     def greedy(use_cache: bool):
         return reloaded.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
