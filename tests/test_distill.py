@@ -16,7 +16,7 @@ import tiny_models
 from lmslice.cli import main
 from lmslice.distill import Distillation, distillation_loss
 from lmslice.errors import LmsliceError
-from lmslice.finetune import finetune
+from lmslice.finetune import TrainingConfig, finetune
 from lmslice.slicing import slice_model
 
 
@@ -74,9 +74,9 @@ def test_distillation_lowers_the_kl_on_held_out_text(full_parameters: bool, lr: 
     teacher, student = tiny_models.build("llama", torch.float32), damaged_student()
     before = held_out_kl(student, teacher)
     shapes = {name: p.shape for name, p in student.named_parameters()}
-    student, result = finetune(student, tiny_models.random_batches(count=32, seed=5), lr=lr, r=4, seed=0,
-                               full_parameters=full_parameters, distillation=Distillation(teacher, top_k=top_k),
-                               progress=False)
+    student, result = finetune(student, tiny_models.random_batches(count=32, seed=5),
+                               TrainingConfig(lr=lr, lora_r=4, seed=0, full_parameters=full_parameters),
+                               distillation=Distillation(teacher, top_k=top_k), progress=False)
     assert result.steps == 32 and result.tokens == 32 * 2 * 24
     assert held_out_kl(student, teacher) < 0.85 * before  # measured: 0.75 (LoRA), 0.69 (every parameter)
     assert {name: p.shape for name, p in student.named_parameters()} == shapes

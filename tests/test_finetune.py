@@ -4,6 +4,7 @@ with the same structure."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import tiny_models
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
-from lmslice.finetune import finetune, lora_targets
+from lmslice.finetune import TrainingConfig, finetune, lora_targets
 from lmslice.io.data import load_text, tokenize
 from lmslice.modeling import ShortcutLinear
 from lmslice.slicing import slice_model
@@ -42,7 +43,7 @@ def test_training_lowers_the_loss_and_keeps_the_structure(sliced_dir: Path) -> N
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     batches = tiny_models.random_batches(count=2, seed=3)
     before = mean_loss(model, batches)
-    model, result = finetune(model, batches * 4, lr=1e-2, r=4, seed=0, progress=False)
+    model, result = finetune(model, batches * 4, TrainingConfig(lr=1e-2, lora_r=4, seed=0), progress=False)
     assert result.steps == 8 and result.stopped_by == "data" and len(result.losses) == 8
     assert mean_loss(model, batches) < before
     assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes
@@ -70,8 +71,8 @@ def test_merging_keeps_what_the_trained_adapters_compute(sliced_dir: Path, monke
     original = lmslice.load(sliced_dir)
     with torch.no_grad():
         before = original(ids, attention_mask=mask).logits
-    merged, _ = finetune(lmslice.load(sliced_dir), tiny_models.random_batches(count=2, seed=3), lr=1e-2, r=4,
-                         seed=0, progress=False)
+    merged, _ = finetune(lmslice.load(sliced_dir), tiny_models.random_batches(count=2, seed=3),
+                         TrainingConfig(lr=1e-2, lora_r=4, seed=0), progress=False)
     with torch.no_grad():
         after = merged(ids, attention_mask=mask).logits
     assert (unmerged[0] - before).abs().max() > 0.05  # training changed the model
@@ -80,9 +81,10 @@ def test_merging_keeps_what_the_trained_adapters_compute(sliced_dir: Path, monke
 
 def test_steps_and_time_budget_stop_training(sliced_dir: Path) -> None:
     batches = tiny_models.random_batches(count=4)
-    model, by_steps = finetune(lmslice.load(sliced_dir), batches, max_steps=2, progress=False)
+    model, by_steps = finetune(lmslice.load(sliced_dir), batches, TrainingConfig(max_steps=2), progress=False)
     assert (by_steps.steps, by_steps.stopped_by) == (2, "max_steps")
-    _, by_time = finetune(model, batches, time_budget=0, progress=False)  # LoRA can wrap a merged model again
+    # LoRA can wrap a merged model again
+    _, by_time = finetune(model, batches, TrainingConfig(time_budget=0), progress=False)
     assert (by_time.steps, by_time.stopped_by) == (0, "time_budget")
 
 
@@ -123,5 +125,45 @@ def test_each_step_is_reported_with_the_tokens_seen(sliced_dir: Path) -> None:
         seen.append((steps, tokens, model.training))
         model.eval()  # a measurement may switch to eval mode; training switches back
 
-    _, result = finetune(lmslice.load(sliced_dir), batches, max_steps=3, on_step=on_step, progress=False)
+    _, result = finetune(lmslice.load(sliced_dir), batches, TrainingConfig(max_steps=3), on_step=on_step,
+                         progress=False)
     assert seen == [(1, 48, True), (2, 96, True), (3, 144, True)] and result.tokens == 144
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero(sliced_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rate each optimizer step really used: a linear warm-up over the first quarter of the steps to
+    the peak, then a cosine decay that reaches 0 one step past the last; constant is the peak throughout."""
+    used: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    batches = tiny_models.random_batches(count=8)
+    finetune(lmslice.load(sliced_dir), batches, TrainingConfig(lr=0.1, schedule="cosine", warmup=0.25), progress=False)
+    expected = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert used == pytest.approx(expected, rel=1e-12)
+    used.clear()
+    finetune(lmslice.load(sliced_dir), batches, TrainingConfig(lr=0.1), progress=False)
+    assert used == pytest.approx([0.1] * 8, rel=1e-12)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": 0.0}, "learning rate must be positive"),
+    ({"schedule": "linear"}, "unknown learning-rate schedule"),
+    ({"warmup": 1.0}, "warm-up share"),
+    ({"lora_r": 0}, "LoRA needs a rank"),
+    ({"max_steps": 0}, "step limit"),
+])
+def test_training_configs_refuse_bad_settings_when_made(settings: dict, message: str) -> None:
+    with pytest.raises(LmsliceError, match=message):
+        TrainingConfig(**settings)
+
+
+def test_cli_refuses_a_warmup_without_the_cosine_schedule(sliced_dir: Path, text_file: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    code = main(["finetune", str(sliced_dir), "--data", str(text_file), "-o", str(tmp_path / "out"), "--warmup", "0.1"])
+    assert code == 2 and capsys.readouterr().err == "lmslice: error: --warmup applies to --schedule cosine\n"
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,8 @@ folds it into those weights, so the result saves and loads like any sliced model
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +27,54 @@ from lmslice.layout import layout_of
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LEARNING_RATE = 32, 10.0, 0.05, 2e-4
 # Training every parameter moves far more weights per step than LoRA's low-rank deltas: a smaller rate.
 FULL_LEARNING_RATE = 2e-5
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How `finetune` trains. The defaults are the paper's RFT: LoRA at a constant learning rate."""
+
+    lr: float | None = None  # AdamW's (peak) rate; None: LEARNING_RATE with LoRA, FULL_LEARNING_RATE for every weight
+    full_parameters: bool = False  # train every weight instead of LoRA adapters
+    lora_r: int = LORA_R
+    lora_alpha: float = LORA_ALPHA
+    lora_dropout: float = LORA_DROPOUT
+    # "cosine": linear warm-up over the first `warmup` share of the steps, then a cosine decay to 0 at the last
+    schedule: str = "constant"
+    warmup: float = 0.0
+    max_steps: int | None = None  # stop after this many steps (None: one pass over the batches)
+    time_budget: float | None = None  # start no new step after this many seconds
+    seed: int = 42  # LoRA's initialisation and dropout
+    # recompute each block's activations in the backward pass: less memory for about a third more compute
+    checkpointing: bool = True
+    # bfloat16 autocast (the weights and AdamW's state stay float32) where the device has fast bfloat16: CUDA
+    mixed_precision: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise LmsliceError(f"the learning rate must be positive, got {self.lr:g}")
+        if self.schedule not in SCHEDULES:
+            raise LmsliceError(f"unknown learning-rate schedule {self.schedule!r}; give one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup < 1:
+            raise LmsliceError(f"the warm-up share of the steps must be in [0, 1), got {self.warmup:g}")
+        if self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+            raise LmsliceError(f"LoRA needs a rank of at least 1, a positive alpha and a dropout in [0, 1), got "
+                               f"{self.lora_r}, {self.lora_alpha:g}, {self.lora_dropout:g}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LmsliceError(f"the step limit must be at least 1, got {self.max_steps}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else FULL_LEARNING_RATE if self.full_parameters else LEARNING_RATE
+
+    def rate_factor(self, step: int, total: int) -> float:
+        """The share of the peak rate that step `step` (from 0) of `total` trains at."""
+        if self.schedule == "constant":
+            return 1.0
+        warmup = int(self.warmup * total)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 @dataclass
@@ -52,54 +102,55 @@ def lora_targets(model: nn.Module) -> list[str]:
             if name.startswith(blocks) and isinstance(module, nn.Linear) and getattr(module, "widening", None) is None]
 
 
-def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, lr: float = LEARNING_RATE,
-             r: int = LORA_R, alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT,
-             max_steps: int | None = None, time_budget: float | None = None, seed: int = 42,
-             full_parameters: bool = False, distillation: Distillation | None = None,
+def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: TrainingConfig = TrainingConfig(),
+             *, distillation: Distillation | None = None,
              on_step: Callable[[nn.Module, int, int], None] | None = None,
              progress: bool = True) -> tuple[nn.Module, FinetuneResult]:
-    """One pass of training over `batches` (one optimizer step each), stopped early by `max_steps` or
-    after `time_budget` seconds; returns the trained model (the same object, changed in place) and what
-    training did.
+    """One pass of training over `batches` (one optimizer step each), stopped early by `config.max_steps`
+    or after `config.time_budget` seconds; returns the trained model (the same object, changed in place)
+    and what training did.
 
     The loss is the next-token cross-entropy, or with `distillation` the teacher's KL term (see
-    `lmslice.distill`). LoRA adapters are trained and merged into the weights, or with `full_parameters`
-    every parameter is trained. `on_step(model, steps, tokens)` runs after each step (e.g. to measure
-    the model mid-run; it may switch the model to eval mode)."""
+    `lmslice.distill`). LoRA adapters are trained and merged into the weights, or with
+    `config.full_parameters` every parameter is trained. `on_step(model, steps, tokens)` runs after each
+    step (e.g. to measure the model mid-run; it may switch the model to eval mode)."""
     if not batches:
         raise LmsliceError("no training batches")
     start = time.perf_counter()
-    torch.manual_seed(seed)  # LoRA's initialisation and dropout
-    if full_parameters:
+    torch.manual_seed(config.seed)  # LoRA's initialisation and dropout
+    if config.full_parameters:
         trained, kinds = model, ["all parameters"]
         model.requires_grad_(True)
     else:
-        trained, targets = _with_lora(model, r, alpha, dropout)
+        trained, targets = _with_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
         # "model.layers.3.mlp.up_proj" -> "mlp.up_proj": which kinds of matrix were adapted
         prefix = len(layout_of(model.config).modules.blocks) + 1
         kinds = sorted({name[prefix:].split(".", 1)[1] for name in targets})
-    _set_checkpointing(model, True)
+    _set_checkpointing(model, config.checkpointing)
     trained.train()
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr)
     device = next(model.parameters()).device
-    total = len(batches) if max_steps is None else min(len(batches), max_steps)
+    total = len(batches) if config.max_steps is None else min(len(batches), config.max_steps)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.rate_factor(step, total))
     losses: list[float] = []
     tokens = 0
     stopped_by = "data" if total == len(batches) else "max_steps"
     with tqdm(total=total, desc="distilling" if distillation else "fine-tuning", unit="step",
               disable=not progress) as bar:
         for batch in batches[:total]:
-            if time_budget is not None and time.perf_counter() - start > time_budget:
+            if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
                 stopped_by = "time_budget"
                 break
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask", torch.ones_like(ids)).to(device)
-            if distillation is None:
-                loss = trained(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
-            else:
-                loss = distillation.loss(trained, ids, mask)
+            with _autocast(device, config.mixed_precision):
+                if distillation is None:
+                    loss = trained(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+                else:
+                    loss = distillation.loss(trained, ids, mask)
             loss.backward()
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             tokens += int(mask.sum())
@@ -109,13 +160,21 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, lr
                 on_step(trained, len(losses), tokens)
                 trained.train()
     _set_checkpointing(model, False)
-    del optimizer  # AdamW's two copies of the trained weights, before the caller saves or measures
-    if full_parameters:
+    del optimizer, schedule  # AdamW's two copies of the trained weights, before the caller saves or measures
+    if config.full_parameters:
         model.requires_grad_(False)
         result = model.eval()
     else:
         result = trained.merge_and_unload().eval()
     return result, FinetuneResult(len(losses), losses, time.perf_counter() - start, kinds, stopped_by, tokens)
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on a CUDA device with bfloat16 matrix units; elsewhere (CPUs without them are
+    slower in bfloat16 than in float32) nothing."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _with_lora(model: nn.Module, r: int, alpha: float, dropout: float) -> tuple[nn.Module, list[str]]:
