@@ -27,6 +27,7 @@ def add_protocol_options(parser: argparse.ArgumentParser, *, seqlen: int = 256, 
     parser.add_argument("--eval-seqlen", type=int, default=seqlen)
     parser.add_argument("--eval-max-windows", type=int, default=eval_max_windows)
     parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Protocol:
 
 def load_protocol(args: argparse.Namespace) -> Protocol:
     torch.set_num_threads(args.threads)
-    model, tokenizer = lmslice.load_with_tokenizer(args.model)
+    model, tokenizer = lmslice.load_with_tokenizer(args.model, device=args.device)
     batches = mixed_calibration_batches(tokenizer, args.calib, args.calib_samples, args.calib_seqlen, 8, seed=42)
     eval_tokens = {source: tokenize(tokenizer, load_text(source, split="test"))
                    for source in args.eval_data.split(",")}
