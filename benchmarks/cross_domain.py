@@ -20,7 +20,7 @@ Options of `prune_to_budget` follow as `+NAME=VALUE`: `+damping=0.3` the damping
 channels and heads and planning the widths use, `+planning_windows=32` the windows the Fisher and the
 plan are measured on (default: the library's own). Prints a markdown table: real
 parameters, perplexity and its ratio to dense on each evaluation text, the heads left (query, key/value,
-and the blocks whose attention was deleted), the pruning time.
+and the blocks whose attention and whose MLP were deleted), the pruning time.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from protocol import add_protocol_options, load_protocol, perplexity_cells, prin
 import lmslice.prune.surgery
 from lmslice.adapters import find_adapter
 from lmslice.modeling import get_module, head_counts
-from lmslice.prune import prune_to_budget
+from lmslice.prune import mlp_width, prune_to_budget
 from lmslice.slicing import count_parameters
 
 Refit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
@@ -95,7 +95,7 @@ def main() -> None:
     dense_ppl = protocol.measure(model)
     dense_parameters = count_parameters(model)
     print_header(args, dense_ppl, ["budget", "variant", "real parameters"],
-                 ["query / key-value heads, blocks without attention", "time s"])
+                 ["query / key-value heads, blocks without attention / MLP", "time s"])
     library_refit = lmslice.prune.surgery.refit
     for budget in [float(value) for value in args.budgets.split(",")]:
         for spec in args.variants.split(","):
@@ -118,9 +118,10 @@ def main() -> None:
 
 def describe_heads(model: torch.nn.Module) -> str:
     adapter = find_adapter(model)
-    counts = [head_counts(block, adapter.attention) for block in get_module(model, adapter.blocks)]
+    blocks = get_module(model, adapter.blocks)
+    counts = [head_counts(block, adapter.attention) for block in blocks]
     return (f"{sum(count[0] for count in counts)} / {sum(count[1] for count in counts)}, "
-            f"{sum(count[0] == 0 for count in counts)}")
+            f"{sum(count[0] == 0 for count in counts)} / {sum(mlp_width(block, adapter.mlp) == 0 for block in blocks)}")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ LAYOUT_EDITS = {
     "hidden_size and head": (lambda c: c["lmslice"].update(hidden_size=56, head_width=56),
                              "lmslice.hidden_size 56 differs from hidden_size 64"),
     "eps": (lambda c: c["lmslice"].update(eps=0.5), "lmslice.eps 0.5 differs"),
+    "a block without MLP": (lambda c: c["lmslice"].update(mlp_widths=[112, 0, 112]), "needs an unsliced stream"),
 }
 
 
@@ -559,6 +560,7 @@ PRUNED_EDITS = {
     "a width as a string": (lambda layout: layout["mlp_widths"].__setitem__(0, "104"), "must be an integer"),
     "a width as a float": (lambda layout: layout["mlp_widths"].__setitem__(0, 104.0), "must be an integer"),
     "a width as a bool": (lambda layout: layout["mlp_widths"].__setitem__(0, True), "must be an integer"),
+    "a negative width": (lambda layout: layout["mlp_widths"].__setitem__(0, -8), "must be at least 0, got -8"),
     "modules.mlp deleted": (lambda layout: layout["modules"].pop("mlp"), "needs lmslice.modules.mlp"),
     "heads not a multiple of the key/value heads": (lambda layout: layout["attention_heads"].__setitem__(0, 3),
                                                     "multiple of the 2 key/value heads"),

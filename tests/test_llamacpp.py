@@ -43,6 +43,9 @@ GGML_F32 = 0  # KV cache type: float32, so the cache itself rounds nothing
 PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 1])
 UNIFORM = WidthPlan(0.8, 1, 1, mlp_widths=[96, 96, 96], round_to=8)
 ATTENTION_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 0, 1])
+# block 1 keeps its attention but no MLP (written as one zero channel: deci skips an n_ff = 0 block's
+# attention output), block 2 keeps nothing (the identity)
+MLP_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 0, 0], round_to=8, attention_heads=[4, 2, 0])
 
 
 def tiny(family: str) -> nn.Module:
@@ -58,13 +61,13 @@ def case(name: str) -> nn.Module:
     if mode == "standard":
         result = slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
         return standard_model(model, head_input=result.head_input)
-    plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE}
+    plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE, "mlpfree": MLP_FREE}
     prune_model(model, tiny_models.random_batches(), plans[mode], progress=False)
     return model
 
 
-CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-attentionfree", "llama-uniform",
-         "qwen2-uniform", "gemma-uniform", "llama-standard"]
+CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-attentionfree", "llama-mlpfree",
+         "llama-uniform", "qwen2-uniform", "gemma-uniform", "llama-standard"]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,7 @@ def test_llamacpp_logits_equal_lmslices(name: str, exported) -> None:
         llm.close()
 
 
-@pytest.mark.parametrize("name", ["llama-perblock", "qwen2-perblock", "gemma-uniform"])
+@pytest.mark.parametrize("name", ["llama-perblock", "llama-mlpfree", "qwen2-perblock", "gemma-uniform"])
 def test_llamacpp_decodes_through_its_kv_cache_as_lmslice_does(name: str, exported) -> None:
     model, path = exported[name]
     llm = open_llama(path)

@@ -327,12 +327,13 @@ def pruning_start(family: str) -> tuple[torch.nn.Module, ModelAdapter, list]:
     return model, adapter, capture_block_inputs(model, adapter, tiny_models.random_batches(count=2), ActivationStore())
 
 
-def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: list[int], tmp_path: Path) -> torch.nn.Module:
+def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: list[int] | None,
+                       tmp_path: Path) -> torch.nn.Module:
     """`model`, pruned by hand to `heads` and its current MLP widths, saved and loaded back: its logits
     are checked to be the same."""
     widths = tuple(mlp_width(block, adapter.mlp) for block in get_module(model, adapter.blocks))
     model.config.lmslice = layout_before(model, adapter).replace(mlp_widths=widths,
-                                                                 attention_heads=tuple(heads)).to_json()
+                                                                 attention_heads=heads and tuple(heads)).to_json()
     lmslice.save_sliced(model, None, tmp_path / "pruned")
     reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
     ids, mask = tiny_models.padded_inputs()
@@ -361,16 +362,58 @@ def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_
     dense_output = get_module(get_module(tiny_models.build(family), adapter.blocks)[1], attention.output)
     assert isinstance(free, AttentionFree) and (free.bias is not None) == (dense_output.bias is not None)
     assert HeadShape.of(blocks[1], attention).steps == 0  # nothing left for a later plan to cut
-    reloaded = saved_and_reloaded(model, adapter, heads, tmp_path)
+    assert_cached_decoding_is_recomputing(saved_and_reloaded(model, adapter, heads, tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi", "gpt_neox", "phi3", "gemma"])
+def test_blocks_lose_their_whole_mlp_and_whole_block_exactly_and_reload(family: str, tmp_path: Path) -> None:
+    """Block 1 loses its MLP (what it writes is its consumer's bias, refit to the MLP's mean output, where
+    it has one), block 2 its MLP and its attention: a block that writes nothing, the identity where no
+    bias is left. The carried stream is what the pruned blocks compute, the saved model reloads
+    identically, and greedy decoding through the cache matches recomputing every step."""
+    model, adapter, streams = pruning_start(family)
+    blocks, attention = get_module(model, adapter.blocks), adapter.attention  # Phi-3's heads are not pruned
+    heads = None if attention is None else [HeadShape.of(block, attention).heads for block in blocks[:2]] + [0]
+    for index, block in enumerate(blocks):
+        inputs = [stream.hidden.clone() for stream in streams]
+        if index == 2 and attention is not None:
+            prune_block_heads(block, attention, streams, 0, removable=True)
+        prune_block_mlp(block, adapter.mlp, streams, 0 if index else mlp_width(block, adapter.mlp) - 16)
+        for stream, hidden in zip(streams, inputs):
+            torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
+            if index == 2 and attention is not None and get_module(block, adapter.mlp.consumer).bias is None \
+                    and getattr(get_module(block, attention.module), "bias", None) is None:
+                torch.testing.assert_close(run_block(block, stream, hidden), hidden, rtol=0, atol=0)  # the identity
+    assert [mlp_width(block, adapter.mlp) for block in blocks] == [112 - 16, 0, 0]
+    assert_cached_decoding_is_recomputing(saved_and_reloaded(model, adapter, heads, tmp_path))
+
+
+def assert_cached_decoding_is_recomputing(model: torch.nn.Module) -> None:
+    """Greedy decoding through transformers' cache gives what recomputing every step gives."""
     ids, mask = tiny_models.padded_inputs()
 
     def greedy(use_cache: bool):
-        return reloaded.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                 use_cache=use_cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              use_cache=use_cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
 
     cached, recomputed = greedy(True), greedy(False)
     assert torch.equal(cached.sequences, recomputed.sequences)
     assert max((a - b).abs().max() for a, b in zip(cached.logits, recomputed.logits)) <= 1e-10
+
+
+def test_the_plan_takes_a_whole_mlp_where_it_costs_least() -> None:
+    """Block 1's MLP scaled to almost nothing: a budget that needs its every parameter takes all of it
+    (the path's last step, 8 channels to none) and leaves the others whole."""
+    model = tiny_models.build("llama")
+    adapter = find_adapter(model)
+    blocks = get_module(model, adapter.blocks)
+    blocks[1].mlp.down_proj.weight.data *= 1e-4
+    dense = count_parameters(model)
+    mlp_parameters = 112 * channel_cost(blocks[1], adapter.mlp)
+    result = prune_to_budget(model, tiny_models.random_batches(), (dense - mlp_parameters) / dense, heads=False,
+                             progress=False)
+    assert result.plan.mlp_widths == [112, 0, 112]
+    assert mlp_width(blocks[1], adapter.mlp) == 0 and result.plan.parameters_planned == dense - mlp_parameters
 
 
 def test_the_plan_takes_whole_attentions_where_they_cost_least_but_never_the_first() -> None:

@@ -299,7 +299,7 @@ class Layout:
             modules=Modules.from_json(record["modules"]),
             hidden_size=hidden,
             stream=stream,
-            mlp_widths=_widths(record.get("mlp_widths"), "mlp_widths"),
+            mlp_widths=_widths(record.get("mlp_widths"), "mlp_widths", least=0),
             attention_heads=_widths(record.get("attention_heads"), "attention_heads", least=0),
             export=export,
             format=version,
@@ -335,6 +335,8 @@ class Layout:
             wide = [width for width in self.mlp_widths if width > dense_mlp]
             if wide:
                 raise LayoutError(f"lmslice.mlp_widths {wide[0]} exceeds the config's {mlp.width_config} {dense_mlp}")
+        if self.mlp_widths is not None and 0 in self.mlp_widths and self.stream is not None:
+            raise LayoutError("lmslice.mlp_widths has a block without MLP, which needs an unsliced stream")
         if self.attention_heads is not None:
             heads, groups = config.get("num_attention_heads"), config.get("num_key_value_heads")
             groups = groups if isinstance(groups, int) and groups > 0 else heads

@@ -122,7 +122,10 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     embedding = model.get_input_embeddings().weight.shape[1]
     counts = [head_counts(block, adapter.attention) for block in blocks]
     heads, kv_heads, head_dim = [count[0] for count in counts], [count[1] for count in counts], counts[0][2]
-    widths = [block.mlp.down_proj.in_features for block in blocks]
+    # deci leaves a block whose n_ff is 0 before adding its attention's output (src/models/deci.cpp), and
+    # llama.cpp 0.3.36 aborted on such a file: a block without MLP is written with one channel of zero
+    # weights instead, which adds exactly nothing (tests/test_llamacpp.py)
+    widths = [max(block.mlp.down_proj.in_features, 1) for block in blocks]
     per_block = len({*zip(heads, kv_heads, widths)}) > 1
     check_exportable(family, per_block=per_block)
     architecture = "deci" if per_block else OWN_ARCHITECTURE[family]
@@ -169,6 +172,8 @@ def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, torch.
         if name.startswith("blk.") and ".attn_" in name and not layout.heads[int(name.split(".")[1])]:
             continue  # deci builds a block without heads from no attention tensors, not even its norm
         data = value.detach().to("cpu", torch.float32)
+        if not data.numel() and ".ffn_" in name:  # a block without MLP: its one zero channel (`gguf_layout`)
+            data = torch.zeros(*(size or 1 for size in data.shape))
         if layout.architecture in INTERLEAVED_ROPE and (".attn_q." in name or ".attn_k." in name):
             block = int(name.split(".")[1])
             data = interleave_rope(data, (layout.heads if ".attn_q." in name else layout.kv_heads)[block])

@@ -3,8 +3,8 @@ layer that reads them.
 
 A channel of an MLP is one output row of each producer (gate and up projections, or fc1) and the
 matching input column of the consumer (down projection, or fc2). Deleting channels makes the MLP
-narrower; the model stays the family's own architecture with a smaller intermediate size. A query
-head is head_dim rows of the query projection and the matching columns of the output projection, its
+narrower (down to none: the block's whole MLP, and with its attention the whole block); with equal
+widths the model stays the family's own architecture with a smaller intermediate size. A query head is head_dim rows of the query projection and the matching columns of the output projection, its
 consumer; heads leave one from every key/value group at a time, keys and values staying, down to one
 query head per group, then whole groups (the group's key and value rows with its one query head).
 
@@ -24,20 +24,22 @@ refit), `plan` (spending a budget), `surgery` (cutting a block), `passes` (the w
 """
 
 from lmslice.prune.shapes import (mlp_of, mlp_width, channel_cost, narrowest_width, attention_of, attention_removable,
-                                  HeadShape, check_consumer)
+                                  mlp_removable, HeadShape, check_consumer)
 from lmslice.prune.measure import (observe_consumer, consumer_input, output_sensitivity, consumer_sensitivity,
                                    consumer_weight, silent_inputs, PLANNING_WINDOWS, first_windows)
 from lmslice.prune.solvers import (CRITERIA, DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, damping_shift, damped,
-                                   keep_channels, obs_elimination, remove_jointly, head_elimination, refit)
+                                   deletion_error, keep_channels, obs_elimination, remove_jointly, head_elimination,
+                                   refit)
 from lmslice.prune.plan import (WIDTHS, WidthPlan, check_pruning, head_shapes, per_block_skeleton, plan_uniform,
                                 plan_by_importance, mlp_path)
 from lmslice.prune.passes import PruneResult, prune_model, prune_to_budget
 from lmslice.prune.surgery import prune_block_heads, prune_block_mlp
 
 __all__ = ["CRITERIA", "DEFAULT_CRITERION", "DEFAULT_DAMPING", "HeadShape", "PLANNING_WINDOWS", "PruneResult",
-           "REFIT_DAMPING", "WIDTHS", "WidthPlan", "attention_of", "attention_removable", "channel_cost", "check_consumer", "check_pruning",
-           "consumer_input", "consumer_sensitivity", "consumer_weight", "damped", "damping_shift", "first_windows",
-           "head_elimination", "head_shapes", "keep_channels", "mlp_of", "mlp_path", "mlp_width", "narrowest_width",
-           "obs_elimination", "observe_consumer", "output_sensitivity", "per_block_skeleton", "plan_by_importance",
-           "plan_uniform", "prune_block_heads", "prune_block_mlp", "prune_model", "prune_to_budget", "refit",
-           "remove_jointly", "silent_inputs"]
+           "REFIT_DAMPING", "WIDTHS", "WidthPlan", "attention_of", "attention_removable", "channel_cost",
+           "check_consumer", "check_pruning", "consumer_input", "consumer_sensitivity", "consumer_weight", "damped",
+           "damping_shift", "deletion_error", "first_windows", "head_elimination", "head_shapes", "keep_channels",
+           "mlp_of", "mlp_path", "mlp_removable", "mlp_width", "narrowest_width", "obs_elimination",
+           "observe_consumer", "output_sensitivity", "per_block_skeleton", "plan_by_importance", "plan_uniform",
+           "prune_block_heads", "prune_block_mlp", "prune_model", "prune_to_budget", "refit", "remove_jointly",
+           "silent_inputs"]

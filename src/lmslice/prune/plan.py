@@ -18,8 +18,8 @@ from lmslice.modeling import get_module
 from lmslice.prune.measure import consumer_weight, observe_consumer
 from lmslice.slicing import count_parameters, layout_before, skeleton_of
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
-                                  mlp_width, narrowest_width)
-from lmslice.prune.solvers import DEFAULT_DAMPING, damped, head_elimination, obs_elimination
+                                  mlp_removable, mlp_width, narrowest_width)
+from lmslice.prune.solvers import DEFAULT_DAMPING, damped, deletion_error, head_elimination, obs_elimination
 
 
 WIDTHS = ("uniform", "measured")
@@ -47,10 +47,11 @@ class WidthPlan:
 def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, widths: str = "measured",
                   heads: bool = False, parameters_dense: int | None = None) -> None:
     """Refuses, before any calibration, what pruning cannot do to this model: a budget out of range or
-    below what the narrowest MLPs (and, with `heads`, the fewest query heads each block's path reaches)
-    keep, a family whose channels are unknown, a sliced model whose head was not sliced, or uniform
-    widths for blocks that differ (an output pruned per block). `parameters_dense` is what `target_params` is a fraction of
-    (default: the model's own parameters)."""
+    below what the narrowest MLPs (none with measured widths, `mlp_removable`; and, with `heads`, the
+    fewest query heads each block's path reaches) keep, a family whose channels are unknown, a sliced
+    model whose head was not sliced, or uniform widths for blocks that differ (an output pruned per
+    block). `parameters_dense` is what `target_params` is a fraction of (default: the model's own
+    parameters)."""
     if not 0 < target_params <= 1:
         raise LmsliceError(f"target_params must be in (0, 1], got {target_params}")
     if round_to < 1:
@@ -67,7 +68,8 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
         raise LmsliceError(f"the blocks' MLPs differ in width ({min(full)}-{max(full)}: pruned per block); uniform "
                            "pruning needs equal widths: use measured mlp_widths, or start from the dense model")
     dense = parameters_dense or count_parameters(model)
-    removable = sum((width - narrowest_width(width, round_to)) * channel_cost(block, mlp)
+    whole_mlps = widths == "measured" and mlp_removable(layout_before(model, adapter))
+    removable = sum((width - narrowest_width(width, round_to, whole_mlps)) * channel_cost(block, mlp)
                     for width, block in zip(full, blocks))
     if heads:
         attention = attention_of(adapter)
@@ -75,7 +77,7 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
             removable += sum(shape.step_costs(block, attention))
     smallest = count_parameters(model) - removable
     if smallest > target_params * dense:
-        what = f"the narrowest MLP ({round_to} channels)"
+        what = "no MLP" if whole_mlps else f"the narrowest MLP ({round_to} channels)"
         if heads:
             what += " and the fewest query heads" + ("" if attention_of(adapter).whole_groups
                                                      else " (one per key/value group)")
@@ -147,6 +149,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     # parameters each step removes, and the width (channels or heads) each step leaves
     paths: list[tuple[list[float], list[int], list[int]]] = []
     head_paths = []
+    whole_mlps = mlp_removable(layout_before(model, adapter))
     shapes = head_shapes(model, adapter) if attention is not None else []
     for index, block in enumerate(blocks):
         if attention is not None and shapes[index].steps:
@@ -167,7 +170,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         if sensitivity is not None:
             weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
         regularised = damped(observe_consumer(block, mlp.consumer, streams), channels, damping)
-        paths.append(mlp_path(weight, regularised, channels, round_to, channel_cost(block, mlp)))
+        paths.append(mlp_path(weight, regularised, channels, round_to, channel_cost(block, mlp), whole_mlps))
     paths += head_paths
     steps = [0] * len(paths)
 
@@ -206,19 +209,23 @@ def head_shapes(model: nn.Module, adapter: ModelAdapter) -> list[HeadShape]:
             for index, block in enumerate(get_module(model, adapter.blocks))]
 
 
-def mlp_path(weight: torch.Tensor, regularised: torch.Tensor, channels: int, round_to: int,
-             cost: int) -> tuple[list[float], list[int], list[int]]:
+def mlp_path(weight: torch.Tensor, regularised: torch.Tensor, channels: int, round_to: int, cost: int,
+             removable: bool = False) -> tuple[list[float], list[int], list[int]]:
     """One MLP's elimination path at the widths a plan may leave: the multiples of `round_to` below
-    `channels`, down to `round_to`. Returns the output error at each, the parameters each step removes
-    (`cost` per channel) and the widths. The path is measured in about 32 steps and interpolated."""
+    `channels`, down to `round_to`, then with `removable` none (the whole MLP). Returns the output error
+    at each, the parameters each step removes (`cost` per channel) and the widths. The path is measured
+    in about 32 steps and interpolated."""
     widths = list(range((channels - 1) // round_to * round_to, round_to - 1, -round_to))
-    if not widths:
-        return [], [], []
-    remove = channels - widths[-1]
-    chunk = math.ceil(remove / round_to / 32) * round_to
-    errors = obs_elimination(weight, regularised, channels, remove, chunk)[1]
-    positions = [min((step + 1) * chunk, remove) for step in range(len(errors))]
-    curve = [_interpolate(positions, errors, channels - kept) for kept in widths]
+    curve: list[float] = []
+    if widths:
+        remove = channels - widths[-1]
+        chunk = math.ceil(remove / round_to / 32) * round_to
+        errors = obs_elimination(weight, regularised, channels, remove, chunk)[1]
+        positions = [min((step + 1) * chunk, remove) for step in range(len(errors))]
+        curve = [_interpolate(positions, errors, channels - kept) for kept in widths]
+    if removable:
+        widths.append(0)
+        curve.append(deletion_error(weight, regularised, channels))
     costs = [(before - kept) * cost for before, kept in zip([channels] + widths, widths)]
     return curve, costs, widths
 

@@ -32,10 +32,16 @@ def channel_cost(block: nn.Module, mlp: Mlp) -> int:
     return cost
 
 
-def narrowest_width(width: int, round_to: int) -> int:
-    """The narrowest MLP a plan leaves a block of `width` channels: `round_to` channels, or all of them
-    where the MLP is no wider than that."""
-    return min(width, round_to)
+def narrowest_width(width: int, round_to: int, removable: bool = False) -> int:
+    """The narrowest MLP a plan leaves a block of `width` channels: none where the whole MLP may go
+    (`mlp_removable`), else `round_to` channels, or all of them where the MLP is no wider than that."""
+    return 0 if removable else min(width, round_to)
+
+
+def mlp_removable(layout: Layout) -> bool:
+    """Whether a block's whole MLP may go (its consumer then writing only its bias, where it has one,
+    refit): not in a sliced stream, where the consumer carries its residual connection's shortcut."""
+    return layout.stream is None
 
 
 def attention_of(adapter: ModelAdapter) -> Attention:

@@ -59,8 +59,8 @@ def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, kee
     """
     if criterion not in CRITERIA:
         raise LmsliceError(f"unknown channel criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if keep >= channels:
-        return torch.arange(channels, device=matrix.device)
+    if keep >= channels or keep == 0:
+        return torch.arange(min(keep, channels), device=matrix.device)
     regularised = damped(matrix, channels, damping)
     if criterion == "energy":
         scores = matrix.diagonal()[:channels] * weight[:, :channels].pow(2).sum(0)
@@ -100,6 +100,13 @@ def obs_elimination(weight: torch.Tensor, regularised: torch.Tensor, channels: i
         alive, weight, inverse = alive[left], weight[:, left], inverse[left][:, left]
         remove -= len(removed)
     return alive[alive < channels], errors
+
+
+def deletion_error(weight: torch.Tensor, regularised: torch.Tensor, channels: int) -> float:
+    """The output error of deleting every one of the `channels` input columns of W, what is left (the
+    constant channel of a bias) refit: the end of every elimination path, whatever its order."""
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(regularised))
+    return remove_jointly(weight.clone(), inverse, torch.arange(channels, device=inverse.device))
 
 
 def remove_jointly(weight: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) -> float:

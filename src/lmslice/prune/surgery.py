@@ -62,7 +62,8 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
                     output_weights: torch.Tensor | None = None, notes: list[str] | None = None,
                     name: str = "block") -> torch.Tensor:
     """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input), and
-    carries `streams` on to the pruned block's output. Returns the kept channel indices. Without
+    carries `streams` on to the pruned block's output (with none kept, the MLP writes only its consumer's
+    bias, where it has one, refit to what the MLP wrote on average). Returns the kept channel indices. Without
     `refit_consumer` the consumer's columns are only deleted. `output_weights` (one per output feature,
     e.g. `output_sensitivity`) weigh the output error by which channels are chosen; the refit, a
     least-squares fit per output feature, does not depend on them. What a user should know (an MLP
