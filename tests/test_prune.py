@@ -416,6 +416,28 @@ def test_the_plan_takes_a_whole_mlp_where_it_costs_least() -> None:
     assert mlp_width(blocks[1], adapter.mlp) == 0 and result.plan.parameters_planned == dense - mlp_parameters
 
 
+def test_slice_deletes_a_nearly_silent_mlp_whole_and_says_so(tiny_tokenizer, text_file: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    """Through the CLI, on text: block 1's MLP scaled to almost nothing is deleted whole by a budget that
+    needs its parameters, the summary names the block, and the output reloads with it."""
+    model = tiny_models.build("llama", torch.float32)
+    model.model.layers[1].mlp.down_proj.weight.data *= 1e-4
+    dense = count_parameters(model)
+    budget = (dense - 112 * channel_cost(model.model.layers[1], LLAMA.mlp) + 100) / dense  # printed to 6 digits
+    model.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "pruned"
+    assert main(["slice", str(tmp_path / "dense"), "--target-params", f"{budget:.6f}", "--no-prune-heads",
+                 "--calib", str(text_file), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
+                 "--calib-batch-size", "2"]) == 0
+    assert "no MLP         block 1 (deleted whole)" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["lmslice"]["mlp_widths"] == [112, 0, 112]
+    pruned = lmslice.load(out)
+    assert pruned.model.layers[1].mlp.down_proj.weight.shape == (64, 0)
+    ids, mask = tiny_models.padded_inputs()
+    assert torch.isfinite(pruned(input_ids=ids, attention_mask=mask).logits).all()
+
+
 def test_the_plan_takes_whole_attentions_where_they_cost_least_but_never_the_first() -> None:
     """With the value projections scaled down every head is nearly free: a budget that needs all but
     2000 of the parameters the heads can give takes every step of every path, which leaves block 0

@@ -285,9 +285,10 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  query heads    {_describe_widths(summary['attention_heads'])} (output projection refit)")
         if summary["key_value_heads"] and len(set(summary["key_value_heads"])) > 1:
             lines.append(f"  key/value heads {_describe_widths(summary['key_value_heads'])} (whole groups removed)")
-        if 0 in (summary["attention_heads"] or ()):
-            free = [str(index) for index, heads in enumerate(summary["attention_heads"]) if heads == 0]
-            lines.append(f"  no attention   block{'s' * (len(free) > 1)} {', '.join(free)} (deleted whole)")
+        for key, label in (("attention_heads", "no attention"), ("mlp_widths", "no MLP      ")):
+            free = [str(index) for index, width in enumerate(summary[key] or ()) if width == 0]
+            if free:
+                lines.append(f"  {label}   block{'s' * (len(free) > 1)} {', '.join(free)} (deleted whole)")
     lines += [
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]
