@@ -288,7 +288,7 @@ def test_a_sliced_model_whose_head_reads_more_is_refused() -> None:
         prune_to_budget(model, batches, 0.7)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "phi", "gpt_neox", "gpt_neox_sequential"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "phi", "phi3", "gpt_neox", "gpt_neox_sequential"])
 def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_path: Path) -> None:
     """Query heads leave along the path (one per key/value group, then whole groups; the output
     projection refit), a different number of steps in each block, then the MLP is pruned: the carried
@@ -306,10 +306,15 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
         kept = prune_block_heads(block, attention, streams, heads[-1])
         after = HeadShape.of(block, attention)
         assert len(kept) == after.heads == heads[-1] and after.groups == min(heads[-1], shape.groups)
+        groups = shape.columns(sorted({head // shape.per_group for head in kept}), torch.device("cpu"))
         if attention.keys is not None and after.groups < shape.groups:
-            groups = sorted({head // shape.per_group for head in kept})
-            keys = get_module(dense_block, attention.keys).weight[shape.columns(groups, torch.device("cpu"))]
+            keys = get_module(dense_block, attention.keys).weight[groups]
             assert torch.equal(get_module(block, attention.keys).weight, keys)
+        if attention.stacked:  # the key rows follow the query heads' in the one projection
+            width = shape.heads * shape.head_dim
+            keys = get_module(dense_block, attention.queries).weight[width + groups]
+            kept_width = after.heads * shape.head_dim
+            assert torch.equal(get_module(block, attention.queries).weight[kept_width:kept_width + len(groups)], keys)
         prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp) - 16)
         for stream, hidden in zip(streams, inputs):
             torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
@@ -327,13 +332,13 @@ def pruning_start(family: str) -> tuple[torch.nn.Module, ModelAdapter, list]:
     return model, adapter, capture_block_inputs(model, adapter, tiny_models.random_batches(count=2), ActivationStore())
 
 
-def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: list[int] | None,
+def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: list[int],
                        tmp_path: Path) -> torch.nn.Module:
     """`model`, pruned by hand to `heads` and its current MLP widths, saved and loaded back: its logits
     are checked to be the same."""
     widths = tuple(mlp_width(block, adapter.mlp) for block in get_module(model, adapter.blocks))
     model.config.lmslice = layout_before(model, adapter).replace(mlp_widths=widths,
-                                                                 attention_heads=heads and tuple(heads)).to_json()
+                                                                 attention_heads=tuple(heads)).to_json()
     lmslice.save_sliced(model, None, tmp_path / "pruned")
     reloaded = lmslice.load(tmp_path / "pruned", dtype="float64")
     ids, mask = tiny_models.padded_inputs()
@@ -342,7 +347,7 @@ def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: lis
     return reloaded
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "phi", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "opt", "phi", "phi3", "gpt_neox"])
 def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_path: Path) -> None:
     """Block 1's heads all leave (its attention becomes `AttentionFree`, with a refit bias where the
     output projection had one), the others' one step: the carried stream is what the pruned blocks compute, the saved
@@ -372,17 +377,17 @@ def test_blocks_lose_their_whole_mlp_and_whole_block_exactly_and_reload(family: 
     bias is left. The carried stream is what the pruned blocks compute, the saved model reloads
     identically, and greedy decoding through the cache matches recomputing every step."""
     model, adapter, streams = pruning_start(family)
-    blocks, attention = get_module(model, adapter.blocks), adapter.attention  # Phi-3's heads are not pruned
-    heads = None if attention is None else [HeadShape.of(block, attention).heads for block in blocks[:2]] + [0]
+    blocks, attention = get_module(model, adapter.blocks), adapter.attention
+    heads = [HeadShape.of(block, attention).heads for block in blocks[:2]] + [0]
     for index, block in enumerate(blocks):
         inputs = [stream.hidden.clone() for stream in streams]
-        if index == 2 and attention is not None:
+        if index == 2:
             prune_block_heads(block, attention, streams, 0, removable=True)
         prune_block_mlp(block, adapter.mlp, streams, 0 if index else mlp_width(block, adapter.mlp) - 16)
         for stream, hidden in zip(streams, inputs):
             torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
-            if index == 2 and attention is not None and get_module(block, adapter.mlp.consumer).bias is None \
-                    and getattr(get_module(block, attention.module), "bias", None) is None:
+            if index == 2 and get_module(block, adapter.mlp.consumer).bias is None \
+                    and get_module(block, attention.module).bias is None:
                 torch.testing.assert_close(run_block(block, stream, hidden), hidden, rtol=0, atol=0)  # the identity
     assert [mlp_width(block, adapter.mlp) for block in blocks] == [112 - 16, 0, 0]
     assert_cached_decoding_is_recomputing(saved_and_reloaded(model, adapter, heads, tmp_path))
@@ -480,8 +485,6 @@ def test_heads_compete_for_the_budget() -> None:
 
 def test_head_pruning_is_refused_where_it_cannot_apply() -> None:
     batches = tiny_models.random_batches()
-    with pytest.raises(LmsliceError, match="query heads of phi3"):
-        prune_to_budget(tiny_models.build("phi3"), batches, 0.8, heads=True)
     with pytest.raises(LmsliceError, match="measured mlp_widths"):
         prune_to_budget(tiny_models.build("llama"), batches, 0.8, widths="uniform", heads=True)
 

@@ -83,10 +83,12 @@ class AttentionPaths:
     module attribute `head_dim_attribute`), `output` reads them (`head_dim` columns each). `keys` and
     `values` write the key/value heads; with them known a whole key/value group can leave, once it has one
     query head left. `fused` (GPT-NeoX): `queries` writes query, key and value of each head in turn and
-    there are no separate key/value projections (every head its own group). The module attributes
-    `heads_attribute` (query heads) and `groups_attribute` (query heads per key/value head) are kept
-    current where the family's forward reads them. Query heads otherwise leave one from every key/value
-    group at a time."""
+    there are no separate key/value projections (every head its own group). `stacked` (Phi-3): `queries`
+    writes every query head, then every key head, then every value head. The module attributes
+    `heads_attribute` (query heads; `config.NAME` where the forward reads the count from its config,
+    which each block then holds a copy of), `groups_attribute` (query heads per key/value head) and
+    `key_value_heads_attribute` are kept current where the family's forward reads them. Query heads
+    otherwise leave one from every key/value group at a time."""
 
     module: str
     queries: str
@@ -97,10 +99,12 @@ class AttentionPaths:
     head_dim_attribute: str = "head_dim"
     heads_attribute: str | None = None
     groups_attribute: str | None = "num_key_value_groups"
+    stacked: bool = False
+    key_value_heads_attribute: str | None = None
 
     @property
     def whole_groups(self) -> bool:
-        return self.fused or (self.keys is not None and self.values is not None)
+        return self.fused or self.stacked or (self.keys is not None and self.values is not None)
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ def _attention(entry: dict[str, Any]) -> AttentionPaths:
         name = f"modules.attention.{key}"
         if key in ("module", "queries", "output"):
             values[key] = _text(_require(entry, key, "modules.attention."), name)
-        elif key == "fused":
+        elif key in ("fused", "stacked"):
             values[key] = entry.get(key, False)
             if not isinstance(values[key], bool):
                 raise LayoutError(f"lmslice.{name} must be true or false, got {values[key]!r}")
@@ -184,6 +188,8 @@ def _attention(entry: dict[str, Any]) -> AttentionPaths:
             values[key] = None
     if (values["keys"] is None) != (values["values"] is None):
         raise LayoutError("lmslice.modules.attention names keys without values, or values without keys")
+    if values["stacked"] and (values["fused"] or values["key_value_heads_attribute"] is None):
+        raise LayoutError("lmslice.modules.attention.stacked needs fused false and a key_value_heads_attribute")
     return AttentionPaths(**values)
 
 

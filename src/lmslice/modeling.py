@@ -23,6 +23,8 @@ trust_remote_code=True)` loads lmslice's models without lmslice installed.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import torch
@@ -260,7 +262,8 @@ def resize_attention(block: nn.Module, attention: AttentionPaths, heads: int) ->
         return
     _, groups, head_dim = head_counts(block, attention)
     key_value_heads = min(heads, groups)
-    resize_linear(get_module(block, attention.queries), out_features=heads * head_dim * (3 if attention.fused else 1))
+    rows = 3 * heads if attention.fused else heads + 2 * key_value_heads if attention.stacked else heads
+    resize_linear(get_module(block, attention.queries), out_features=rows * head_dim)
     for path in (attention.keys, attention.values):
         if path is not None:
             resize_linear(get_module(block, path), out_features=key_value_heads * head_dim)
@@ -284,7 +287,11 @@ def head_counts(block: nn.Module, attention: AttentionPaths) -> tuple[int, int, 
     if isinstance(module, AttentionFree):
         return 0, 0, 0
     head_dim = getattr(module, attention.head_dim_attribute)
-    heads = get_module(block, attention.queries).out_features // head_dim // (3 if attention.fused else 1)
+    rows = get_module(block, attention.queries).out_features // head_dim
+    if attention.stacked:
+        key_value_heads = getattr(module, attention.key_value_heads_attribute)
+        return rows - 2 * key_value_heads, key_value_heads, head_dim
+    heads = rows // (3 if attention.fused else 1)
     if attention.fused:
         return heads, heads, head_dim
     if attention.keys is not None:
@@ -297,7 +304,13 @@ def set_head_counts(block: nn.Module, attention: AttentionPaths, heads: int, key
     module = get_module(block, attention.module)
     if attention.groups_attribute is not None:
         setattr(module, attention.groups_attribute, heads // key_value_heads)
-    if attention.heads_attribute is not None:
+    if attention.key_value_heads_attribute is not None:
+        setattr(module, attention.key_value_heads_attribute, key_value_heads)
+    if attention.heads_attribute is not None and attention.heads_attribute.startswith("config."):
+        # the config is the model's, shared by every block: this block's count goes into a copy of its own
+        module.config = copy.copy(module.config)
+        setattr(module.config, attention.heads_attribute.removeprefix("config."), heads)
+    elif attention.heads_attribute is not None:
         setattr(module, attention.heads_attribute, heads)
 
 

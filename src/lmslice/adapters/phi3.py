@@ -1,8 +1,8 @@
-"""Phi-3: Llama's layout with fused qkv_proj and gate_up_proj, which are ordinary readers. Its heads are
-not prunable per block: the forward splits qkv_proj at the config's num_attention_heads, shared by every
-block."""
+"""Phi-3: Llama's layout with fused qkv_proj and gate_up_proj, which are ordinary readers. qkv_proj holds
+every query head, then every key head, then every value head; the forward splits it at its config's
+num_attention_heads, so a block with fewer heads holds its own copy of the config."""
 
-from lmslice.adapters.base import Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
 
 PHI3 = ModelAdapter(
     family="phi3",
@@ -16,4 +16,6 @@ PHI3 = ModelAdapter(
     final_norm="model.norm",
     head="lm_head",
     mlp=Mlp(producers=("mlp.gate_up_proj",), consumer="mlp.down_proj", fused=2),
+    attention=Attention(module="self_attn", queries="self_attn.qkv_proj", output="self_attn.o_proj", stacked=True,
+                        heads_attribute="config.num_attention_heads", key_value_heads_attribute="num_key_value_heads"),
 )

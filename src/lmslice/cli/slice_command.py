@@ -64,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="with --target-params and measured widths: attention heads (one query head from every "
                              "key/value group at a time, then whole key/value groups; the output projection refit) "
                              "compete with MLP channels for the budget (default: yes where lmslice knows the "
-                             "family's heads: every family but Phi-3; SmolLM2-135M at 0.8: perplexity ratio 1.18 "
+                             "family's heads: every supported family; SmolLM2-135M at 0.8: perplexity ratio 1.18 "
                              "with, 1.20 without)")
     parser.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                         help=f"with --target-params: how MLP channels are chosen (default: {DEFAULT_CRITERION})")

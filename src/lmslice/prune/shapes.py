@@ -121,7 +121,7 @@ class HeadShape:
         per_group_steps = [self.groups * query_head] * (self.per_group - 1)
         if not self.whole_groups:
             return per_group_steps
-        if attention.fused:
+        if attention.fused or attention.stacked:
             key_value = 2 * self.head_dim * row
         else:
             key_value = self.head_dim * sum(linear.in_features + (linear.bias is not None) for linear in

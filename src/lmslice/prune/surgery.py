@@ -46,6 +46,10 @@ def prune_block_heads(block: nn.Module, attention: Attention, streams: list[Bloc
     groups = sorted({head // shape.per_group for head in kept})
     if attention.fused:  # query, key and value rows of each head side by side
         _keep_rows(get_module(block, attention.queries), spans(kept, 3 * shape.head_dim, weight.device))
+    elif attention.stacked:  # every query head's rows, then every key head's, then every value head's
+        groups_kept = shape.columns(groups, weight.device)
+        _keep_rows(get_module(block, attention.queries),
+                   torch.cat([columns, channels + groups_kept, channels + shape.groups * shape.head_dim + groups_kept]))
     else:
         _keep_rows(get_module(block, attention.queries), columns)
         for path in (attention.keys, attention.values):
