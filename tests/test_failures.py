@@ -573,6 +573,9 @@ PRUNED_EDITS = {
                                   "names keys without values"),
     "fused as a string": (lambda layout: layout["modules"]["attention"].__setitem__("fused", "yes"),
                           "modules.attention.fused must be true or false"),
+    "stacked without its key/value head count": (
+        lambda layout: layout["modules"]["attention"].__setitem__("stacked", True),
+        "stacked needs fused false and a key_value_heads_attribute"),
     # a record from before whole groups could leave (no key/value paths) cannot describe one that did
     "one whole group without key/value paths": (
         lambda layout: (layout["modules"]["attention"].pop("keys"), layout["modules"]["attention"].pop("values"),
