@@ -100,6 +100,7 @@ class Recovery:
         self.windows = calibration_batches(train, window_count, args.eval_seqlen, args.batch_size,
                                            seed=args.windows_seed)
         self.tokens_per_second: float | None = None
+        self.tasks = args.tasks.split(",") if args.tasks else []  # emptied if lm-eval fails here
         self.task_manager = None
         self.dense_ppl = self.protocol.measure(self.protocol.model)
 
@@ -112,19 +113,18 @@ class Recovery:
         return rate is None or tokens / rate < self.seconds_left()
 
     def zero_shot(self, model: nn.Module) -> float | None:
-        if not self.args.tasks:
+        if not self.tasks:
             return None
         from lmslice.evaluation.zeroshot import task_manager, zero_shot
 
-        tasks = self.args.tasks.split(",")
         try:  # a long run keeps its perplexity rows if lm-eval or its data fails on this machine
             if self.task_manager is None:
-                self.task_manager = task_manager(tasks, self.args.include_path)
-            return zero_shot(model, self.protocol.tokenizer, tasks, limit=self.args.limit,
+                self.task_manager = task_manager(self.tasks, self.args.include_path)
+            return zero_shot(model, self.protocol.tokenizer, self.tasks, limit=self.args.limit,
                              batch_size=self.args.task_batch_size, manager=self.task_manager).average
         except Exception as error:  # noqa: BLE001 - reported, and the table goes on without the column
             print(f"zero-shot failed: {type(error).__name__}: {error}", flush=True)
-            self.args.tasks = None
+            self.tasks = []
             return None
 
     def row(self, budget: str, method: str, lr: float, tokens: int, steps: int, model: nn.Module,
@@ -203,7 +203,7 @@ def main() -> None:
     print_header(args, recovery.dense_ppl, ["budget", "method", "lr", "tokens", "steps"], ["training s", "zero-shot"],
                  f" on {args.device}; training {args.train_data}, windows of {args.eval_seqlen}, batch "
                  f"{args.batch_size}, {args.schedule} schedule")
-    if args.tasks:
+    if recovery.tasks:
         recovery.row("1", "dense", 0, 0, 0, recovery.protocol.model, 0, with_tasks=True)
     for index, budget in enumerate(budgets):
         began = time.perf_counter()
@@ -221,7 +221,7 @@ def main() -> None:
             scored = [(recovery.train(budget, method, lr, compressed, runs[-1]), lr) for lr in candidates]
             (student, _, seen), best = min(scored, key=lambda item: item[0][1])
             rates[method] = [best]
-            if args.tasks and seen:
+            if recovery.tasks and seen:
                 recovery.row(budget, f"{method}, zero-shot", best, seen, 0, student, 0, with_tasks=True)
             for tokens in runs[:-1]:
                 recovery.train(budget, method, best, compressed, tokens)

@@ -4,7 +4,8 @@ layer that reads them.
 A channel of an MLP is one output row of each producer (gate and up projections, or fc1) and the
 matching input column of the consumer (down projection, or fc2). Deleting channels makes the MLP
 narrower (down to none: the block's whole MLP, and with its attention the whole block); with equal
-widths the model stays the family's own architecture with a smaller intermediate size. A query head is head_dim rows of the query projection and the matching columns of the output projection, its
+widths the model stays the family's own architecture with a smaller intermediate size. A query head
+is head_dim rows of the query projection and the matching columns of the output projection, its
 consumer; heads leave one from every key/value group at a time, keys and values staying, down to one
 query head per group, then whole groups (the group's key and value rows with its one query head).
 
