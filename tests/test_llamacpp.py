@@ -62,7 +62,7 @@ def case(name: str) -> nn.Module:
         result = slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
         return standard_model(model, head_input=result.head_input)
     plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE, "mlpfree": MLP_FREE}
-    prune_model(model, tiny_models.random_batches(), plans[mode], progress=False)
+    prune_model(model, tiny_models.random_batches(), plans[mode])
     return model
 
 
