@@ -87,9 +87,17 @@ MEASURE = textwrap.dedent("""
         # VmHWM belongs to this process's own address space; ru_maxrss would include the pytest parent's peak.
         with open("/proc/self/status") as status:
             return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1))
+    from lmslice.io.offload import open_offloaded, save_offloaded
+    from lmslice.pipeline import Prune, PruneConfig, compress
     def run(dense, out):
         if sys.argv[1] == "offload":
             slice_offloaded(dense, out, batches, 0.25, progress=False)
+        elif sys.argv[1] == "prune-offload":
+            model, storage = open_offloaded(dense, out, dtype=torch.float32, device="cpu")
+            result = compress(model, batches, [Prune(PruneConfig(0.8))], progress=False, placement=storage)
+            save_offloaded(result.model, storage, None, out, overwrite=False)
+        elif sys.argv[1] == "prune-memory":  # the model in memory, measured the same way
+            compress(lmslice.load(dense), batches, [Prune(PruneConfig(0.8))], progress=False)
         else:
             slice_model(lmslice.load(dense), batches, 0.25, progress=False)
     batches = tiny_models.random_batches(count=2, batch_size=1, seqlen=32)
@@ -113,21 +121,33 @@ def peak_growth(mode: str, dense: Path, out: Path) -> int:
     return json.loads(process.stdout.strip().splitlines()[-1])["growth_bytes"]
 
 
-def test_offloaded_peak_memory_is_about_one_block(tmp_path: Path) -> None:
-    """Bound: a block in float32, its float64 copies while rotating (2x), the rotated result, the pages of the
-    shard being read and written (mapped files count in the resident set) and allocator slack: 8 block sizes,
-    whatever the depth. The model has 16 blocks, so holding it whole (the in-memory path, measured the same
-    way) must exceed the bound."""
+@pytest.fixture(scope="module")
+def deep_dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A 16-block Llama of 512 wide blocks (MLP 2048) on disk, and the bytes of one block in float32."""
     config = transformers.LlamaConfig(vocab_size=tiny_models.VOCAB, hidden_size=512, intermediate_size=2048,
                                       num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8,
                                       max_position_embeddings=64)
     torch.manual_seed(0)
     dense = transformers.LlamaForCausalLM(config)
-    block_bytes = sum(p.numel() for p in dense.model.layers[0].parameters()) * 4
-    dense.save_pretrained(tmp_path / "dense")
-    del dense
-    bound = 8 * block_bytes
-    offloaded = peak_growth("offload", tmp_path / "dense", tmp_path / "sliced")
-    assert offloaded < bound, f"offloaded slicing grew by {offloaded / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
-    in_memory = peak_growth("memory", tmp_path / "dense", tmp_path / "unused")
-    assert in_memory > bound, f"in-memory slicing grew by only {in_memory / 2**20:.0f} MiB"
+    path = tmp_path_factory.mktemp("deep") / "dense"
+    dense.save_pretrained(path)
+    return path, sum(p.numel() for p in dense.model.layers[0].parameters()) * 4
+
+
+# Bounds, in block sizes, whatever the depth. Slicing: a block in float32, its float64 copies while rotating
+# (2x), the rotated result, the pages of the shard being read and written (mapped files count in the resident
+# set) and allocator slack. Pruning also holds the MLP's Gram matrix (2048² in float64: two block sizes here),
+# its float32 copy and inverse while choosing channels, and G[S, S] while refitting.
+BOUNDS = {"offload": 8, "prune-offload": 12}
+
+
+@pytest.mark.parametrize("mode", ["offload", "prune-offload"])
+def test_offloaded_peak_memory_is_about_one_block(mode: str, deep_dense: tuple[Path, int], tmp_path: Path) -> None:
+    """The model has 16 blocks, so holding it whole (the in-memory path, measured the same way) must exceed
+    the bound."""
+    dense, block_bytes = deep_dense
+    bound = BOUNDS[mode] * block_bytes
+    offloaded = peak_growth(mode, dense, tmp_path / "out")
+    assert offloaded < bound, f"{mode} grew by {offloaded / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+    in_memory = peak_growth(mode.replace("offload", "memory"), dense, tmp_path / "unused")
+    assert in_memory > bound, f"in memory, {mode} grew by only {in_memory / 2**20:.0f} MiB"

@@ -189,7 +189,7 @@ def _parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
 
 
 def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTrainedTokenizerBase | None,
-                   out: Path, overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
+                   out: str | os.PathLike[str], overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
     """Writes what is not a block (and any block no pass changed, copied from the source), the shard index
     and the side files (`extra_files`: name -> text), then moves the output in place."""
     blocks = model.get_submodule(storage.blocks_path)
@@ -212,7 +212,7 @@ def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTra
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
         model.config.save_pretrained(staging)
         record_saved_dtype(staging, storage.save_dtype)
-    return finish_output(model, tokenizer, staging, out, overwrite, extra_files)
+    return finish_output(model, tokenizer, staging, Path(out), overwrite, extra_files)
 
 
 def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype,
