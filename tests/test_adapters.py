@@ -41,6 +41,13 @@ class Spec:
     connections: list[Connection]
     layer_norm: bool  # LayerNorm (weight and bias; fused shifts give every reader a bias)
     head_bias: bool
+    inner: int = 0  # parameters of each block off the stream (norms on the query and key heads)
+
+
+def _head_norms(c: Any, whole_projection: bool = False) -> int:
+    """q_norm and k_norm: head_dim each (shared by the heads), or over the whole query and key projection."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (c.num_attention_heads + c.num_key_value_heads) * head_dim if whole_projection else 2 * head_dim
 
 
 def _attention(c: Any, qkv_bias: bool, out_bias: bool) -> Connection:
@@ -54,11 +61,21 @@ def _gated_mlp(c: Any, bias: bool) -> Connection:
 
 
 def spec(family: str, c: Any) -> Spec:
-    if family == "llama":
+    if family in ("llama", "smollm3", "granite"):
         return Spec([c.vocab_size], [_attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, c.mlp_bias)],
                     False, False)
-    if family == "mistral":
+    if family in ("mistral", "ministral", "ministral3"):
         return Spec([c.vocab_size], [_attention(c, False, False), _gated_mlp(c, False)], False, False)
+    if family == "qwen3":
+        return Spec([c.vocab_size], [_attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, False)],
+                    False, False, inner=_head_norms(c))
+    if family in ("gemma2", "gemma3"):  # a norm before and after each sublayer
+        attention, mlp = _attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, False)
+        attention.norms = mlp.norms = 2
+        return Spec([c.vocab_size], [attention, mlp], False, False, inner=_head_norms(c) if family == "gemma3" else 0)
+    if family == "olmo2":  # a norm after each sublayer only
+        return Spec([c.vocab_size], [_attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, False)],
+                    False, False, inner=_head_norms(c, whole_projection=True))
     if family == "qwen2":
         return Spec([c.vocab_size], [_attention(c, True, False), _gated_mlp(c, False)], False, False)
     if family == "gemma":
@@ -97,14 +114,14 @@ def expected_dense(s: Spec, c: Any) -> int:
                 + sum(out * d + (out if bias else 0) for out, bias in k.readers)
                 + sum(fan_in * d + (d if bias else 0) for fan_in, bias in k.writers) for k in s.connections)
     head = (0 if c.tie_word_embeddings else c.vocab_size * d) + (c.vocab_size if s.head_bias else 0)
-    return sum(rows * d for rows in s.embedding_rows) + c.num_hidden_layers * block + norm + head
+    return sum(rows * d for rows in s.embedding_rows) + c.num_hidden_layers * (block + s.inner) + norm + head
 
 
 def expected_sliced(s: Spec, c: Any, width: int, head_width: int) -> int:
     """Embeddings V·D'; readers out·D'; writers in·D'; a D'xD' shortcut per connection, except that the
     last block's last connection writes (and its shortcut maps to) the head's width (D when the head is
     unsliced); weightless norms; an untied V·head_width head."""
-    total = sum(rows * width for rows in s.embedding_rows)
+    total = sum(rows * width for rows in s.embedding_rows) + c.num_hidden_layers * s.inner
     for block in range(c.num_hidden_layers):
         for position, k in enumerate(s.connections):
             last = block == c.num_hidden_layers - 1 and position == len(s.connections) - 1
@@ -140,7 +157,18 @@ def confine_stream_before_last_write(model: nn.Module, rank: int = 40, spare_las
                     linear.bias.copy_(projection @ linear.bias)
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+def test_dense_parameter_count_matches_the_config(family: str) -> None:
+    """What the config says every family's dense model holds (the sliced counts below build on it)."""
+    model = tiny_models.FACTORIES[family]()
+    assert count_parameters(model) == expected_dense(spec(family, model.config), model.config)
+
+
+SLICEABLE = sorted(family for family in tiny_models.FACTORIES
+                   if adapter_for_architecture(type(tiny_models.FACTORIES[family]()).__name__).cannot_slice() is None)
+
+
+@pytest.fixture(scope="module", params=SLICEABLE)
 def sliced(request: pytest.FixtureRequest) -> tuple[str, nn.Module, dict[bool, nn.Module]]:
     """One family (float64, stream confined as above), dense and sliced at 25% with a full-width and a
     sliced head."""
@@ -158,7 +186,6 @@ def test_parameter_count_matches_the_config(sliced) -> None:
     family, dense, models = sliced
     config = dense.config
     family_spec = spec(family, config)
-    assert count_parameters(dense) == expected_dense(family_spec, config)  # the spec describes the model
     width = sliced_width(config.hidden_size, SPARSITY)
     assert width == 48
     assert count_parameters(models[False]) == expected_sliced(family_spec, config, width, config.hidden_size)
@@ -210,17 +237,24 @@ def test_adapter_paths_exist_in_its_tiny_model(adapter) -> None:
         listed: set[str] = set()
         for residual in adapter.residuals:
             for norm_path, readers in residual.reads.items():
-                assert get_module(block, norm_path).weight.shape == (hidden,)
+                if norm_path:  # "": the readers read the stream itself
+                    assert get_module(block, norm_path).weight.shape == (hidden,)
                 for path in readers:
                     assert get_module(block, path).in_features == hidden
                 listed.update(readers)
             for path in residual.writes:
                 assert get_module(block, path).out_features == hidden
+            for path in residual.output_norms:
+                assert get_module(block, path).weight.shape == (hidden,)
             listed.update(residual.writes)
         linears = {name for name, module in block.named_modules() if isinstance(module, nn.Linear)}
         assert linears == listed, "every linear layer of a block reads or writes the residual stream"
         norms = {name for name, module in block.named_children() if "norm" in type(module).__name__.lower()}
-        assert norms == {norm for residual in adapter.residuals for norm in residual.reads}
+        assert norms == {norm for residual in adapter.residuals for norm in [*residual.reads, *residual.output_norms]
+                         if norm}
+    # the MLP's consumer writes the stream as it is only where no norm or scale comes between
+    mlp_residual = next(residual for residual in adapter.residuals if adapter.mlp.consumer in residual.writes)
+    assert adapter.mlp.writes_stream == (not mlp_residual.output_norms and adapter.residual_scale is None)
 
 
 # --- variants and architectures that are refused ---------------------------------------------------------
@@ -346,3 +380,50 @@ def test_an_adapter_that_does_not_match_its_model_is_reported_not_asserted(monke
     with pytest.raises(LmsliceError, match="self_attn.o_proj is not a shortcut projection"):
         slice_model(tiny_models.build("llama", torch.float32), tiny_models.random_batches(count=1), 0.25,
                     progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_a_norm_on_a_sublayer_s_output_refuses_slicing_in_one_line_and_says_why(family: str) -> None:
+    """Such a norm sits between the writer and the stream (the writer cannot absorb the rotation) and is
+    not rotation-equivariant; the refusal comes before any calibration and names pruning instead."""
+    model = tiny_models.build(family, torch.float32)
+    with pytest.raises(LmsliceError) as error:
+        slice_model(model, [], SPARSITY, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "cannot be sliced" in message and "rotation" in message
+    assert "post_feedforward_layernorm" in message and "--target-params" in message
+
+
+def test_why_a_norm_on_a_sublayer_s_output_is_not_rotation_invariant() -> None:
+    """The maths behind the refusal: with a per-feature scale g, norm(y)·g rotated is not norm(yQ)·g' for
+    the diagonal g' that would carry the scale, while with g = 1 the norm commutes with a square rotation."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 8, dtype=torch.float64, generator=generator)
+    g = 1 + 0.3 * torch.randn(8, dtype=torch.float64, generator=generator)
+    q = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=generator))[0]
+
+    def norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return scale * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    assert torch.allclose(norm(y, torch.ones(8, dtype=torch.float64)) @ q, norm(y @ q, torch.ones(8, dtype=torch.float64)))
+    # the best diagonal g' (least squares per feature) still misses
+    target, normalised = norm(y, g) @ q, norm(y @ q, torch.ones(8, dtype=torch.float64))
+    best = (target * normalised).sum(0) / normalised.pow(2).sum(0)
+    assert (norm(y @ q, best) - target).abs().max() > 0.05
+
+
+def test_phi4_is_phi3_s_architecture_with_partial_rotary_and_tied_embeddings() -> None:
+    """Phi-4 ships as Phi3ForCausalLM (the phi3 adapter); Phi-4-mini adds a partial rotary factor (0.75)
+    and tied embeddings, which change nothing lmslice touches: rotation at sparsity 0 stays exact."""
+    torch.manual_seed(0)
+    dense = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)).double().eval()
+    assert find_adapter(dense).family == "phi3"
+    rotated = copy.deepcopy(dense)
+    slice_model(rotated, tiny_models.random_batches(count=1), 0.0, progress=False)
+    ids, mask = tiny_models.padded_inputs()
+    with torch.no_grad():
+        difference = (rotated(input_ids=ids, attention_mask=mask).logits
+                      - dense(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max()
+    assert difference <= 1e-6  # Phi-3's RMSNorm rounds through float32

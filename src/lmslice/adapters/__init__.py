@@ -8,20 +8,25 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Gguf, Mlp, ModelAdapter, Residual
 from lmslice.adapters.gemma import GEMMA
+from lmslice.adapters.gemma2 import GEMMA2, GEMMA3
 from lmslice.adapters.gpt_neox import GPT_NEOX, GPT_NEOX_SEQUENTIAL
+from lmslice.adapters.granite import GRANITE
 from lmslice.adapters.llama import LLAMA
-from lmslice.adapters.mistral import MISTRAL
+from lmslice.adapters.mistral import MINISTRAL, MINISTRAL3, MISTRAL
+from lmslice.adapters.olmo2 import OLMO2
 from lmslice.adapters.opt import OPT
 from lmslice.adapters.phi import PHI
 from lmslice.adapters.phi3 import PHI3
 from lmslice.adapters.qwen2 import QWEN2
+from lmslice.adapters.qwen3 import QWEN3
+from lmslice.adapters.smollm3 import SMOLLM3
 from lmslice.errors import LmsliceError
 from lmslice.layout import Layout, LayoutError, layout_of
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, GEMMA, OPT, PHI, PHI3, GPT_NEOX,
-                                      GPT_NEOX_SEQUENTIAL)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE, GEMMA,
+                                      GEMMA2, GEMMA3, OLMO2, OPT, PHI, PHI3, GPT_NEOX, GPT_NEOX_SEQUENTIAL)
 
 
 def supported_architectures() -> list[str]:
@@ -69,5 +74,5 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture", "adapters_for_architecture",
+__all__ = ["ADAPTERS", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture", "adapters_for_architecture",
            "find_adapter", "supported_architectures"]
