@@ -99,7 +99,7 @@ def gemma3() -> nn.Module:
 
 def olmo2() -> nn.Module:
     return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
-        **COMMON, intermediate_size=112, num_key_value_heads=2))
+        **COMMON, intermediate_size=112, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
 
 
 def gpt_neox(parallel: bool = True) -> nn.Module:
@@ -128,10 +128,15 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-@torch.no_grad()
 def build(family: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    return randomised(FACTORIES[family], dtype, seed)
+
+
+@torch.no_grad()
+def randomised(factory: Callable[[], nn.Module], dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """The factory's model with random weights, its norm scales and shifts and biases randomised too."""
     torch.manual_seed(seed)
-    model = FACTORIES[family]().to(dtype).eval()
+    model = factory().to(dtype).eval()
     for name, parameter in model.named_parameters():
         if parameter.dim() == 1:  # norm scales, norm shifts and biases
             base = 1.0 if name.endswith("weight") else 0.0

@@ -46,6 +46,13 @@ def adapter_for_architecture(architecture: str) -> ModelAdapter:
     return adapters_for_architecture(architecture)[0]
 
 
+def adapter_of_family(family: str) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise LmsliceError(f"unknown family {family}; lmslice knows {', '.join(adapter.family for adapter in ADAPTERS)}")
+
+
 def adapter_for(layout: Layout) -> ModelAdapter:
     """The adapter of the family an lmslice output records (its class is renamed on load)."""
     for adapter in ADAPTERS:
@@ -74,5 +81,5 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture", "adapters_for_architecture",
+__all__ = ["ADAPTERS", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture", "adapter_of_family", "adapters_for_architecture",
            "find_adapter", "supported_architectures"]

@@ -40,6 +40,8 @@ def _gemma2_metadata(config: Any) -> dict[str, Any]:
 def _gemma2_refusal(config: Any) -> str | None:
     if not config.attn_logit_softcapping or not config.final_logit_softcapping:
         return "llama.cpp's gemma2 always soft-caps the attention scores and the logits; this model does not"
+    if "sliding_attention" not in config.layer_types:
+        return "llama.cpp's gemma2 needs a sliding-window layer (it asserts one), and every layer of this model is global"
     return _attention_scale(config)
 
 
