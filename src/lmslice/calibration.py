@@ -55,50 +55,71 @@ class StopForward(Exception):
 
 
 class ActivationStore:
-    """Where the calibration stream waits between blocks: in memory, or with a `directory`, in one file
-    per batch, read back when a block needs it, so only one batch of activations is resident."""
+    """Where the calibration stream waits between blocks: where it was computed (`location` None), in CPU
+    memory beside an accelerator ("cpu"), or in one file per batch in a directory (a path), read back when a
+    block needs it, so only one batch of activations is resident. `get` returns a tensor on the device it
+    was put from."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else None
+    def __init__(self, location: str | Path | None = None) -> None:
+        self.directory = Path(location) if location is not None and location != "cpu" else None
+        self.on_cpu = location == "cpu"
         self.tensors: dict[str, torch.Tensor] = {}
         self.devices: dict[str, torch.device] = {}
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.devices[name] = tensor.device
         if self.directory is None:
-            self.tensors[name] = tensor
+            self.tensors[name] = tensor.to("cpu") if self.on_cpu else tensor
             return
         try:
             save_file({"activations": tensor.contiguous()}, self.directory / f"{name}.safetensors")
         except (OSError, SafetensorError) as error:  # disk full, mostly
             raise LmsliceError(f"cannot spill calibration activations to {self.directory}: {first_line(error)}; free disk "
                                "space there, or drop --offload-activations") from error
-        self.devices[name] = tensor.device
 
     def get(self, name: str) -> torch.Tensor:
         if self.directory is None:
-            return self.tensors[name]
+            return self.tensors[name].to(self.devices[name])
         return load_file(self.directory / f"{name}.safetensors", device=str(self.devices[name]))["activations"]
 
     def take(self, name: str) -> torch.Tensor:
         """`get`, then forget the tensor (and delete its file)."""
         tensor = self.get(name)
+        self.forget(name)
+        return tensor
+
+    def forget(self, name: str) -> None:
         if self.directory is None:
             del self.tensors[name]
         else:
             (self.directory / f"{name}.safetensors").unlink()
-            del self.devices[name]
-        return tensor
+        del self.devices[name]
+
+
+# What a block receives besides its hidden states: positional and keyword arguments (attention mask,
+# position embeddings, ...). Blocks of different attention types (sliding-window and global layers) receive
+# different ones, so each block's are kept; blocks of the same type share the same objects.
+BlockArguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
 class BlockInput:
-    """One calibration batch as the blocks receive it; the hidden states themselves live in `store`."""
+    """One calibration batch as the blocks receive it; the hidden states themselves live in `store`.
+    `at` is the block the hidden states currently enter: the walk over the blocks moves it on."""
 
     name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    arguments: list[BlockArguments]  # one per block
     mask: torch.Tensor  # (batch, tokens), True for real tokens
     store: ActivationStore = field(repr=False)
+    at: int = 0
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.arguments[self.at][0]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.arguments[self.at][1]
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -108,6 +129,10 @@ class BlockInput:
     @hidden.setter
     def hidden(self, value: torch.Tensor) -> None:
         self.store.put(self.name, value)
+
+    def beside(self, name: str) -> BlockInput:
+        """Another stream of the same batch (a block's outputs beside its inputs), at the same block."""
+        return BlockInput(name, self.arguments, self.mask, self.store, self.at)
 
 
 class Covariance:
@@ -208,25 +233,59 @@ def run_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], hook
          lambda batch: model(input_ids=batch.input_ids, attention_mask=batch.mask.long(), use_cache=False), hooks)
 
 
+class _ArgumentRecorder(nn.Module):
+    """Stands in for block `index` while the block inputs are captured: records what the model hands it
+    and returns the hidden states unchanged, so a capture costs the embeddings and no block (the blocks
+    may not even be in memory)."""
+
+    def __init__(self, index: int, record: Callable[[int, torch.Tensor, tuple[Any, ...], dict[str, Any]], None],
+                 ) -> None:
+        super().__init__()
+        self.index, self.record = index, record
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.record(self.index, hidden_states, args, kwargs)
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: Iterable[dict[str, torch.Tensor]],
                          store: ActivationStore) -> list[BlockInput]:
-    """Runs the model up to its first block on every batch and keeps what that block receives."""
+    """Runs the model on every batch with its blocks replaced by recorders, and keeps what the first block
+    receives and the arguments every block receives (its own attention mask and position embeddings)."""
+    blocks = get_module(model, adapter.blocks)
     captured: list[BlockInput] = []
+    arguments: list[BlockArguments] = []
+    current: list[ModelBatch] = []
 
-    def keep_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: ModelBatch) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        stream = BlockInput(f"stream-{len(captured)}", tuple(args[1:]), kwargs, batch.mask, store)
-        stream.hidden = hidden
-        captured.append(stream)
+    def record(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        arguments.append((args, kwargs))
+        if index == 0:
+            stream = BlockInput(f"stream-{len(captured)}", [], current[0].mask, store)
+            stream.hidden = hidden
+            captured.append(stream)
+
+    def start(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: ModelBatch) -> None:
+        current[:] = [batch]
+        arguments.clear()
+
+    def finish(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: ModelBatch) -> None:
+        captured[-1].arguments = list(arguments)
         raise StopForward
 
-    run_model(model, batches, [(get_module(model, adapter.blocks)[0], keep_inputs)])
+    originals = list(blocks)
+    for index in range(len(blocks)):
+        blocks[index] = _ArgumentRecorder(index, record)
+    try:
+        run_model(model, batches, [(model, start), (get_module(model, adapter.final_norm), finish)])
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
     return captured
 
 
 def run_block(block: nn.Module, stream: BlockInput, hidden: torch.Tensor) -> torch.Tensor:
+    """The block's output on `hidden`, given what `stream` says it receives besides."""
     out = block(hidden, *stream.args, **stream.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -285,7 +344,7 @@ def block_signals(block: nn.Module, adapter: ModelAdapter, streams: list[BlockIn
     def keep_output(stream: BlockInput) -> None:  # one batch's output resident at a time (see ActivationStore)
         out = forward(stream)
         covariance.add(out, stream.mask)
-        outputs.append(BlockInput(f"output-{len(outputs)}", (), {}, stream.mask, stream.store))
+        outputs.append(stream.beside(f"output-{len(outputs)}"))
         outputs[-1].hidden = out
 
     walk(streams, keep_output, [(n, project) for n in norms])

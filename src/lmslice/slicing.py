@@ -238,6 +238,8 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
             for stream, output in zip(streams, signals.outputs):
                 stream.hidden = output.hidden @ down
             bar.set_postfix(block=index)
+            for stream in streams:
+                stream.at = index + 1
 
     added_biases += fuse_head(model, adapter)
     rotate_reader(get_module(model, adapter.head), basis)

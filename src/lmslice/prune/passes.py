@@ -72,6 +72,8 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                                notes=notes, name=name)
         check_finite(block, f"{adapter.blocks}.{index}.", after=f"pruning {name}")
         kept_channels.append(kept.tolist())
+        for stream in streams:
+            stream.at = index + 1
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer, "refit_damping": REFIT_DAMPING,
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
     heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads

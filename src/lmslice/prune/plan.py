@@ -171,6 +171,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
             weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
         regularised = damped(observe_consumer(block, mlp.consumer, streams), channels, damping)
         paths.append(mlp_path(weight, regularised, channels, round_to, channel_cost(block, mlp), whole_mlps))
+        for stream in streams:
+            stream.at = index + 1
     paths += head_paths
     steps = [0] * len(paths)
 
