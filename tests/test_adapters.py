@@ -15,6 +15,7 @@ from torch import nn
 
 import tiny_models
 from lmslice.adapters import ADAPTERS, adapter_for_architecture, find_adapter, supported_architectures
+from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.fuse import fuse_norms
 from lmslice.modeling import get_module
@@ -279,17 +280,6 @@ def test_opt_that_normalises_after_each_block_is_refused() -> None:
         find_adapter(model)
 
 
-def qwen2(**sliding: Any) -> nn.Module:
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, sliding_window=8, **sliding))
-
-
-def test_qwen2_mixing_attention_types_is_refused() -> None:
-    model = qwen2(use_sliding_window=True, max_window_layers=1)  # layer 0 full attention, layers 1-2 sliding
-    with pytest.raises(LmsliceError, match="mix attention types.*full_attention, sliding_attention"):
-        slice_model(model, tiny_models.random_batches(count=1), SPARSITY, progress=False)
-
-
 def block_kwargs(model: nn.Module) -> list[dict[str, Any]]:
     """What each block receives besides the stream, in an ordinary forward on a padded batch."""
     received: list[dict[str, Any]] = []
@@ -312,27 +302,44 @@ def same(a: Any, b: Any) -> bool:
     return a is b or a == b
 
 
-MODELS = {**tiny_models.FACTORIES,
-          "qwen2-sliding-everywhere": lambda: qwen2(use_sliding_window=True, max_window_layers=0)}
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+def test_calibration_gives_every_block_what_an_ordinary_forward_gives_it(family: str) -> None:
+    """Each block's own attention mask and position embeddings: sliding-window and global layers differ
+    (Qwen2 with max_window_layers, Gemma 2 and 3, whose sliding layers have a rope base of their own)."""
+    model = tiny_models.FACTORIES[family]().eval()
+    received = block_kwargs(model)
+    ids, mask = tiny_models.padded_inputs()
+    streams = capture_block_inputs(model, find_adapter(model), [{"input_ids": ids, "attention_mask": mask}],
+                                   ActivationStore())
+    assert isinstance(received[0]["attention_mask"], torch.Tensor)  # the padded batch needs a real mask
+    for index, kwargs in enumerate(received):
+        captured = streams[0].arguments[index][1]
+        assert all(same(captured[key], kwargs[key]) for key in kwargs), (index, sorted(kwargs))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_block_gets_what_the_first_block_gets(name: str) -> None:
-    """Calibration records block 0's kwargs (attention mask, positions) and reuses them for every block;
-    that is right only where all blocks get the same. (Mistral's factory uses a sliding window of 8 over
-    20 tokens, so it is exercised.)"""
-    received = block_kwargs(MODELS[name]().eval())
-    mask = received[0]["attention_mask"]
-    assert isinstance(mask, torch.Tensor)  # the padded batch needs a real mask
-    for kwargs in received[1:]:
-        assert kwargs.keys() == received[0].keys()
-        assert all(same(kwargs[key], received[0][key]) for key in kwargs), sorted(kwargs)
-
-
-def test_qwen2_mixing_attention_types_really_gives_blocks_different_masks() -> None:
-    """Why the refusal above is needed."""
-    received = block_kwargs(qwen2(use_sliding_window=True, max_window_layers=1).eval())
-    assert not same(received[0]["attention_mask"], received[1]["attention_mask"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3"])
+def test_walking_the_blocks_with_their_own_arguments_is_the_model_s_forward(family: str) -> None:
+    """The calibration stream run block by block, each with its own arguments, arrives at the final norm as
+    in an ordinary forward of the padded batch; with block 0's arguments everywhere it would not."""
+    model = tiny_models.build(family)
+    adapter = find_adapter(model)
+    ids, mask = tiny_models.padded_inputs()
+    final: list[torch.Tensor] = []
+    handle = get_module(model, adapter.final_norm).register_forward_pre_hook(lambda m, args: final.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    handle.remove()
+    stream = capture_block_inputs(model, adapter, [{"input_ids": ids, "attention_mask": mask}], ActivationStore())[0]
+    start = stream.hidden
+    walked = {}
+    for own in (True, False):
+        hidden = start
+        for index, block in enumerate(get_module(model, adapter.blocks)):
+            stream.at = index if own else 0
+            hidden = run_block(block, stream, hidden)
+        walked[own] = hidden[mask.bool()]
+    torch.testing.assert_close(walked[True], final[0][mask.bool()], rtol=0, atol=1e-12)
+    assert (walked[False] - final[0][mask.bool()]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
@@ -405,9 +412,10 @@ def test_why_a_norm_on_a_sublayer_s_output_is_not_rotation_invariant() -> None:
     def norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return scale * x / x.pow(2).mean(-1, keepdim=True).sqrt()
 
-    assert torch.allclose(norm(y, torch.ones(8, dtype=torch.float64)) @ q, norm(y @ q, torch.ones(8, dtype=torch.float64)))
+    unit = torch.ones(8, dtype=torch.float64)
+    assert torch.allclose(norm(y, unit) @ q, norm(y @ q, unit))
     # the best diagonal g' (least squares per feature) still misses
-    target, normalised = norm(y, g) @ q, norm(y @ q, torch.ones(8, dtype=torch.float64))
+    target, normalised = norm(y, g) @ q, norm(y @ q, unit)
     best = (target * normalised).sum(0) / normalised.pow(2).sum(0)
     assert (norm(y @ q, best) - target).abs().max() > 0.05
 

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import tiny_models
@@ -110,7 +111,7 @@ def test_architecture_metadata_and_per_head_norms(tmp_path: Path, tiny_tokenizer
         export_gguf(model, tmp_path / f"{name}.gguf", tiny_tokenizer, outtype="f32")
     read, stored = fields(tmp_path / "gemma3.gguf"), tensors(tmp_path / "gemma3.gguf")
     assert read["gemma3.attention.sliding_window"] == 8
-    assert read["gemma3.attention.sliding_window_pattern"] == [True, True, True]
+    assert read["gemma3.attention.sliding_window_pattern"] == [True, True, False]
     assert read["gemma3.rope.freq_base_swa"] == 10000.0 and read["gemma3.rope.freq_base"] == 1e6
     q_norm = gemma3.model.layers[0].self_attn.q_norm.weight.detach()
     np.testing.assert_array_equal(np.asarray(stored["blk.0.attn_q_norm.weight"].data), (q_norm + 1).numpy())
@@ -122,7 +123,8 @@ def test_architecture_metadata_and_per_head_norms(tmp_path: Path, tiny_tokenizer
     assert read["granite.residual_scale"] == pytest.approx(config.residual_multiplier)
     assert read["granite.logit_scale"] == pytest.approx(config.logits_scaling)
     stored = tensors(tmp_path / "olmo2.gguf")
-    assert list(stored["blk.0.attn_q_norm.weight"].shape) == [64] and list(stored["blk.0.attn_k_norm.weight"].shape) == [32]
+    assert list(stored["blk.0.attn_q_norm.weight"].shape) == [64]  # every query head's features
+    assert list(stored["blk.0.attn_k_norm.weight"].shape) == [32]
     assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(stored)
     assert "blk.0.attn_norm.weight" not in stored
 
@@ -132,8 +134,6 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 
 
 def with_rope(family: str, rope: dict) -> nn.Module:
-    import transformers
-
     model = tiny_models.build(family, torch.float32)
     config = copy.deepcopy(model.config)
     config.rope_parameters = rope
@@ -255,8 +255,9 @@ def test_what_llamacpp_cannot_run_is_refused_before_writing(case: str, message: 
     elif case == "smollm3_rope_layers":  # the tiny SmolLM3 leaves rope out of layer 1
         model = pruned("smollm3", UNIFORM)
     elif case == "gemma2_global_only":
-        model = tiny_models.build("gemma2", torch.float32)
-        model.config.attn_logit_softcapping = 50.0
+        model = tiny_models.randomised(lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+            layer_types=["full_attention"] * 3)), torch.float32)
     elif case == "qwen2_llama3_rope":
         model = with_rope("qwen2", LLAMA3_ROPE)
     elif case == "llama_dynamic_rope":

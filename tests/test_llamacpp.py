@@ -54,20 +54,22 @@ MLP_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 0, 0], round_to=8, attention_hea
 # and head_dim 16 puts the rope's frequencies in all three of its bands (kept, smoothed, divided by 8).
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-# Models unlike the tiny ones in what llama.cpp must be shown: llama.cpp's llama has no sliding window (the
-# export caps the context at it: Ministral's window is the whole context), its smollm3 leaves rope out of
-# every fourth layer, its gemma2 always soft-caps the attention scores and needs a sliding-window layer.
+# Models unlike the tiny ones in what llama.cpp must be shown: llama.cpp's llama and qwen2 have no sliding
+# window (the export caps the context at it: Ministral's window is the whole context), and its smollm3 leaves
+# rope out of every fourth layer.
 VARIANTS = {
     "llamalinear": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
     "qwen3yarn": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-                         "attention_factor": 1.3})),
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "attention_factor": 1.3})),
     "llama3rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True,
         rope_parameters=LLAMA3_ROPE)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, sliding_window=None)),
     "ministral": lambda: transformers.MinistralForCausalLM(transformers.MinistralConfig(
@@ -75,9 +77,6 @@ VARIANTS = {
     "smollm3": lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
         **{**tiny_models.COMMON, "num_hidden_layers": 4}, intermediate_size=112, num_key_value_heads=2,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
-        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=8, layer_types=["sliding_attention"] * 3, attn_logit_softcapping=50.0)),
 }
 
 

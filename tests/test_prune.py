@@ -271,7 +271,8 @@ def test_carried_stream_is_exact_in_a_sliced_model(family: str) -> None:
     slice_model(model, batches, 0.25, slice_head=True, progress=False)
     adapter = find_adapter(model)
     streams = capture_block_inputs(model, adapter, batches, ActivationStore())
-    for block in get_module(model, adapter.blocks):
+    for index, block in enumerate(get_module(model, adapter.blocks)):
+        enter(streams, index)
         inputs = [stream.hidden.clone() for stream in streams]
         if adapter.attention is not None:
             shape = HeadShape.of(block, adapter.attention)
@@ -300,6 +301,7 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
     dense_blocks = get_module(tiny_models.build(family, torch.float64), adapter.blocks)
     heads = []
     for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks)):
+        enter(streams, index)
         shape = HeadShape.of(block, attention)
         assert shape.steps == shape.per_group - 1 + shape.groups - 1  # every family here can drop whole groups
         inputs = [stream.hidden.clone() for stream in streams]
@@ -324,6 +326,12 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
     logits = reloaded(input_ids=ids, attention_mask=mask).logits
     dense = tiny_models.build(family, torch.float64)
     assert (logits - dense(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # really pruned
+
+
+def enter(streams: list, index: int) -> None:
+    """The streams now enter block `index` (its own attention mask and position embeddings)."""
+    for stream in streams:
+        stream.at = index
 
 
 def pruning_start(family: str) -> tuple[torch.nn.Module, ModelAdapter, list]:
@@ -357,6 +365,7 @@ def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_
     attention, blocks = adapter.attention, get_module(model, adapter.blocks)
     heads = []
     for index, block in enumerate(blocks):
+        enter(streams, index)
         shape = HeadShape.of(block, attention, removable=index > 0)
         heads.append(0 if index == 1 else shape.heads_after(1))
         inputs = [stream.hidden.clone() for stream in streams]
@@ -381,6 +390,7 @@ def test_blocks_lose_their_whole_mlp_and_whole_block_exactly_and_reload(family: 
     blocks, attention = get_module(model, adapter.blocks), adapter.attention
     heads = [HeadShape.of(block, attention).heads for block in blocks[:2]] + [0]
     for index, block in enumerate(blocks):
+        enter(streams, index)
         inputs = [stream.hidden.clone() for stream in streams]
         if index == 2:
             prune_block_heads(block, attention, streams, 0, removable=True)

@@ -35,8 +35,10 @@ def mistral() -> nn.Module:
 
 
 def qwen2() -> nn.Module:
+    # layer 0 global, layers 1-2 within a window of 8 (max_window_layers): blocks get different masks
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True))
+        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1))
 
 
 def gemma() -> nn.Module:
@@ -84,17 +86,17 @@ def ministral3() -> nn.Module:
 
 
 def gemma2() -> nn.Module:
-    # every layer global: layers that mix attention types are refused (calibration gives each block block 0's mask)
+    # Gemma 2's own alternation (sliding, global, sliding), the window 8 over the tests' 20-24 tokens
     return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-        layer_types=["full_attention"] * 3))
+        sliding_window=8))
 
 
 def gemma3() -> nn.Module:
-    # every layer sliding (window 8 over the tests' 20-24 tokens, local rope base), for the same reason
+    # sliding layers before a global one, as Gemma 3's 5:1, with their own rope base (10000, the global 1e6)
     return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=8, layer_types=["sliding_attention"] * 3))
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
 
 
 def olmo2() -> nn.Module:

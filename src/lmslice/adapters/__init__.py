@@ -81,5 +81,6 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture", "adapter_of_family", "adapters_for_architecture",
+__all__ = ["ADAPTERS", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture",
+           "adapter_of_family", "adapters_for_architecture",
            "find_adapter", "supported_architectures"]

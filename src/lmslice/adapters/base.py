@@ -72,16 +72,6 @@ class Gguf:
     refuse: Callable[[Any], str | None] = field(default=lambda config: None)
 
 
-def mixed_attention(config: Any) -> str | None:
-    """Refuses layers that differ in attention type (sliding window or global, each with its own mask and
-    rope): calibration gives every block the first block's attention mask and position embeddings."""
-    layer_types = set(getattr(config, "layer_types", None) or ())
-    if len(layer_types) > 1:
-        return (f"layers that mix attention types ({', '.join(sorted(layer_types))}) are not supported yet: "
-                "calibration gives every block the first block's attention mask and position embeddings")
-    return None
-
-
 @dataclass(frozen=True)
 class ModelAdapter:
     """Where the parts of one model family are, by `transformers` attribute path.

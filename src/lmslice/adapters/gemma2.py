@@ -1,13 +1,13 @@
 """Gemma 2 and Gemma 3 (text): Gemma's norms (scale 1 + weight) before each sublayer and after it, on what it
 writes, soft-capped logits (Gemma 2: the attention scores too), sliding-window layers among global ones
 (Gemma 3 with a rope base of their own), and Gemma 3's RMSNorm on each query and key head (head_dim wide,
-shared by the heads). Pruning applies; slicing does not (`ModelAdapter.cannot_slice`); layers that mix
-attention types are refused until calibration gives each block its own mask."""
+shared by the heads). Pruning applies; slicing does not (`ModelAdapter.cannot_slice`). Calibration gives each
+block its own mask and position embeddings."""
 
 from dataclasses import replace
 from typing import Any
 
-from lmslice.adapters.base import Gguf, ModelAdapter, Residual, mixed_attention
+from lmslice.adapters.base import Gguf, ModelAdapter, Residual
 from lmslice.adapters.llama import LLAMA
 
 
@@ -41,7 +41,7 @@ def _gemma2_refusal(config: Any) -> str | None:
     if not config.attn_logit_softcapping or not config.final_logit_softcapping:
         return "llama.cpp's gemma2 always soft-caps the attention scores and the logits; this model does not"
     if "sliding_attention" not in config.layer_types:
-        return "llama.cpp's gemma2 needs a sliding-window layer (it asserts one), and every layer of this model is global"
+        return "llama.cpp's gemma2 needs a sliding-window layer (it asserts one); every layer of this model is global"
     return _attention_scale(config)
 
 
@@ -64,7 +64,7 @@ def _gemma3_refusal(config: Any) -> str | None:
 def _gemma2_adapter(family: str, architecture: str, gguf: Gguf) -> ModelAdapter:
     attention, mlp = LLAMA.residuals
     return replace(
-        LLAMA, family=family, architectures=(architecture,), norm_kind="rms_plus_one", unsupported=mixed_attention,
+        LLAMA, family=family, architectures=(architecture,), norm_kind="rms_plus_one",
         residuals=(replace(attention, output_norms=("post_attention_layernorm",)),
                    Residual(reads={"pre_feedforward_layernorm": mlp.reads["post_attention_layernorm"]},
                             writes=mlp.writes, output_norms=("post_feedforward_layernorm",))),

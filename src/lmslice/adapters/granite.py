@@ -11,7 +11,8 @@ from lmslice.adapters.llama import LLAMA
 
 
 def _scales(config: Any) -> dict[str, Any]:
-    return {"attention.scale": float(config.attention_multiplier), "embedding_scale": float(config.embedding_multiplier),
+    return {"attention.scale": float(config.attention_multiplier),
+            "embedding_scale": float(config.embedding_multiplier),
             "residual_scale": float(config.residual_multiplier), "logit_scale": float(config.logits_scaling)}
 
 

@@ -5,7 +5,7 @@ fourth layer, whatever the config says: another pattern is refused for GGUF."""
 from dataclasses import replace
 from typing import Any
 
-from lmslice.adapters.base import Gguf, mixed_attention
+from lmslice.adapters.base import Gguf
 from lmslice.adapters.llama import LLAMA
 
 LLAMACPP_NO_ROPE_STEP = 4  # llama_model_smollm3::load_arch_hparams: n_no_rope_layer_step
@@ -19,5 +19,5 @@ def _rope_layers(config: Any) -> str | None:
     return None
 
 
-SMOLLM3 = replace(LLAMA, family="smollm3", architectures=("SmolLM3ForCausalLM",), unsupported=mixed_attention,
+SMOLLM3 = replace(LLAMA, family="smollm3", architectures=("SmolLM3ForCausalLM",),
                   gguf=Gguf("smollm3", refuse=_rope_layers))

@@ -200,8 +200,8 @@ def rope_scaling(config: Any, architecture: str, head_dim: int,
         scaled = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].double()
         return theta, {}, [("rope_freqs.weight", (default / scaled).float())]
     if kind == "llama3":
-        raise LmsliceError(f"llama.cpp's {architecture} reads no rope_freqs tensor, which Llama 3's rope scaling needs: "
-                           "save the model and run it with transformers")
+        raise LmsliceError(f"llama.cpp's {architecture} reads no rope_freqs tensor, which Llama 3's rope scaling "
+                           "needs: save the model and run it with transformers")
     raise LmsliceError(f"llama.cpp has no {kind!r} rope scaling that computes what transformers does: save the model "
                        "and run it with transformers")
 
@@ -213,10 +213,12 @@ def _yarn(config: Any, parameters: dict[str, Any]) -> dict[str, Any]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     factor = parameters.get("factor") or config.max_position_embeddings / parameters["original_max_position_embeddings"]
-    corrections = (parameters.get("beta_fast") or 32, parameters.get("beta_slow") or 1, parameters.get("truncate", True))
+    corrections = (parameters.get("beta_fast") or 32, parameters.get("beta_slow") or 1,
+                   parameters.get("truncate", True))
     if corrections != (32, 1, True):
-        raise LmsliceError(f"llama.cpp's YaRN ramps between beta_fast 32 and beta_slow 1, rounded outwards; this model's "
-                           f"beta_fast, beta_slow, truncate are {corrections}: save the model and run it with transformers")
+        raise LmsliceError(f"llama.cpp's YaRN ramps between beta_fast 32 and beta_slow 1, rounded outwards; this "
+                           f"model's beta_fast, beta_slow, truncate are {corrections}: save the model and run it "
+                           "with transformers")
     attention = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")[1]
     metadata = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(factor),
                 "rope.scaling.original_context_length": int(parameters["original_max_position_embeddings"])}
