@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -270,6 +271,29 @@ def test_unsupported_architecture_lists_the_supported_ones() -> None:
         assert architecture in str(error.value)
     assert str(error.value).count("GPTNeoXForCausalLM") == 1
     assert set(supported_architectures()) <= set(str(error.value).replace(",", " ").split())
+
+
+@pytest.mark.parametrize("config, message", [
+    (transformers.StableLmConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=112),
+     r"^unsupported architecture StableLmForCausalLM \(its blocks have the modules of LlamaForCausalLM, lmslice's "
+     r"llama, but its forward was not checked against it\); lmslice supports .*Qwen3ForCausalLM"),
+    (transformers.GPT2Config(vocab_size=tiny_models.VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=32),
+     r"^unsupported architecture GPT2LMHeadModel; lmslice supports .*Gemma2ForCausalLM"),
+    (transformers.OPTConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            ffn_dim=112, word_embed_proj_dim=64, do_layer_norm_before=False),
+     r"^OPT variants that normalise after each block .*\(architecture OPTForCausalLM\)$"),
+])
+def test_an_unsupported_model_is_refused_before_its_weights_are_read(config, message: str, tmp_path: Path) -> None:
+    """Its weights are garbage: reading them would fail otherwise. A model laid out like a supported family
+    under another class name is told which."""
+    from lmslice.io.models import load
+
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(LmsliceError, match=message) as error:
+        load(tmp_path)
+    assert "\n" not in str(error.value)
 
 
 def test_opt_that_normalises_after_each_block_is_refused() -> None:

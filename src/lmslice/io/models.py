@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from lmslice import layout as layout_module
 from lmslice import modeling
+from lmslice.adapters import check_loadable
 from lmslice.errors import LmsliceError, first_line
 from lmslice.layout import Layout, LayoutError, layout_of
 
@@ -190,6 +191,7 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmsliceError(f"GGUF file not found: {path}")
+        check_architecture(lambda: AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
         model = _from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch_dtype)
         _dequantised_to_plain_float(model)
         tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
@@ -202,14 +204,27 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
             model = _from_pretrained(modeling.sliced_class(base_architecture(layout)), path,
                                      config=local_config(path), dtype=torch_dtype, exact=True)
         else:  # a plain architecture: a missing or extra tensor is refused too, not initialised at random
+            check_architecture(lambda: local_config(path))
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype, exact=True)
         tokenizer = load_tokenizer(path)
     elif _looks_like_hub_id(str(source)):
+        check_architecture(lambda: AutoConfig.from_pretrained(str(source)))
         model = _from_pretrained(AutoModelForCausalLM, str(source), dtype=torch_dtype)
         tokenizer = load_tokenizer(str(source))
     else:
         raise LmsliceError(f"model not found: {source} (give a directory, a .gguf file or a hub id like org/name)")
     return model.to(device).eval(), tokenizer
+
+
+def check_architecture(read: Callable[[], PretrainedConfig]) -> None:
+    """Refuses an architecture lmslice does not support, or a variant of one it does, from the config
+    `read` returns, before any weight is read; a config transformers cannot read is left to the load,
+    which says why."""
+    try:
+        config = read()
+    except (*LOAD_ERRORS, KeyError):
+        return
+    check_loadable(config)
 
 
 def _looks_like_hub_id(source: str) -> bool:
