@@ -240,6 +240,8 @@ def test_q8_0_quantises_rows_of_32_and_keeps_other_rows_float16(tmp_path: Path, 
     ("qwen2_llama3_rope", "llama.cpp's qwen2 reads no rope_freqs tensor"),
     ("llama_dynamic_rope", "no 'dynamic' rope scaling"),
     ("qwen2_yarn_beta", "beta_fast 32 and beta_slow 1"),
+    ("phi3_longrope", "longrope's long or short factors by the context"),
+    ("phi3_standard", r"llama.cpp's phi3 sizes the attention output hidden x hidden \(48\)"),
 ])
 def test_what_llamacpp_cannot_run_is_refused_before_writing(case: str, message: str, tmp_path: Path,
                                                             tiny_tokenizer) -> None:
@@ -262,6 +264,12 @@ def test_what_llamacpp_cannot_run_is_refused_before_writing(case: str, message: 
         model = with_rope("qwen2", LLAMA3_ROPE)
     elif case == "llama_dynamic_rope":
         model = with_rope("llama", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    elif case == "phi3_longrope":
+        model = with_rope("phi3", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                   "long_factor": [2.0] * 8, "original_max_position_embeddings": 32})
+    elif case == "phi3_standard":
+        model = tiny_models.build("phi3", torch.float32)
+        slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
     elif case == "qwen2_yarn_beta":
         model = with_rope("qwen2", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 16.0,
                                     "original_max_position_embeddings": 32})

@@ -58,6 +58,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 # window (the export caps the context at it: Ministral's window is the whole context), and its smollm3 leaves
 # rope out of every fourth layer.
 VARIANTS = {
+    "phi4mini": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)),
     "llamalinear": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
@@ -105,7 +108,7 @@ CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-attentio
          "llama-uniform", "qwen2-uniform", "gemma-uniform", "llama-standard", "llama3rope-uniform",
          "llama3rope-perblock", "ministral-uniform", "qwen3-uniform", "qwen3-standard", "smollm3-uniform",
          "granite-uniform", "granite-standard", "olmo2-uniform", "gemma2-uniform", "gemma3-uniform",
-         "llamalinear-uniform", "qwen3yarn-uniform"]
+         "llamalinear-uniform", "qwen3yarn-uniform", "phi3-uniform", "phi4mini-uniform"]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ Which llama.cpp architecture a model becomes is decided by its blocks:
 
 * every block equal (dense, `--mlp-widths uniform`, `--format standard`): the family's own
   architecture (`ModelAdapter.gguf`: `llama` for Llama, Mistral and Ministral, `qwen2`, `qwen3`,
-  `smollm3`, `granite`, `olmo2`, `gemma`, `gemma2`, `gemma3`), as llama.cpp's `convert_hf_to_gguf.py`
-  writes it, with the architecture's own keys (softcaps, windows, multipliers). Its loader reads layer
-  0's widths for every layer;
+  `smollm3`, `granite`, `olmo2`, `phi3` for Phi-3 and Phi-4, `gemma`, `gemma2`, `gemma3`), as llama.cpp's
+  `convert_hf_to_gguf.py` writes it, with the architecture's own keys (softcaps, windows, multipliers).
+  Its loader reads layer 0's widths for every layer;
 * per-block MLP widths and query heads (`--target-params` with measured widths): `deci`, the
   architecture of the Nemotron-NAS models, whose loader (`src/models/deci.cpp`) reads
   `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays
@@ -25,9 +25,9 @@ layout as it is. Gemma's norm weights are stored +1 (HF computes x·(1 + w)). Sl
 within which the two agree. Rope scaling is written as the converter writes it (`rope_scaling`).
 
 What llama.cpp cannot represent is refused before any file is written: a per-block SliceGPT model
-(its shortcut matrices), the families with LayerNorm or fused projections, which this writer does not
-cover (save them and use llama.cpp's converter), and configs llama.cpp's architecture computes
-otherwise (`Gguf.refuse`). The file is written under a temporary name and renamed, so an interrupted
+(its shortcut matrices), the families this writer does not cover (LayerNorm: OPT, Phi-2, GPT-NeoX;
+Ministral 3's mistral3: save them and use llama.cpp's converter), and configs llama.cpp's architecture
+computes otherwise (`Gguf.refuse`). The file is written under a temporary name and renamed, so an interrupted
 export leaves no partial `.gguf`.
 """
 
@@ -77,6 +77,7 @@ ARCHITECTURES = {
     "qwen2": Architecture(),
     "qwen3": Architecture(),
     "olmo2": Architecture(),
+    "phi3": Architecture(),  # its sliding window is switched off in llama.cpp (llama_model_phi3::load_arch_hparams)
     "gemma": Architecture(GELU),
     "gemma2": Architecture(GELU, sliding_window=True),
     "gemma3": Architecture(GELU, sliding_window=True),
@@ -118,6 +119,7 @@ class GgufLayout:
     rms_norm_eps: float
     family: str
     norm_shift: float = 0.0  # added to every norm weight (Gemma's 1 + w)
+    rope_dimensions: int | None = None  # the features of each head that rope rotates (None: all)
     metadata: dict[str, Any] = field(default_factory=dict)  # further keys, without the "<architecture>." prefix
     extra_tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # rope_freqs
     fallbacks: list[str] = field(default_factory=list)  # tensors written wider than asked (unquantisable rows)
@@ -173,9 +175,17 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     if window and not architecture.sliding_window:
         context = min(context, window)
     theta, metadata, extra_tensors = rope_scaling(config, name, head_dim)
+    rotary = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     return GgufLayout(name, embedding, head_dim, heads, kv_heads, widths, tied, context, theta,
                       float(config.rms_norm_eps), family, adapter.gguf.norm_shift,
-                      {**adapter.gguf.metadata(config), **metadata}, extra_tensors)
+                      None if rotary is None else int(head_dim * rotary), {**adapter.gguf.metadata(config), **metadata},
+                      extra_tensors)
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The rope parameters of the model's global layers (per layer type in Gemma 3)."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return parameters.get("full_attention", parameters)
 
 
 def rope_scaling(config: Any, architecture: str, head_dim: int,
@@ -183,8 +193,7 @@ def rope_scaling(config: Any, architecture: str, head_dim: int,
     """The rope base of the model's global layers and their rope scaling, as llama.cpp's converter writes
     it: `linear` and `yarn` as metadata, `llama3` as the `rope_freqs` tensor (each frequency's divisor),
     for the architectures that read it. What llama.cpp cannot represent is refused."""
-    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    parameters = parameters.get("full_attention", parameters)  # per layer type (Gemma 3): the global layers'
+    parameters = rope_parameters(config)
     theta = float(parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
     kind = parameters.get("rope_type", parameters.get("type", "default"))
     if kind == "default":
@@ -202,6 +211,9 @@ def rope_scaling(config: Any, architecture: str, head_dim: int,
     if kind == "llama3":
         raise LmsliceError(f"llama.cpp's {architecture} reads no rope_freqs tensor, which Llama 3's rope scaling "
                            "needs: save the model and run it with transformers")
+    if kind == "longrope":
+        raise LmsliceError("llama.cpp chooses longrope's long or short factors by the context it is given, transformers "
+                           "by each sequence's length: save the model and run it with transformers")
     raise LmsliceError(f"llama.cpp has no {kind!r} rope scaling that computes what transformers does: save the model "
                        "and run it with transformers")
 
@@ -345,7 +357,7 @@ def _write_metadata(writer: Any, layout: GgufLayout, vocab_rows: int, outtype: s
     writer.add_head_count_kv(per_block(layout.kv_heads))
     writer.add_key_length(layout.head_dim)  # llama.cpp would otherwise derive it from hidden / heads
     writer.add_value_length(layout.head_dim)
-    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_rope_dimension_count(layout.rope_dimensions or layout.head_dim)
     writer.add_rope_freq_base(layout.rope_theta)
     writer.add_layer_norm_rms_eps(layout.rms_norm_eps)
     writer.add_vocab_size(vocab_rows)
