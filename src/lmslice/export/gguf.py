@@ -212,8 +212,8 @@ def rope_scaling(config: Any, architecture: str, head_dim: int,
         raise LmsliceError(f"llama.cpp's {architecture} reads no rope_freqs tensor, which Llama 3's rope scaling "
                            "needs: save the model and run it with transformers")
     if kind == "longrope":
-        raise LmsliceError("llama.cpp chooses longrope's long or short factors by the context it is given, transformers "
-                           "by each sequence's length: save the model and run it with transformers")
+        raise LmsliceError("llama.cpp chooses longrope's long or short factors by the context it is given, "
+                           "transformers by each sequence's length: save the model and run it with transformers")
     raise LmsliceError(f"llama.cpp has no {kind!r} rope scaling that computes what transformers does: save the model "
                        "and run it with transformers")
 
