@@ -347,3 +347,19 @@ def test_auto_alignment_is_k_quant_rows_for_per_block_widths_of_an_aligned_model
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **{**tiny_models.COMMON, "num_hidden_layers": 1}, intermediate_size=width))
     assert alignment(argparse.Namespace(**options), model, find_adapter(model)) == expected
+
+
+def test_slice_refuses_a_config_llamacpp_computes_otherwise_before_the_work(text_file: Path, tmp_path: Path,
+                                                                            tiny_tokenizer, capsys,
+                                                                            monkeypatch) -> None:
+    """The tiny SmolLM3 leaves rope out of layer 1, llama.cpp's smollm3 out of every fourth layer: refused
+    before the calibration text is read."""
+    source = tmp_path / "smollm3"
+    tiny_models.build("smollm3", torch.float32).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    capsys.readouterr()
+    monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+    assert main(slice_args(source, text_file, tmp_path / "out", "--target-params", "0.8", "--mlp-widths", "uniform",
+                           "--gguf", str(tmp_path / "model.gguf"))) == 2
+    assert "rope in layers [1, 1, 1] (none in every 4th), this model in [1, 0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf"))

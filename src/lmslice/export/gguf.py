@@ -89,8 +89,10 @@ NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut m
                 "widths are exported as llama.cpp's deci)")
 
 
-def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = False) -> None:
-    """Refuses what llama.cpp cannot run, naming the alternative: checkable before any work is done."""
+def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = False, config: Any = None) -> None:
+    """Refuses what llama.cpp cannot run, naming the alternative: checkable before any work is done. With
+    the model's `config`, also what its architecture computes otherwise (`Gguf.refuse`) and rope scaling
+    llama.cpp cannot represent."""
     if shortcuts:
         raise LmsliceError(NO_SHORTCUTS)
     gguf = adapter_of_family(family).gguf
@@ -101,6 +103,12 @@ def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = 
     if per_block and not gguf.per_block:
         raise LmsliceError(f"llama.cpp sizes tensors per block only in deci (Llama's block), which cannot build "
                            f"{family}'s block: prune with --mlp-widths uniform (llama.cpp's {gguf.architecture})")
+    if config is not None:
+        refusal = gguf.refuse(config)
+        if refusal:
+            raise LmsliceError(f"{refusal}: save the model and run it with transformers")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope_scaling(config, "deci" if per_block else gguf.architecture, head_dim)
 
 
 @dataclass(frozen=True)
@@ -156,12 +164,9 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     # weights instead, which adds exactly nothing (tests/test_llamacpp.py)
     widths = [max(get_module(block, adapter.mlp.consumer).in_features, 1) for block in blocks]
     per_block = len({*zip(heads, kv_heads, widths)}) > 1
-    check_exportable(family, per_block=per_block)
+    check_exportable(family, per_block=per_block, config=config)
     name = "deci" if per_block else adapter.gguf.architecture
     architecture = ARCHITECTURES[name]
-    refusal = adapter.gguf.refuse(config)
-    if refusal:
-        raise LmsliceError(f"{refusal}: save the model and run it with transformers")
     activation = getattr(config, "hidden_activation", None) or config.hidden_act
     if activation not in architecture.activations:
         raise LmsliceError(f"llama.cpp's {name} uses {architecture.activations[0]}, this model {activation}")
