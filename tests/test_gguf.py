@@ -14,6 +14,7 @@ import torch
 import transformers
 from torch import nn
 
+import lmslice
 import tiny_models
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
@@ -363,3 +364,15 @@ def test_slice_refuses_a_config_llamacpp_computes_otherwise_before_the_work(text
                            "--gguf", str(tmp_path / "model.gguf"))) == 2
     assert "rope in layers [1, 1, 1] (none in every 4th), this model in [1, 0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf"))
+
+
+def test_a_gguf_lmslice_does_not_read_is_refused_from_its_metadata(tmp_path: Path, tiny_tokenizer) -> None:
+    """lmslice's own per-block export (llama.cpp's deci) is refused on load in one line, from the metadata
+    alone: its weights are cut off here, so reading them would fail otherwise."""
+    path = tmp_path / "model.gguf"
+    export_gguf(pruned("llama"), path, tiny_tokenizer, outtype="f32")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LmsliceError, match=r"holds llama.cpp's deci, which lmslice does not read; it reads GGUF files "
+                                           r"of gemma, .*qwen3"):
+        lmslice.load(path)

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from lmslice import layout as layout_module
 from lmslice import modeling
-from lmslice.adapters import check_loadable
+from lmslice.adapters import ADAPTERS, check_loadable
 from lmslice.errors import LmsliceError, first_line
 from lmslice.layout import Layout, LayoutError, layout_of
 
@@ -191,7 +191,7 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmsliceError(f"GGUF file not found: {path}")
-        check_architecture(lambda: AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+        check_gguf_architecture(path)  # from its first metadata, before any weight is read
         model = _from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch_dtype)
         _dequantised_to_plain_float(model)
         tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
@@ -225,6 +225,55 @@ def check_architecture(read: Callable[[], PretrainedConfig]) -> None:
     except (*LOAD_ERRORS, KeyError):
         return
     check_loadable(config)
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """Refuses a GGUF file whose llama.cpp architecture is none of those lmslice's families are written as
+    (transformers' own GGUF reader parses the whole vocabulary first: seconds to a minute)."""
+    readable = {adapter.gguf.architecture for adapter in ADAPTERS if adapter.gguf is not None}
+    try:
+        architecture = gguf_architecture(path)
+    except (OSError, struct.error, UnicodeDecodeError, KeyError):
+        return  # a damaged file: the load says why
+    if architecture is not None and architecture not in readable:
+        raise LmsliceError(f"{path} holds llama.cpp's {architecture}, which lmslice does not read; it reads GGUF files "
+                           f"of {', '.join(sorted(readable))}")
+
+
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` of a GGUF file, read from its metadata up to that key (writers put it first)."""
+    with open(path, "rb") as file:
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, file.read(struct.calcsize(fmt)))[0]
+
+        def skip(value_type: int) -> None:
+            if value_type == GGUF_STRING:
+                file.seek(read("<Q"), os.SEEK_CUR)
+            elif value_type == GGUF_ARRAY:
+                item_type, count = read("<I"), read("<Q")
+                if item_type in GGUF_SCALAR_SIZES:
+                    file.seek(count * GGUF_SCALAR_SIZES[item_type], os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+            else:
+                file.seek(GGUF_SCALAR_SIZES[value_type], os.SEEK_CUR)
+
+        if file.read(4) != b"GGUF":
+            return None
+        read("<I")  # version
+        read("<Q")  # tensors
+        for _ in range(read("<Q")):
+            key = file.read(read("<Q")).decode()
+            value_type = read("<I")
+            if key == "general.architecture" and value_type == GGUF_STRING:
+                return file.read(read("<Q")).decode()
+            skip(value_type)
+    return None
 
 
 def _looks_like_hub_id(source: str) -> bool:
