@@ -67,11 +67,14 @@ def compress(model: torch.nn.Module, mode: str, budget: float, batches: list) ->
         pruned = prune_to_budget(model, batches, budget, parameters_dense=dense, progress=False)
         return model, f"D'={sliced.width}, {describe_mlp(pruned.plan.mlp_widths)}"
     _, criterion, flags = (mode.split(":") + [""])[:3]
-    sensitivity = None if "u" in flags else output_sensitivity(model, find_adapter(model), batches)
-    plan = (plan_by_importance(model, batches, budget, sensitivity=sensitivity) if "a" in flags
-            else plan_uniform(model, budget))
-    prune_model(model, batches, plan, criterion=criterion, refit_consumer="d" not in flags,
-                sensitivity=sensitivity, progress=False)
+    consumer = find_adapter(model).mlp.consumer
+    if "a" in flags:
+        plan, sensitivities = plan_by_importance(model, batches, budget, weighted="u" not in flags)
+        sensitivity = sensitivities[consumer]
+    else:
+        plan = plan_uniform(model, budget)
+        sensitivity = None if "u" in flags else output_sensitivity(model, find_adapter(model), batches)
+    prune_model(model, batches, plan, criterion=criterion, refit_consumer="d" not in flags, sensitivity=sensitivity)
     return model, describe_mlp(plan.mlp_widths)
 
 

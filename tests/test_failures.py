@@ -92,7 +92,7 @@ def test_unusable_output_locations_fail_before_any_work(capsys, dense_dir, text_
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr("lmslice.cli.slice_command.load_with_tokenizer", no_loading)
+    monkeypatch.setattr("lmslice.cli.slice_command.open_placed", no_loading)
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     for output, expected in ((a_file / "out", "is a file"), ("/proc/lmslice-out", "not writable"),
@@ -347,8 +347,8 @@ SIGTERM_DURING_SLICING = textwrap.dedent("""
     import os, signal, sys
     import lmslice.io.offload as offload
     store = offload.OffloadedBlocks.store
-    def store_then_terminate(self, index, block):
-        store(self, index, block)
+    def store_then_terminate(self, index, block, changed):
+        store(self, index, block, changed)
         if index == 1:
             os.kill(os.getpid(), signal.SIGTERM)
     offload.OffloadedBlocks.store = store_then_terminate
@@ -441,8 +441,9 @@ def test_bad_text_files_are_one_line(capsys, dense_dir, tmp_path, caplog) -> Non
      "--eval-seqlen must be at least 2"),
 ])
 def test_bad_options_fail_before_loading(args: list[str], expected: str, capsys, dense_dir, monkeypatch) -> None:
-    for command in ("ppl", "eval_command", "slice_command"):
+    for command in ("ppl", "eval_command"):
         monkeypatch.setattr(f"lmslice.cli.{command}.load_with_tokenizer", pytest.fail)
+    monkeypatch.setattr("lmslice.cli.slice_command.open_placed", pytest.fail)
     code, error = run_cli(capsys, *(arg.format(model=dense_dir) for arg in args))
     assert code == 2 and expected in error
 
@@ -665,7 +666,7 @@ def test_8_calibration_text_that_cannot_calibrate_is_refused_with_numbers(capsys
                                                                          monkeypatch) -> None:
     text = tmp_path / "aaaa.txt"
     text.write_text("a" * 20000)
-    monkeypatch.setattr("lmslice.pipeline.slice_model", pytest.fail)
+    monkeypatch.setattr("lmslice.pipeline.slice_blocks", pytest.fail)
     for extra in (("--sparsity", "0.25"), ("--target-params", "0.8")):
         out = tmp_path / "out"
         code, error = run_cli(capsys, "slice", dense_dir, *extra, "--calib", text, "-o", out, "--calib-samples", "4",

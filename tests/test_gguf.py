@@ -30,7 +30,7 @@ UNIFORM = WidthPlan(0.8, 1, 1, mlp_widths=[96, 96, 96], round_to=8)
 
 def pruned(family: str, plan: WidthPlan = PER_BLOCK) -> nn.Module:
     model = tiny_models.build(family, torch.float32)
-    prune_model(model, tiny_models.random_batches(), plan, progress=False)
+    prune_model(model, tiny_models.random_batches(), plan)
     return model
 
 

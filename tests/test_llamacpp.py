@@ -100,7 +100,7 @@ def case(name: str) -> nn.Module:
     blocks = model.config.num_hidden_layers
     if mode == "uniform" and blocks != len(plan.mlp_widths):
         plan = WidthPlan(0.8, 1, 1, mlp_widths=[96] * blocks, round_to=8)
-    prune_model(model, tiny_models.random_batches(), plan, progress=False)
+    prune_model(model, tiny_models.random_batches(), plan)
     return model
 
 

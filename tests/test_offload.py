@@ -38,15 +38,24 @@ def test_offloaded_slicing_matches_in_memory(family: str, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])
-def test_activations_on_disk_give_the_same_model(family: str, tmp_path: Path) -> None:
+def test_activations_on_disk_give_the_same_model(family: str, tmp_path: Path, monkeypatch) -> None:
     dense = tiny_models.build(family, torch.float32)
     batches = tiny_models.random_batches()
     in_memory, on_disk = copy.deepcopy(dense), copy.deepcopy(dense)
     slice_model(in_memory, batches, 0.25, progress=False)
-    slice_model(on_disk, batches, 0.25, progress=False, activations=ActivationStore(tmp_path))
-    # one file per batch for the stream and one for the block outputs, nothing held in memory
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
-        f"{kind}-{index}.safetensors" for kind in ("stream", "output") for index in range(len(batches)))
+    written = set()
+    put = ActivationStore.put
+
+    def recording_put(store: ActivationStore, name: str, tensor: torch.Tensor) -> None:
+        put(store, name, tensor)
+        assert not store.tensors, "a stream held in memory"
+        written.add(name)
+
+    monkeypatch.setattr(ActivationStore, "put", recording_put)
+    slice_model(on_disk, batches, 0.25, progress=False, activations=tmp_path)
+    # one file per batch for the stream and one for the block outputs, all removed once done
+    assert written == {f"{kind}-{index}" for kind in ("stream", "output") for index in range(len(batches))}
+    assert not list(tmp_path.iterdir())
     ids, mask = tiny_models.padded_inputs()
     with torch.no_grad():
         assert torch.equal(on_disk(ids, attention_mask=mask).logits, in_memory(ids, attention_mask=mask).logits)

@@ -9,8 +9,9 @@ connection, the stream there is projected onto the kept components in place, as 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,6 +113,7 @@ class BlockInput:
     mask: torch.Tensor  # (batch, tokens), True for real tokens
     store: ActivationStore = field(repr=False)
     at: int = 0
+    input_ids: torch.Tensor | None = field(default=None, repr=False)  # what the model's loss predicts
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -132,7 +134,7 @@ class BlockInput:
 
     def beside(self, name: str) -> BlockInput:
         """Another stream of the same batch (a block's outputs beside its inputs), at the same block."""
-        return BlockInput(name, self.arguments, self.mask, self.store, self.at)
+        return BlockInput(name, self.arguments, self.mask, self.store, self.at, self.input_ids)
 
 
 class Covariance:
@@ -233,37 +235,53 @@ def run_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], hook
          lambda batch: model(input_ids=batch.input_ids, attention_mask=batch.mask.long(), use_cache=False), hooks)
 
 
-class _ArgumentRecorder(nn.Module):
-    """Stands in for block `index` while the block inputs are captured: records what the model hands it
-    and returns the hidden states unchanged, so a capture costs the embeddings and no block (the blocks
-    may not even be in memory)."""
+class _StandIn(nn.Module):
+    """Stands in for block `index` while the model runs without its blocks: `forward` returns what
+    `respond(index, hidden_states, args, kwargs)` returns (the hidden states, or a replacement), so such
+    a pass costs the embeddings and the head, and no block (the blocks may not even be in memory)."""
 
-    def __init__(self, index: int, record: Callable[[int, torch.Tensor, tuple[Any, ...], dict[str, Any]], None],
-                 ) -> None:
+    def __init__(self, index: int, respond: Callable[[int, torch.Tensor, tuple[Any, ...], dict[str, Any]],
+                                                     torch.Tensor]) -> None:
         super().__init__()
-        self.index, self.record = index, record
+        self.index, self.respond = index, respond
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.record(self.index, hidden_states, args, kwargs)
-        return hidden_states
+        return self.respond(self.index, hidden_states, args, kwargs)
+
+
+@contextlib.contextmanager
+def blocks_stood_in(model: nn.Module, adapter: ModelAdapter,
+                    respond: Callable[[int, torch.Tensor, tuple[Any, ...], dict[str, Any]], torch.Tensor],
+                    ) -> Iterator[None]:
+    """The model's blocks replaced by `_StandIn`s for the body, put back whatever happens."""
+    blocks = get_module(model, adapter.blocks)
+    originals = list(blocks)
+    for index in range(len(blocks)):
+        blocks[index] = _StandIn(index, respond)
+    try:
+        yield
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: Iterable[dict[str, torch.Tensor]],
                          store: ActivationStore) -> list[BlockInput]:
-    """Runs the model on every batch with its blocks replaced by recorders, and keeps what the first block
-    receives and the arguments every block receives (its own attention mask and position embeddings)."""
-    blocks = get_module(model, adapter.blocks)
+    """Runs the model on every batch with its blocks stood in for, and keeps what the first block receives
+    and the arguments every block receives (its own attention mask and position embeddings)."""
     captured: list[BlockInput] = []
     arguments: list[BlockArguments] = []
     current: list[ModelBatch] = []
 
-    def record(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def record(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         arguments.append((args, kwargs))
         if index == 0:
-            stream = BlockInput(f"stream-{len(captured)}", [], current[0].mask, store)
+            batch = current[0]
+            stream = BlockInput(f"stream-{len(captured)}", [], batch.mask, store, input_ids=batch.input_ids)
             stream.hidden = hidden
             captured.append(stream)
+        return hidden
 
     def start(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch: ModelBatch) -> None:
         current[:] = [batch]
@@ -273,15 +291,22 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: Itera
         captured[-1].arguments = list(arguments)
         raise StopForward
 
-    originals = list(blocks)
-    for index in range(len(blocks)):
-        blocks[index] = _ArgumentRecorder(index, record)
-    try:
+    with blocks_stood_in(model, adapter, record):
         run_model(model, batches, [(model, start), (get_module(model, adapter.final_norm), finish)])
-    finally:
-        for index, block in enumerate(originals):
-            blocks[index] = block
     return captured
+
+
+def window_loss(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, mask: torch.Tensor,
+                hidden: torch.Tensor) -> torch.Tensor:
+    """The summed next-token loss of one window (`input_ids` and `mask` of one row) when the last block
+    outputs `hidden`, as the model's own tail computes it: final norm, head, logit soft-capping or
+    scaling, the loss. One window at a time: the vocabulary-wide logits dominate the memory."""
+    last = len(get_module(model, adapter.blocks)) - 1
+    labels = input_ids.masked_fill(~mask, -100)
+    with blocks_stood_in(model, adapter, lambda index, hidden_states, args, kwargs:
+                         hidden if index == last else hidden_states):
+        loss = model(input_ids=input_ids, attention_mask=mask.long(), labels=labels, use_cache=False).loss
+    return loss * (labels[:, 1:] != -100).sum()
 
 
 def run_block(block: nn.Module, stream: BlockInput, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,23 +6,22 @@ import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from lmslice import __version__
 from lmslice.adapters import ModelAdapter, find_adapter
-from lmslice.calibration import ActivationStore, Covariance, block_signals, capture_block_inputs
+from lmslice.calibration import Covariance, block_signals, capture_block_inputs
 from lmslice.errors import LmsliceError
-from lmslice.layout import Layout, Stream, layout_of
+from lmslice.layout import ROTATIONS, Layout, Stream, layout_of
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
-from lmslice.io.models import check_finite
 from lmslice.modeling import apply_layout, get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
-from lmslice.shared_basis import shared_basis
+from lmslice.shared_basis import WEIGHTINGS, shared_basis
+from lmslice.walk import InMemory, Placement, Run, RunProgress, walk_blocks
 
 
 def check_sparsity(sparsity: float, round_to: int) -> None:
@@ -122,62 +121,80 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-class BlockStorage(Protocol):
-    """Where block weights live between uses; the in-memory default keeps them all resident."""
+@dataclass(frozen=True)
+class SliceConfig:
+    """SliceGPT: rotate the residual stream into its principal components and delete the trailing
+    `sparsity` of its width (rounded down to a multiple of `round_to`). `rotation` "per-block" gives every
+    block its own basis, joined by shortcut matrices; "shared" one basis for the whole stream, weighted as
+    `weighting` says (see `shared_basis`), which the standard format needs. The head keeps its full input
+    width unless `slice_head` (always sliced with a shared basis). `centre_embeddings` (RMSNorm families;
+    None: when components are deleted) removes the embeddings' mean, which is not exact but slices better."""
 
-    def load(self, index: int, block: nn.Module) -> None:
-        """Makes the block's weights available before it is calibrated."""
+    sparsity: float
+    round_to: int = 8
+    slice_head: bool = False
+    rotation: str = "per-block"
+    weighting: str = "unit-rms"
+    centre_embeddings: bool | None = None
 
-    def store(self, index: int, block: nn.Module) -> None:
-        """Takes the finished (sliced) block; may write it out and free its memory."""
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity, self.round_to)
+        if self.rotation not in ROTATIONS:
+            raise LmsliceError(f"unknown rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise LmsliceError(f"unknown basis weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+    @property
+    def passes(self) -> int:
+        """The walks over the blocks it takes: a shared basis is measured on the dense model first."""
+        return 2 if self.rotation == "shared" else 1
 
 
-class InMemory:
-    def load(self, index: int, block: nn.Module) -> None:
-        pass
-
-    def store(self, index: int, block: nn.Module) -> None:
-        pass
+def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sparsity: float, *,
+                round_to: int = 8, slice_head: bool = False, progress: bool = True,
+                placement: Placement | None = None, activations: str | Path | None = None,
+                centre_embeddings: bool | None = None, rotation: str = "per-block",
+                weighting: str = "unit-rms") -> SliceResult:
+    """`slice_blocks` with its settings as keywords (see `SliceConfig`): slices `model` in place, its blocks
+    where `placement` keeps them (default: in memory), the calibration stream waiting between blocks where
+    `activations` says (None: where it was computed, "cpu", or a directory)."""
+    config = SliceConfig(sparsity, round_to, slice_head, rotation, weighting, centre_embeddings)
+    run = Run(0, placement or InMemory(model.get_input_embeddings().weight.device), str(activations)
+              if activations is not None else None, RunProgress(progress))
+    run.progress.expect(config.passes * len(get_module(model, find_adapter(model).blocks)))
+    try:
+        return slice_blocks(model, list(batches), config, run)
+    finally:
+        run.progress.close()
 
 
 @torch.no_grad()
-def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sparsity: float, *,
-                round_to: int = 8, slice_head: bool = False, progress: bool = True,
-                storage: BlockStorage | None = None,
-                activations: ActivationStore | None = None, centre_embeddings: bool | None = None,
-                rotation: str = "per-block", weighting: str = "unit-rms") -> SliceResult:
+def slice_blocks(model: nn.Module, batches: list[dict[str, torch.Tensor]], config: SliceConfig,
+                 run: Run) -> SliceResult:
     """Slices `model` in place and records its new structure in `model.config.lmslice` (`compress` adds
     the run's record: calibration, source, steps).
 
     `batches` are calibration batches (`input_ids`, optional `attention_mask`). The head keeps its full
-    input width unless `slice_head` (as in the reference implementation); the last block then writes
-    the full width. Blocks are fused, calibrated, rotated and sliced one at a time, so `storage` can
-    keep all but one of them on disk, and `activations` all but one batch of the calibration stream.
-    `centre_embeddings` (RMSNorm families; default: when components are deleted) removes the embeddings'
-    mean, which is not exact but slices better.
+    input width unless `config.slice_head` (as in the reference implementation); the last block then
+    writes the full width. Blocks are fused, calibrated, rotated and sliced one at a time, in one walk
+    over the blocks wherever `run` places them.
 
-    `rotation` is the rotation plan: "per-block" (each block rotated into the principal components of its
-    own input, joined by shortcut matrices) or "shared" (one basis for the whole stream from a dense pass,
-    weighted as `weighting` says, see `shared_basis`): every shortcut is then the identity and the head
-    is sliced too, which `lmslice.export.standard_model` turns into the family's own architecture.
+    The rotation plan is "per-block" (each block rotated into the principal components of its own input,
+    joined by shortcut matrices) or "shared" (one basis for the whole stream from a dense walk first,
+    weighted as `config.weighting` says, see `shared_basis`): every shortcut is then the identity and the
+    head is sliced too, which `lmslice.export.standard_model` turns into the family's own architecture.
     """
-    if rotation not in ("per-block", "shared"):
-        raise LmsliceError(f"unknown rotation {rotation!r}; choose per-block or shared")
-    shared = rotation == "shared"
-    if shared and storage is not None:
-        raise LmsliceError("a shared basis needs the whole model in memory for its dense pass: do not offload its blocks")
+    shared = config.rotation == "shared"
     start = time.perf_counter()
     check_can_slice(model)
     adapter = find_adapter(model)
     before = layout_before(model, adapter)
-    storage = storage or InMemory()
     model.eval()
     embedding = get_module(model, adapter.embeddings[0]).weight
     tied_embeddings = embedding is get_module(model, adapter.head).weight
     hidden = embedding.shape[1]
-    width = sliced_width(hidden, sparsity, round_to)
-    head_width = width if slice_head or shared else hidden
-    batches = list(batches)
+    width = sliced_width(hidden, config.sparsity, config.round_to)
+    head_width = width if config.slice_head or shared else hidden
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")
 
@@ -186,18 +203,19 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     # 14.928 -> 14.930) but spares the PCA a component for the mean, as the reference implementation does:
     # SmolLM2 sliced 25% measured 24.29 -> 24.21 in domain, 666 -> 650 across domains. At sparsity 0 nothing
     # is deleted, so the model is left exact.
+    centre_embeddings = config.centre_embeddings
     if centre_embeddings is None:
         centre_embeddings = width < hidden
     fuse_embeddings(model, adapter, centre=centre_embeddings)
+    streams = capture_block_inputs(model, adapter, batches, run.store())
     head_input = None
     if shared:
-        plan = shared_basis(model, adapter, batches, weighting)
-        streams: list = []
+        plan = shared_basis(model, adapter, streams, config.weighting, run)
+        streams = []  # every block is rotated into the one basis: no block needs its input
         spectra = {"shared": plan.eigenvalues.tolist()}
         basis = plan.eigenvectors[:, :width]
         head_input = basis.T @ plan.head_input @ basis
     else:
-        streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
         covariance = Covariance(hidden, embedding.device, "output of the embeddings")
         for stream in streams:
             covariance.add(stream.hidden, stream.mask)
@@ -211,42 +229,37 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
 
     blocks = get_module(model, adapter.blocks)
     added_biases: list[str] = []
-    steps_per_block = len(adapter.residuals)
-    with tqdm(total=len(blocks) * steps_per_block, desc="slicing", unit="signal", disable=not progress) as bar:
-        for index, block in enumerate(blocks):
-            storage.load(index, block)
-            added_biases += [f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter)]
-            if shared:
-                rotate_block(block, adapter, [basis] * (len(adapter.residuals) + 1), hidden, eps)
-                check_finite(block, f"{adapter.blocks}.{index}.", after=f"slicing block {index}")
-                storage.store(index, block)
-                bar.update(steps_per_block)
-                continue
-            out_width = head_width if index == len(blocks) - 1 else width
-            signals = block_signals(block, adapter, streams, basis, width, progress=lambda: bar.update(),
-                                    name=f"block {index}")
-            bases = [basis] + [vectors[:, :width] for _, vectors in signals.inner]
-            bases.append(signals.output[1][:, :out_width])
-            for position, (values, _) in enumerate(signals.inner, start=1):
-                spectra[f"block{index}.residual{position}"] = values.tolist()
-            spectra[f"block{index}.output"] = signals.output[0].tolist()
-            rotate_block(block, adapter, bases, hidden, eps)
-            check_finite(block, f"{adapter.blocks}.{index}.", after=f"slicing block {index}")
-            storage.store(index, block)
-            basis = bases[-1]
-            down = basis.to(embedding.dtype)
-            for stream, output in zip(streams, signals.outputs):
-                stream.hidden = output.hidden @ down
-            bar.set_postfix(block=index)
-            for stream in streams:
-                stream.at = index + 1
+    bases = {"current": basis}
 
+    def slice_block(index: int, block: nn.Module) -> bool:
+        added_biases.extend(f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter))
+        if shared:
+            rotate_block(block, adapter, [basis] * (len(adapter.residuals) + 1), hidden, eps)
+            return True
+        out_width = head_width if index == len(blocks) - 1 else width
+        signals = block_signals(block, adapter, streams, bases["current"], width, name=f"block {index}")
+        block_bases = [bases["current"]] + [vectors[:, :width] for _, vectors in signals.inner]
+        block_bases.append(signals.output[1][:, :out_width])
+        for position, (values, _) in enumerate(signals.inner, start=1):
+            spectra[f"block{index}.residual{position}"] = values.tolist()
+        spectra[f"block{index}.output"] = signals.output[0].tolist()
+        rotate_block(block, adapter, block_bases, hidden, eps)
+        bases["current"] = block_bases[-1]
+        down = bases["current"].to(embedding.dtype)
+        for stream, output in zip(streams, signals.outputs):
+            stream.hidden = output.store.take(output.name) @ down
+        return True
+
+    walk_blocks(model, run, slice_block, "slicing", streams=streams)
+    for stream in streams:
+        stream.store.forget(stream.name)
+    basis = bases["current"]
     added_biases += fuse_head(model, adapter)
     rotate_reader(get_module(model, adapter.head), basis)
     install_final_norm(model, adapter.modules(), width, head_width, hidden, eps)
 
     model.config.lmslice = before.replace(
-        stream=Stream(width, head_width, eps, rotation, sparsity, round_to, centre_embeddings, tied_embeddings,
-                      tuple(added_biases), weighting if shared else None),
+        stream=Stream(width, head_width, eps, config.rotation, config.sparsity, config.round_to, centre_embeddings,
+                      tied_embeddings, tuple(added_biases), config.weighting if shared else None),
     ).to_json()
     return SliceResult(adapter.family, hidden, width, head_width, time.perf_counter() - start, spectra, head_input)

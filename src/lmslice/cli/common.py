@@ -19,6 +19,7 @@ from lmslice.evaluation.zeroshot import PAPER_TASKS
 from lmslice.io.data import (DEFAULT_CALIBRATION, HUB_SOURCES, describe_sources, load_text, mixed_calibration_batches,
                              parse_mix, tokenize)
 from lmslice.io.models import DTYPES
+from lmslice.walk import Placement
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -104,22 +105,25 @@ def calibration_data(args: argparse.Namespace, model: nn.Module, tokenizer: PreT
 
 @dataclass
 class Evaluation:
-    """Perplexity on one text, tokenized once, for measuring a model before and after a change."""
+    """Perplexity on one text, tokenized once, for measuring a model before and after a change, its
+    blocks where `placement` keeps them (None: with the model)."""
 
     tokens: torch.Tensor
     seqlen: int
     max_windows: int | None
     progress: bool
+    placement: Placement | None = None
 
     def __call__(self, model: nn.Module) -> Perplexity:
-        return perplexity(model, self.tokens, self.seqlen, max_windows=self.max_windows, progress=self.progress)
+        return perplexity(model, self.tokens, self.seqlen, max_windows=self.max_windows, progress=self.progress,
+                          placement=self.placement)
 
 
 def evaluation(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str,
-               progress: bool) -> Evaluation:
+               progress: bool, placement: Placement | None = None) -> Evaluation:
     """Perplexity on `source`'s test split with the windows `add_eval_window_options` describe."""
     tokens = tokenize(tokenizer, load_text(source, split="test"))
-    return Evaluation(tokens, context_length(model, args.eval_seqlen), args.eval_max_windows, progress)
+    return Evaluation(tokens, context_length(model, args.eval_seqlen), args.eval_max_windows, progress, placement)
 
 
 def require_tokenizer(tokenizer: Any, source: str) -> PreTrainedTokenizerBase:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmslice.adapters import ModelAdapter, find_adapter
-from lmslice.calibration import ActivationStore, check_calibration
+from lmslice.calibration import check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
                                 calibration_data, check_device, check_minimums, evaluation, peak_memory_gib,
                                 require_text_sources, require_tokenizer)
@@ -23,16 +23,17 @@ from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT
 from lmslice.export.gguf import check_exportable
 from lmslice.io.data import mix_record
-from lmslice.io.models import (DTYPES, check_finite, check_output_dir, load_tokenizer, load_with_tokenizer,
-                               model_path, out_of_range, process_tag, resolve_dtype, round_to_dtype, save_sliced,
-                               source_dtype)
-from lmslice.io.offload import OffloadedBlocks, open_offloaded, partial_output_removed_on_failure, save_offloaded
+from lmslice.io.models import (DTYPES, check_output_dir, model_path, out_of_range, process_tag, resolve_dtype,
+                               round_to_dtype, save_sliced, source_dtype)
+from lmslice.io.offload import OffloadedBlocks, partial_output_removed_on_failure, save_offloaded
+from lmslice.io.placement import open_placed
 from lmslice.modeling import get_module, head_counts
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
                               check_steps, compress)
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, PruneResult
 from lmslice.shared_basis import WEIGHTINGS
 from lmslice.slicing import SliceResult, check_sparsity, count_parameters
+from lmslice.walk import DeviceStreamed, InMemory, Placement, move_all_but_blocks
 
 # Row lengths llama.cpp's quantised types need: 32 for Q8_0 and the legacy types, 256 for K-quants
 # (Q4_K_M ...); llama-quantize writes a matrix with other rows in a larger type, down to F16.
@@ -74,9 +75,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-data", help="also report dense and sliced perplexity on this text's test split")
     add_eval_window_options(parser)
     parser.add_argument("--offload", action="store_true",
-                        help="keep blocks on disk: read each from the safetensors checkpoint, slice it, write "
-                             "it out, free it (peak memory about one block plus calibration activations; "
-                             "needs a local model directory; perplexity then via `lmslice ppl OUTPUT`)")
+                        help="keep the blocks on disk: each walk over the blocks reads one from the safetensors "
+                             "checkpoint (or the output's shard of it), works on it, writes it to its own shard of "
+                             "the output if it changed, and frees it (peak memory about one block plus the "
+                             "calibration activations; needs a local model directory)")
+    parser.add_argument("--stream-blocks", action="store_true",
+                        help="keep the blocks in CPU memory and move one at a time to --device (chosen by itself "
+                             "with --device cuda when the model does not fit the GPU)")
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the calibration activations on disk, one file per batch, next to the output "
                              "(removed at the end): one batch resident instead of all of them")
@@ -121,16 +126,11 @@ def run(args: argparse.Namespace) -> int:
     if args.prune_heads and (args.target_params is None or args.mlp_widths != "measured"):
         raise LmsliceError("--prune-heads spends a --target-params budget on per-block widths: give --target-params "
                            "and keep --mlp-widths measured")
-    if args.target_params is not None and (args.offload or args.format == "standard"):
-        raise LmsliceError("--target-params prunes MLP channels in memory, in lmslice's layout; --offload and "
-                           "--format standard apply to --sparsity alone")
-    if args.offload and args.eval_data:
-        raise LmsliceError("--eval-data needs the whole model in memory; with --offload measure the output "
-                           "with `lmslice ppl OUTPUT`")
-    standard = args.format == "standard"
-    if standard and args.offload:
-        raise LmsliceError("--format standard needs the whole model in memory (one dense pass for its basis): "
-                           "drop --offload")
+    if args.target_params is not None and args.format == "standard":
+        raise LmsliceError("--target-params prunes per block, in lmslice's layout; --format standard applies to "
+                           "--sparsity alone (then --mlp-widths uniform is the family's own architecture too)")
+    if args.offload and args.stream_blocks:
+        raise LmsliceError("choose one place for the blocks: --offload (on disk) or --stream-blocks (CPU memory)")
     require_text_sources(args.calib, args.eval_data)
     output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
     gguf = check_gguf_output(args.gguf, args.overwrite) if args.gguf else None
@@ -138,52 +138,50 @@ def run(args: argparse.Namespace) -> int:
         raise LmsliceError("--gguf needs the result in memory; with --offload write it afterwards with "
                            "`lmslice export OUTPUT --gguf OUT.gguf`")
     requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
-    if args.offload:
-        model, storage = open_offloaded(args.model, output, dtype=resolve_dtype(args.dtype), device=args.device,
-                                        overwrite=args.overwrite, save_dtype=requested_save_dtype)
-        tokenizer = load_tokenizer(args.model)
-        save_dtype = storage.save_dtype
-    else:
-        model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
-        check_finite(model)
-        storage = None
-        save_dtype = requested_save_dtype or source_dtype(args.model)
+    placement_asked = "offload" if args.offload else "streamed" if args.stream_blocks else "auto"
+    model, tokenizer, placement = open_placed(args.model, placement_asked, device=args.device, dtype=args.dtype,
+                                              out=output, overwrite=args.overwrite, save_dtype=requested_save_dtype)
+    storage = placement if isinstance(placement, OffloadedBlocks) else None
+    in_memory = isinstance(placement, InMemory)
+    save_dtype = storage.save_dtype if storage else requested_save_dtype or source_dtype(args.model)
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
     args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
     steps = build_steps(args)
-    check_command(args, model, steps, adapter, storage, gguf=gguf is not None)
+    check_command(args, model, steps, adapter, placement, gguf=gguf is not None)
     tokenizer = require_tokenizer(tokenizer, args.model)
 
     batches, calib_seqlen = calibration_data(args, model, tokenizer)
     notes = [note for note in [check_calibration(batches, model.get_input_embeddings().weight.shape[1])] if note]
-    evaluate = evaluation(args, model, tokenizer, args.eval_data, not args.json) if args.eval_data else None
+    move_all_but_blocks(model, placement.device, placement.dtype)
+    evaluate = evaluation(args, model, tokenizer, args.eval_data, not args.json, placement) if args.eval_data \
+        else None
     dense_parameters = count_parameters(model)
     dense_ppl = evaluate(model).as_dict() if evaluate else None
     calibration = {"source": args.calib, "samples": args.calib_samples, "seqlen": calib_seqlen,
                    "batch_size": args.calib_batch_size, "seed": args.seed,
                    "mix": mix_record(args.calib, args.calib_samples)}
     with contextlib.ExitStack() as cleanup:
-        activations = None
+        activations = "cpu" if isinstance(placement, DeviceStreamed) else None
         if args.offload_activations:
             # named with this process, so a later run can tell a killed run's activations from a live one's
-            activations = ActivationStore(cleanup.enter_context(tempfile.TemporaryDirectory(
-                prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent)))
+            activations = cleanup.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".lmslice-activations-{process_tag()}-", dir=Path(output).absolute().parent))
         if storage is not None:
             cleanup.enter_context(partial_output_removed_on_failure(storage))
-        result = compress(model, batches, steps, progress=not args.json, activations=activations, storage=storage,
-                          calibration=calibration, source_model=str(args.model))
-    model = result.model
-    sliced, pruned = result.result(SliceResult), result.result(PruneResult)
-    notes += result.notes
-    too_large = out_of_range(model.state_dict().items(), save_dtype) if storage is None else None
-    if too_large and requested_save_dtype is None:  # the default dtype falls back; one asked for is refused
-        notes.append(f"{too_large}: saved in bfloat16 instead of {str(save_dtype).removeprefix('torch.')}")
-        save_dtype = torch.bfloat16
-    sliced_ppl = evaluate(model).as_dict() if evaluate else None
-    saved_ppl = sliced_ppl
-    if evaluate and save_dtype != resolve_dtype(args.dtype):
-        round_to_dtype(model, save_dtype)  # measures the weights as written: the rounding is idempotent
-        saved_ppl = evaluate(model).as_dict()
+        result = compress(model, batches, steps, progress=not args.json, placement=placement,
+                          activations=activations, calibration=calibration, source_model=str(args.model))
+        model = result.model
+        sliced, pruned = result.result(SliceResult), result.result(PruneResult)
+        notes += result.notes
+        too_large = out_of_range(model.state_dict().items(), save_dtype) if in_memory else None
+        if too_large and requested_save_dtype is None:  # the default dtype falls back; one asked for is refused
+            notes.append(f"{too_large}: saved in bfloat16 instead of {str(save_dtype).removeprefix('torch.')}")
+            save_dtype = torch.bfloat16
+        sliced_ppl = evaluate(model).as_dict() if evaluate else None
+        saved_ppl = sliced_ppl
+        if evaluate and in_memory and save_dtype != resolve_dtype(args.dtype):
+            round_to_dtype(model, save_dtype)  # measures the weights as written: the rounding is idempotent
+            saved_ppl = evaluate(model).as_dict()
     summary = {
         "model": str(args.model),
         "family": (sliced or pruned).family,
@@ -210,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     }
     report = {REPORT_FILE: json.dumps({**summary, "spectra": sliced.spectra if sliced else {}}) + "\n"}
     if storage is None:
+        model.to("cpu", placement.storage_dtype if isinstance(placement, DeviceStreamed) else None)
         save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=report,
                     check_ids=batches[0]["input_ids"][:1, :16])
     else:
@@ -241,12 +240,12 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
 
 
 def check_command(args: argparse.Namespace, model: nn.Module, steps: list[Step], adapter: ModelAdapter,
-                  storage: OffloadedBlocks | None, gguf: bool) -> None:
+                  placement: Placement, gguf: bool) -> None:
     """Refuses, before the calibration text is read, every step this model cannot take (`check_steps`:
     slicing a stream already sliced, the standard format of blocks pruned per block, a budget that pruning
     cannot reach on what slicing leaves, heads of a family whose heads are unknown, a standard hidden size
     transformers rejects), and a result `gguf` (llama.cpp) cannot represent."""
-    check_steps(model, steps, storage=storage)
+    check_steps(model, steps, placement=placement)
     if gguf:
         check_exportable(adapter.family, config=model.config,
                          shortcuts=args.sparsity is not None and args.format != "standard",

@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from torch import nn
 
 from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.layout import STANDARD, Layout, layout_of
-from lmslice.modeling import ShortcutLinear, get_module
+from lmslice.modeling import ShortcutLinear, get_module, set_module
+from lmslice.walk import InMemory, Run, walk_blocks
 
 # Whether a source with tied embeddings keeps them tied in the standard format when not told.
 TIE_BY_DEFAULT = False
@@ -70,9 +72,13 @@ def _check_exportable(model: nn.Module, adapter: ModelAdapter, layout: Layout) -
     if stream.added_biases:
         raise LmsliceError(f"the standard format cannot express the biases folded norms added: "
                            f"{', '.join(stream.added_biases)}")
-    for name, module in model.named_modules():
+
+
+def _check_shortcuts(block: nn.Module, prefix: str) -> None:
+    for name, module in block.named_modules():
         if isinstance(module, ShortcutLinear) and module.shortcut_minus_identity.abs().max() > 1e-5:
-            raise LmsliceError(f"{name} carries a shortcut that is not the identity; the standard format has none")
+            raise LmsliceError(f"{prefix}{name} carries a shortcut that is not the identity; the standard format has "
+                               "none")
 
 
 def _uniform(values: list[int], what: str) -> int:
@@ -117,13 +123,16 @@ def fit_tied_scale(embedding: torch.Tensor, head: torch.Tensor, head_input: torc
 
 
 @torch.no_grad()
-def standard_model(model: nn.Module, *, tie_embeddings: bool = False,
-                   head_input: torch.Tensor | None = None) -> nn.Module:
+def standard_model(model: nn.Module, *, tie_embeddings: bool = False, head_input: torch.Tensor | None = None,
+                   run: Run | None = None) -> nn.Module:
     """The family's own model (hidden size D') computing what `model`, sliced with a shared basis, does.
 
     `tie_embeddings` shares the embedding with the head, which is then only approximate: the final norm
     takes the scale `fit_tied_scale` finds from `head_input`, the head's input second moment in the kept
     coordinates (`SliceResult.head_input`; identity if None). Untied, the result is exact.
+
+    The new model is built weightless and filled block by block in one walk over the blocks, each sliced
+    block brought from where `run` places it and the new one handed back in its place.
     """
     layout = layout_of(model.config)
     if layout is None or layout.stream is None:
@@ -131,41 +140,64 @@ def standard_model(model: nn.Module, *, tie_embeddings: bool = False,
     if tie_embeddings and not layout.stream.tied_embeddings:
         raise LmsliceError("the source model's embeddings were not tied to its head: nothing to tie")
     adapter = find_adapter(model)
+    run = run or Run(0, InMemory(model.get_input_embeddings().weight.device))
     _check_exportable(model, adapter, layout)
     config = standard_config(model, adapter, tie_embeddings)
     base = getattr(transformers, layout.base_architecture)
     dtype = model.get_input_embeddings().weight.dtype
-    standard = base(config).to(dtype).eval()
+    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies, embedding scales) are computed
+        standard = base(config).to(dtype).eval()
+    scale = torch.full((config.hidden_size,), math.sqrt(layout.hidden_size / config.hidden_size),
+                       dtype=torch.float64)
 
-    state = {name: tensor for name, tensor in model.state_dict().items()
-             if not name.endswith("shortcut_minus_identity")}
+    standard_blocks = get_module(standard, adapter.blocks)
+
+    def convert(index: int, sliced: nn.Module) -> nn.Module:
+        _check_shortcuts(sliced, f"{adapter.blocks}.{index}.")
+        state = {name: tensor for name, tensor in sliced.state_dict().items()
+                 if not name.endswith("shortcut_minus_identity")}
+        for residual in adapter.residuals:
+            for norm in residual.reads:
+                state[f"{norm}.weight"] = _norm_weight(scale, adapter.norm_kind, dtype)
+        _fill(standard_blocks[index], state, run.device, f"{base.__name__} block {index}")
+        return standard_blocks[index].to(run.device)  # its buffers  # the placement keeps it in the sliced block's place
+
+    rest = {name: tensor for name, tensor in model.state_dict().items()
+            if not name.startswith(f"{adapter.blocks}.")}
+    walk_blocks(model, run, convert, "standard format")
     for path in adapter.embeddings:
         source_scale = getattr(get_module(model, path), "embed_scale", None)
         target_scale = getattr(get_module(standard, path), "embed_scale", None)
         if source_scale is not None and target_scale is not None:
-            state[f"{path}.weight"] = state[f"{path}.weight"] * (float(source_scale) / float(target_scale))
-
-    scale = torch.full((config.hidden_size,), math.sqrt(layout.hidden_size / config.hidden_size),
-                       dtype=torch.float64)
+            rest[f"{path}.weight"] = rest[f"{path}.weight"] * (float(source_scale) / float(target_scale))
     head_key, embedding_key = f"{adapter.head}.weight", f"{adapter.embeddings[0]}.weight"
-    norms = [f"{adapter.blocks}.{index}.{norm}.weight" for index in range(len(get_module(model, adapter.blocks)))
-             for residual in adapter.residuals for norm in residual.reads]
-    for key in norms:
-        state[key] = _norm_weight(scale, adapter.norm_kind, dtype)
     final_scale = scale
     if tie_embeddings:
-        final_scale = scale * fit_tied_scale(state[embedding_key], state[head_key], head_input)
-        state[head_key] = state[embedding_key]
-    state[f"{adapter.final_norm}.weight"] = _norm_weight(final_scale, adapter.norm_kind, dtype)
-
-    expected = set(standard.state_dict())
-    if set(state) != expected:
-        raise LmsliceError(f"cannot map the sliced weights onto {base.__name__}: missing "
-                           f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}")
-    standard.load_state_dict(state, strict=True)
+        final_scale = scale * fit_tied_scale(rest[embedding_key], rest[head_key], head_input)
+        del rest[head_key]
+    rest[f"{adapter.final_norm}.weight"] = _norm_weight(final_scale, adapter.norm_kind, dtype)
+    set_module(standard, adapter.blocks, nn.ModuleList())  # the blocks are filled: only the rest is left
+    try:
+        _fill(standard, rest, run.device, base.__name__, tied=[head_key] if tie_embeddings else [])
+        if tie_embeddings:
+            get_module(standard, adapter.head).weight = get_module(standard, adapter.embeddings[0]).weight
+        standard.to(run.device)  # the buffers
+    finally:
+        set_module(standard, adapter.blocks, standard_blocks)
     return standard
+
+
+def _fill(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device, what: str,
+          tied: list[str] = ()) -> None:
+    """Gives the weightless `module` (its buffers computed) the tensors of `state` on `device`, which must
+    match its own one to one but for the `tied` ones, which the caller ties."""
+    expected = set(module.state_dict()) - set(tied)
+    if set(state) != expected:
+        raise LmsliceError(f"cannot map the sliced weights onto {what}: missing {sorted(expected - set(state))[:3]}, "
+                           f"unexpected {sorted(set(state) - expected)[:3]}")
+    module.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, strict=False, assign=True)
 
 
 def _norm_weight(scale: torch.Tensor, norm_kind: str, dtype: torch.dtype) -> torch.Tensor:
     """The stored norm weight giving the elementwise `scale` (Gemma stores scale - 1)."""
-    return (scale - 1 if norm_kind == "rms_plus_one" else scale).to(dtype)
+    return (scale - 1 if norm_kind == "rms_plus_one" else scale).to(dtype, copy=True)

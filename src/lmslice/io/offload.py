@@ -1,9 +1,10 @@
-"""Slicing a model larger than memory: blocks stay in the safetensors checkpoint until their turn.
+"""Compressing a model larger than memory: blocks stay in safetensors files until their turn.
 
 The model is built with its blocks on the meta device (no memory); everything else (embeddings, final
-norm, head, rotary buffers) is loaded. Slicing reads one block from the checkpoint, slices it, writes
-it to its own shard of the output and frees it, so peak memory is about one block plus the calibration
-activations and the embeddings/head.
+norm, head, rotary buffers) is loaded. Each walk over the blocks reads one block from the checkpoint
+(or from the shard of the output an earlier pass wrote), measures or changes it, writes it to its own
+shard of the output if it changed, and frees it, so peak memory is about one block plus the calibration
+activations and the embeddings/head, whatever the depth.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ class Checkpoint:
         self.stored_names = {_renamed(name, key_mapping or {}): name for name in stored}
         self.files = {name: stored[stored_name] for name, stored_name in self.stored_names.items()}
 
+    @classmethod
+    def shard(cls, path: Path) -> Checkpoint:
+        """One safetensors file lmslice wrote, its tensors under the model's own names."""
+        checkpoint = cls.__new__(cls)
+        with safe_open(path, framework="pt") as handle:
+            checkpoint.stored_names = {name: name for name in handle.keys()}
+        checkpoint.files = {name: path for name in checkpoint.stored_names}
+        return checkpoint
+
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         if name not in self.files:
             raise LmsliceError(f"the checkpoint has no tensor {name}; it does not match its config")
@@ -86,10 +96,12 @@ def materialise(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: t
 
 
 class OffloadedBlocks:
-    """`BlockStorage` that reads each block from the source checkpoint and writes it to an output shard.
-
-    The staging directory for `out` is created with the first shard, so a run that fails before slicing
-    (bad calibration text, say) leaves nothing behind."""
+    """A `Placement` for a model larger than memory: its blocks live in safetensors files, the source
+    checkpoint until a pass changes them, then each block's own shard of the output (`out`'s staging
+    directory), one block in memory at a time. Blocks are read in `dtype` onto `device`; a changed block
+    is written in `dtype` while later steps may read it again, and in `save_dtype` (by default `dtype`) by
+    the last step (`last_step`). The staging directory is created with the first shard, so a run that
+    fails before any block changes leaves nothing behind."""
 
     def __init__(self, checkpoint: Checkpoint, blocks_path: str, out: Path, dtype: torch.dtype,
                  device: torch.device | str, save_dtype: torch.dtype | None = None) -> None:
@@ -98,19 +110,28 @@ class OffloadedBlocks:
         self.out = out
         self.staging: Path | None = None
         self.dtype = dtype
-        self.device = device
+        self.device = torch.device(device)
         self.save_dtype = save_dtype or dtype
+        self.final = False
         self.weight_map: dict[str, str] = {}
+        self.written: set[int] = set()  # blocks whose current weights are in their own shard
 
     def load(self, index: int, block: nn.Module) -> None:
         prefix = f"{self.blocks_path}.{index}."
-        materialise(block, prefix, self.checkpoint, self.dtype, self.device)
+        source = Checkpoint.shard(self.staging_path() / shard_name(index)) if index in self.written else self.checkpoint
+        materialise(block, prefix, source, self.dtype, self.device)
         check_finite(block, prefix)
 
-    def store(self, index: int, block: nn.Module) -> None:
-        self.write_shard(f"block-{index:05d}.safetensors",
-                         {f"{self.blocks_path}.{index}.{name}": tensor for name, tensor in block.state_dict().items()})
+    def store(self, index: int, block: nn.Module, changed: bool) -> None:
+        if changed:
+            self.write_shard(shard_name(index), {f"{self.blocks_path}.{index}.{name}": tensor
+                                                 for name, tensor in block.state_dict().items()},
+                             self.save_dtype if self.final else self.dtype)
+            self.written.add(index)
         block.to("meta")
+
+    def last_step(self) -> None:
+        self.final = True
 
     def staging_path(self) -> Path:
         """The staging directory, created on first use."""
@@ -118,11 +139,21 @@ class OffloadedBlocks:
             self.staging = staging_dir(self.out)
         return self.staging
 
-    def write_shard(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-        written = {name: cast_floating(tensor, self.save_dtype).contiguous().cpu() for name, tensor in tensors.items()}
+    def write_shard(self, filename: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Writes `tensors` (cast to `dtype`) as the shard `filename`, whole or not at all (written beside it
+        and renamed, so a shard being replaced stays readable until then)."""
+        written = {name: cast_floating(tensor, dtype).contiguous().cpu() for name, tensor in tensors.items()}
+        path = self.staging_path() / filename
+        partial = path.with_name(f".{filename}.partial")
         with discarded_on_failure(self.staging_path(), self.out):
-            save_file(written, self.staging_path() / filename, metadata={"format": "pt"})
+            save_file(written, partial, metadata={"format": "pt"})
+            os.replace(partial, path)
+        self.weight_map = {name: file for name, file in self.weight_map.items() if file != filename}
         self.weight_map.update({name: filename for name in tensors})
+
+
+def shard_name(index: int) -> str:
+    return f"block-{index:05d}.safetensors"
 
 
 def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: torch.device | str,
@@ -159,14 +190,23 @@ def _parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
 
 def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTrainedTokenizerBase | None,
                    out: Path, overwrite: bool, extra_files: dict[str, str] | None = None) -> Path:
-    """Writes what is not a block, the shard index and the side files (`extra_files`: name -> text), then
-    moves the output in place."""
+    """Writes what is not a block (and any block no pass changed, copied from the source), the shard index
+    and the side files (`extra_files`: name -> text), then moves the output in place."""
     blocks = model.get_submodule(storage.blocks_path)
+    storage.last_step()
+    for index, block in enumerate(blocks):
+        if index not in storage.written:
+            storage.load(index, block)
+            storage.store(index, block, True)
     block_names = {f"{storage.blocks_path}.{name}" for name in blocks.state_dict()}
     rest = {name: tensor for name, tensor in model.state_dict().items() if name not in block_names}
+    # a tied head shares the embedding's parameter: written once, under its first name (transformers ties on load)
+    first_names = {name for name, _ in model.named_parameters()}
+    repeated = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
+    rest = {name: tensor for name, tensor in rest.items() if name not in repeated}
     staging = storage.staging_path()
     with discarded_on_failure(staging, out):
-        storage.write_shard("model-rest.safetensors", rest)
+        storage.write_shard("model-rest.safetensors", rest, storage.save_dtype)
         total = sum(os.path.getsize(staging / file) for file in set(storage.weight_map.values()))
         (staging / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(storage.weight_map.items()))}, indent=2))
@@ -198,7 +238,7 @@ def slice_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str],
     model, storage = open_offloaded(source, out, dtype=dtype, device=device, overwrite=overwrite,
                                     save_dtype=save_dtype)
     with partial_output_removed_on_failure(storage):
-        result = slice_model(model, batches, sparsity, storage=storage, **slice_options)
+        result = slice_model(model, batches, sparsity, placement=storage, **slice_options)
     save_offloaded(model, storage, tokenizer, Path(out), overwrite)
     return model, result
 

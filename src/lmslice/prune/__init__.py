@@ -28,19 +28,22 @@ from lmslice.prune.shapes import (mlp_of, mlp_width, channel_cost, narrowest_wid
                                   mlp_removable, HeadShape, check_consumer)
 from lmslice.prune.measure import (observe_consumer, consumer_input, output_sensitivity, consumer_sensitivity,
                                    consumer_weight, silent_inputs, PLANNING_WINDOWS, first_windows)
-from lmslice.prune.solvers import (CRITERIA, DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, damping_shift, damped,
-                                   deletion_error, keep_channels, obs_elimination, remove_jointly, head_elimination,
+from lmslice.prune.solvers import (CRITERIA, DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, damping_shift,
+                                   damped_inverse, ELIMINATION_DTYPE, eliminate, keep_channels, remove_jointly,
+                                   head_elimination,
                                    refit)
-from lmslice.prune.plan import (WIDTHS, WidthPlan, check_pruning, head_shapes, per_block_skeleton, plan_uniform,
-                                plan_by_importance, mlp_path)
-from lmslice.prune.passes import PruneResult, prune_model, prune_to_budget
+from lmslice.prune.plan import (WIDTHS, CutPath, WidthPlan, check_pruning, head_shapes, per_block_skeleton,
+                                plan_uniform, plan_by_importance, mlp_path, spend)
+from lmslice.prune.config import PruneConfig
+from lmslice.prune.passes import PASSES, PruneResult, prune_blocks_to_budget, prune_model, prune_to_budget
 from lmslice.prune.surgery import prune_block_heads, prune_block_mlp
 
-__all__ = ["CRITERIA", "DEFAULT_CRITERION", "DEFAULT_DAMPING", "HeadShape", "PLANNING_WINDOWS", "PruneResult",
+__all__ = ["CRITERIA", "CutPath", "DEFAULT_CRITERION", "DEFAULT_DAMPING", "HeadShape", "PASSES", "PLANNING_WINDOWS",
+           "PruneConfig", "PruneResult", "prune_blocks_to_budget", "spend",
            "REFIT_DAMPING", "WIDTHS", "WidthPlan", "attention_of", "attention_removable", "channel_cost",
-           "check_consumer", "check_pruning", "consumer_input", "consumer_sensitivity", "consumer_weight", "damped",
-           "damping_shift", "deletion_error", "first_windows", "head_elimination", "head_shapes", "keep_channels",
-           "mlp_of", "mlp_path", "mlp_removable", "mlp_width", "narrowest_width", "obs_elimination",
+           "check_consumer", "check_pruning", "consumer_input", "consumer_sensitivity", "consumer_weight", "damped_inverse", "ELIMINATION_DTYPE",
+           "damping_shift", "eliminate", "first_windows", "head_elimination", "head_shapes", "keep_channels",
+           "mlp_of", "mlp_path", "mlp_removable", "mlp_width", "narrowest_width",
            "observe_consumer", "output_sensitivity", "per_block_skeleton", "plan_by_importance", "plan_uniform",
            "prune_block_heads", "prune_block_mlp", "prune_model", "prune_to_budget", "refit", "remove_jointly",
            "silent_inputs"]

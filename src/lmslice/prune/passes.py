@@ -9,20 +9,24 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmslice.adapters import find_adapter
-from lmslice.calibration import ActivationStore, capture_block_inputs
+from lmslice.calibration import capture_block_inputs
 from lmslice.errors import LmsliceError
-from lmslice.io.models import check_finite
 from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
+from lmslice.prune.config import PruneConfig
 from lmslice.prune.measure import PLANNING_WINDOWS, consumer_sensitivity, first_windows
 from lmslice.prune.plan import WidthPlan, check_pruning, plan_by_importance, plan_uniform
 from lmslice.prune.shapes import attention_of, attention_removable, mlp_of
 from lmslice.prune.solvers import DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING
 from lmslice.prune.surgery import prune_block_heads, prune_block_mlp
 from lmslice.slicing import layout_before
+from lmslice.walk import Run, RunProgress, walk_blocks
+
+# The walks over the blocks a budget takes: the Fisher forward, its backward (measuring the plan's paths
+# with measured widths), and the pruning itself.
+PASSES = 3
 
 
 @dataclass
@@ -40,13 +44,15 @@ class PruneResult:
 def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], plan: WidthPlan, *,
                 criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING, refit_consumer: bool = True,
                 sensitivity: list[torch.Tensor] | None = None, head_sensitivity: list[torch.Tensor] | None = None,
-                progress: bool = True, activations: ActivationStore | None = None) -> PruneResult:
+                run: Run | None = None) -> PruneResult:
     """Prunes every block's MLP to the widths of `plan` (and its attention to the plan's query heads,
-    first), in place, in order, each on the stream the pruned blocks before it produce. With equal MLP
-    widths and no heads pruned the model stays its own architecture (the config's intermediate size is
-    updated); the plan is recorded in `model.config.lmslice`. `sensitivity` and `head_sensitivity`
-    (`consumer_sensitivity`) weigh the output errors when choosing channels and heads."""
+    first), in place, in order, each on the stream the pruned blocks before it produce (one walk over the
+    blocks, wherever `run` places them). With equal MLP widths and no heads pruned the model stays its own
+    architecture (the config's intermediate size is updated); the plan is recorded in
+    `model.config.lmslice`. `sensitivity` and `head_sensitivity` (`consumer_sensitivity`) weigh the output
+    errors when choosing channels and heads."""
     start = time.perf_counter()
+    run = run or Run(0)
     adapter = find_adapter(model)
     mlp = mlp_of(adapter)
     before = layout_before(model, adapter)
@@ -57,11 +63,11 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     batches = list(batches)
     if not batches:
         raise LmsliceError("no calibration batches: give at least one calibration sample")
-    streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
+    streams = capture_block_inputs(model, adapter, batches, run.store())
     kept_channels: list[list[int]] = []
     notes: list[str] = []
-    for index, block in enumerate(tqdm(blocks, desc="pruning", unit="block", disable=not progress)):
-        name = f"block {index}"
+
+    def prune_block(index: int, block: nn.Module) -> bool:
         if plan.attention_heads:
             prune_block_heads(block, attention_of(adapter), streams, plan.attention_heads[index], damping=damping,
                               output_weights=None if head_sensitivity is None else head_sensitivity[index],
@@ -69,11 +75,13 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         kept = prune_block_mlp(block, mlp, streams, plan.mlp_widths[index], criterion=criterion, damping=damping,
                                refit_consumer=refit_consumer,
                                output_weights=None if sensitivity is None else sensitivity[index],
-                               notes=notes, name=name)
-        check_finite(block, f"{adapter.blocks}.{index}.", after=f"pruning {name}")
+                               notes=notes, name=f"block {index}")
         kept_channels.append(kept.tolist())
-        for stream in streams:
-            stream.at = index + 1
+        return True
+
+    walk_blocks(model, run, prune_block, "pruning", streams=streams)
+    for stream in streams:
+        stream.store.forget(stream.name)
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer, "refit_damping": REFIT_DAMPING,
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
     heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads
@@ -89,42 +97,47 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels, notes)
 
 
-def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
-                    widths: str = "measured", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
-                    damping: float = DEFAULT_DAMPING, progress: bool = True,
-                    activations: ActivationStore | None = None, parameters_dense: int | None = None,
-                    planning_windows: int = PLANNING_WINDOWS, heads: bool | None = None) -> PruneResult:
-    """Keeps `target_params` of the model's real parameters by pruning MLP channels: the same width in
-    every block ("uniform": the family's own architecture), or per-block widths from the measured cost
-    of each block's cut ("measured": lmslice's layout). Channels are chosen by their Fisher-weighted
-    output error either way; the Fisher and the widths are measured on the first `planning_windows`
-    windows. `parameters_dense` is what `target_params` is a fraction of (default: the model's own
-    parameters; give the dense model's when `model` was sliced first). With `heads` (measured widths
-    only; by default wherever the family's heads are known), query heads compete with MLP channels for
-    the budget too: SmolLM2-135M at 0.9 / 0.8 / 0.7 / 0.6 of its parameters (pydoc calibration, with the
-    damping before DEFAULT_DAMPING's), perplexity 1.050 / 1.178 / 1.477 / 1.953 x dense with heads, 1.050 /
-    1.201 / 1.505 / 2.008 without."""
+def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tensor]], config: PruneConfig,
+                           run: Run) -> PruneResult:
+    """Keeps `config.target_params` of `run.parameters_dense` (the dense model's real parameters; 0: the
+    model's own) by pruning MLP channels (and query heads): the same width in every block ("uniform": the
+    family's own architecture), or per-block widths from the measured cost of each block's cut
+    ("measured": lmslice's layout). Channels are chosen by their Fisher-weighted output error either way;
+    the Fisher and the widths are measured on the first `planning_windows` windows, block by block
+    (`consumer_sensitivity`), then the blocks are pruned in one more walk."""
     start = time.perf_counter()
     adapter = find_adapter(model)
-    if heads is None:
-        heads = widths == "measured" and adapter.attention is not None
-    if heads and widths != "measured":
-        raise LmsliceError("pruning attention heads needs per-block widths (measured mlp_widths)")
-    if planning_windows < 1:
-        raise LmsliceError(f"planning needs at least one calibration window, got {planning_windows}")
-    batches = list(batches)
-    check_pruning(model, target_params, round_to, widths=widths, heads=heads, parameters_dense=parameters_dense)
-    plan = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense) if widths == "uniform" \
-        else None
+    heads = config.prunes_heads(model)
+    parameters_dense = run.parameters_dense or None
+    check_pruning(model, config.target_params, config.round_to, widths=config.widths, heads=heads,
+                  parameters_dense=parameters_dense)
     consumers = [mlp_of(adapter).consumer] + ([attention_of(adapter).output] if heads else [])
-    planning = first_windows(batches, planning_windows)
-    sensitivities = consumer_sensitivity(model, adapter, planning, consumers)
-    sensitivity = sensitivities[consumers[0]]
-    head_sensitivity = sensitivities[consumers[1]] if heads else None
-    if widths == "measured":
-        plan = plan_by_importance(model, planning, target_params, round_to=round_to, sensitivity=sensitivity,
-                                  head_sensitivity=head_sensitivity, heads=heads, damping=damping,
-                                  activations=activations, parameters_dense=parameters_dense)
-    result = prune_model(model, batches, plan, criterion=criterion, damping=damping, sensitivity=sensitivity,
-                         head_sensitivity=head_sensitivity, progress=progress, activations=activations)
+    planning = first_windows(batches, config.planning_windows)
+    if config.widths == "measured":
+        plan, sensitivities = plan_by_importance(model, planning, config.target_params, round_to=config.round_to,
+                                                 heads=heads, damping=config.damping,
+                                                 parameters_dense=parameters_dense, run=run)
+    else:
+        plan = plan_uniform(model, config.target_params, config.round_to, parameters_dense=parameters_dense)
+        sensitivities = consumer_sensitivity(model, adapter, planning, consumers, run)
+    result = prune_model(model, batches, plan, criterion=config.criterion, damping=config.damping,
+                         sensitivity=sensitivities[consumers[0]],
+                         head_sensitivity=sensitivities[consumers[1]] if heads else None, run=run)
     return replace(result, seconds=time.perf_counter() - start)  # the plan's passes count too
+
+
+def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
+                    widths: str = "measured", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
+                    damping: float = DEFAULT_DAMPING, progress: bool = True, parameters_dense: int | None = None,
+                    planning_windows: int = PLANNING_WINDOWS, heads: bool | None = None) -> PruneResult:
+    """`prune_blocks_to_budget` with its settings as keywords (see `PruneConfig`), on a model in memory:
+    keeps `target_params` of `parameters_dense` (default: the model's own parameters; give the dense
+    model's when `model` was sliced first)."""
+    config = PruneConfig(target_params, widths, heads, round_to, criterion, damping, planning_windows)
+    run = Run(parameters_dense or 0, progress=RunProgress(progress))
+    batches = list(batches)
+    run.progress.expect(PASSES * len(get_module(model, find_adapter(model).blocks)))
+    try:
+        return prune_blocks_to_budget(model, batches, config, run)
+    finally:
+        run.progress.close()

@@ -4,6 +4,7 @@ cost along its elimination path, taken greedily."""
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -12,14 +13,14 @@ import torch
 from torch import nn
 
 from lmslice.adapters import ModelAdapter, find_adapter
-from lmslice.calibration import ActivationStore, capture_block_inputs
 from lmslice.errors import LmsliceError
 from lmslice.modeling import get_module
-from lmslice.prune.measure import consumer_weight, observe_consumer
+from lmslice.prune.measure import Sensitivities, consumer_sensitivity, consumer_weight
 from lmslice.slicing import count_parameters, layout_before, skeleton_of
+from lmslice.walk import Run
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
                                   mlp_removable, mlp_width, narrowest_width)
-from lmslice.prune.solvers import DEFAULT_DAMPING, damped, deletion_error, head_elimination, obs_elimination
+from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, eliminate, head_elimination
 
 
 WIDTHS = ("uniform", "measured")
@@ -122,21 +123,30 @@ def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
     return WidthPlan(target_params, dense, planned, [width] * len(blocks), round_to)
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class CutPath:
+    """One cut's elimination path (a block's MLP channels or its query heads): the output error after each
+    step, the parameters each step removes, and the width (channels or heads) each step leaves."""
+
+    errors: list[float]
+    costs: list[int]
+    widths: list[int]
+
+
 def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]], target_params: float, *,
-                       round_to: int = 8, sensitivity: list[torch.Tensor] | None = None,
-                       head_sensitivity: list[torch.Tensor] | None = None, heads: bool = False,
-                       damping: float = DEFAULT_DAMPING, activations: ActivationStore | None = None,
-                       parameters_dense: int | None = None) -> WidthPlan:
+                       round_to: int = 8, heads: bool = False, damping: float = DEFAULT_DAMPING,
+                       parameters_dense: int | None = None, run: Run | None = None, weighted: bool = True,
+                       ) -> tuple[WidthPlan, Sensitivities]:
     """Per-block MLP widths (and with `heads`, query heads) within `target_params`, spent where they
-    cost least.
+    cost least; returns the plan and the sensitivities it was weighted by (for the pruning pass).
 
     On the dense model's calibration stream, each block's output error as a function of its cut is
-    measured along the least-squares elimination path (`obs_elimination`, `round_to` channels a step;
-    `head_elimination`, one query head from every key/value group a step, then whole groups), weighted by
-    `sensitivity` and `head_sensitivity` (the diagonal Fisher of what the MLP and the attention write:
-    the error then estimates the loss it costs, comparable across blocks and kinds of cut). Steps are
-    then taken greedily, the cheapest marginal error per parameter first, until the budget is met.
+    measured along the least-squares elimination path (`eliminate`, `round_to` channels a step;
+    `head_elimination`, one query head from every key/value group a step, then whole groups), weighted
+    (unless not `weighted`) by the diagonal Fisher of what the MLP and the attention write (the error then
+    estimates the loss it costs, comparable across blocks and kinds of cut). The paths are measured in the
+    Fisher's own backward walk (`consumer_sensitivity`), one block at a time. Steps are then taken
+    greedily, the cheapest marginal error per parameter first, until the budget is met.
     """
     check_pruning(model, target_params, round_to, heads=heads, parameters_dense=parameters_dense)
     adapter = find_adapter(model)
@@ -144,63 +154,71 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     attention = attention_of(adapter) if heads else None
     blocks = get_module(model, adapter.blocks)
     dense = parameters_dense or count_parameters(model)
-    streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
-    # one cut per block's MLP, then one per block's attention: the error after each step of its path, the
-    # parameters each step removes, and the width (channels or heads) each step leaves
-    paths: list[tuple[list[float], list[int], list[int]]] = []
-    head_paths = []
     whole_mlps = mlp_removable(layout_before(model, adapter))
     shapes = head_shapes(model, adapter) if attention is not None else []
-    for index, block in enumerate(blocks):
-        if attention is not None and shapes[index].steps:
+    mlp_paths: list[CutPath | None] = [None] * len(blocks)
+    head_paths: list[CutPath | None] = [None] * len(blocks)
+
+    @torch.no_grad()
+    def measure_paths(index: int, block: nn.Module, sensitivity: dict[str, torch.Tensor | None],
+                      grams: dict[str, torch.Tensor]) -> None:
+        if attention is not None:
             shape = shapes[index]
-            output = get_module(block, attention.output)
-            weight = consumer_weight(output)
-            if head_sensitivity is not None:
-                weight = weight * head_sensitivity[index].sqrt()[:, None].to(weight)
-            matrix = observe_consumer(block, attention.output, streams, advance=False)
-            regularised = damped(matrix, shape.heads * shape.head_dim, damping)
-            errors = head_elimination(weight, regularised, shape, shape.steps)[1]
-            head_paths.append((errors, shape.step_costs(block, attention), shape.path()[1:]))
-        elif attention is not None:
-            head_paths.append(([], [], []))  # no attention left to cut
+            if shape.steps:
+                weight = _weighted(consumer_weight(get_module(block, attention.output)), sensitivity[attention.output])
+                errors = head_elimination(weight, grams.pop(attention.output), shape, shape.steps, damping)[1]
+                head_paths[index] = CutPath(errors, shape.step_costs(block, attention), shape.path()[1:])
+            else:  # no attention left to cut
+                head_paths[index] = CutPath([], [], [])
         consumer = get_module(block, mlp.consumer)
-        channels = consumer.in_features
-        weight = consumer_weight(consumer)
-        if sensitivity is not None:
-            weight = weight * sensitivity[index].sqrt()[:, None].to(weight)
-        regularised = damped(observe_consumer(block, mlp.consumer, streams), channels, damping)
-        paths.append(mlp_path(weight, regularised, channels, round_to, channel_cost(block, mlp), whole_mlps))
-        for stream in streams:
-            stream.at = index + 1
-    paths += head_paths
-    steps = [0] * len(paths)
+        weight = _weighted(consumer_weight(consumer), sensitivity[mlp.consumer])
+        mlp_paths[index] = mlp_path(weight, grams.pop(mlp.consumer), consumer.in_features, round_to,
+                                    channel_cost(block, mlp), damping, whole_mlps)
 
-    def marginal(cut: int) -> float:
-        """The error per parameter of the cut's next step (inf once its path has none left)."""
-        errors, costs, _ = paths[cut]
-        if steps[cut] >= len(errors):
-            return math.inf
-        before = errors[steps[cut] - 1] if steps[cut] else 0.0
-        return (errors[steps[cut]] - before) / costs[steps[cut]]
-
+    consumers = [mlp.consumer] + ([attention.output] if attention is not None else [])
+    sensitivities = consumer_sensitivity(model, adapter, batches, consumers, run, observe=measure_paths,
+                                         grams=tuple(consumers), fisher=weighted)
+    paths = [path for path in mlp_paths + head_paths if path is not None]
     current = count_parameters(model)
-    excess = current - target_params * dense
-    removed = 0
-    while removed < excess:
-        cheapest = min(range(len(paths)), key=marginal)
-        if marginal(cheapest) == math.inf:  # every path is at its end (check_pruning makes this unreachable)
-            raise LmsliceError(f"pruning cannot reach {target_params:g} of the parameters: every block is at its "
-                               "narrowest")
-        removed += paths[cheapest][1][steps[cheapest]]
-        steps[cheapest] += 1
+    steps = spend(paths, current - target_params * dense, target_params)
+    removed = sum(sum(path.costs[:taken]) for path, taken in zip(paths, steps))
 
     def width(cut: int, full: int) -> int:
-        return paths[cut][2][steps[cut] - 1] if steps[cut] else full
+        return paths[cut].widths[steps[cut] - 1] if steps[cut] else full
 
     widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
     attention_heads = [width(len(blocks) + cut, shape.heads) for cut, shape in enumerate(shapes)]
-    return WidthPlan(target_params, dense, current - removed, widths, round_to, attention_heads or None)
+    return WidthPlan(target_params, dense, current - removed, widths, round_to, attention_heads or None), sensitivities
+
+
+def _weighted(weight: torch.Tensor, sensitivity: torch.Tensor | None) -> torch.Tensor:
+    """The consumer's weight with each output row scaled by the square root of its Fisher, where measured."""
+    return weight if sensitivity is None else weight * sensitivity.sqrt()[:, None].to(weight)
+
+
+def spend(paths: list[CutPath], excess: float, target_params: float) -> list[int]:
+    """How many steps of each path to take to remove at least `excess` parameters, the step of least
+    marginal error per parameter first (ties: the earlier path). Each path's next step waits in a heap."""
+
+    def marginal(cut: int, step: int) -> float:
+        errors, costs = paths[cut].errors, paths[cut].costs
+        before = errors[step - 1] if step else 0.0
+        return (errors[step] - before) / costs[step]
+
+    steps = [0] * len(paths)
+    waiting = [(marginal(cut, 0), cut) for cut, path in enumerate(paths) if path.errors]
+    heapq.heapify(waiting)
+    removed = 0
+    while removed < excess:
+        if not waiting:  # every path is at its end (check_pruning makes this unreachable)
+            raise LmsliceError(f"pruning cannot reach {target_params:g} of the parameters: every block is at its "
+                               "narrowest")
+        _, cut = heapq.heappop(waiting)
+        removed += paths[cut].costs[steps[cut]]
+        steps[cut] += 1
+        if steps[cut] < len(paths[cut].errors):
+            heapq.heappush(waiting, (marginal(cut, steps[cut]), cut))
+    return steps
 
 
 def head_shapes(model: nn.Module, adapter: ModelAdapter) -> list[HeadShape]:
@@ -211,25 +229,27 @@ def head_shapes(model: nn.Module, adapter: ModelAdapter) -> list[HeadShape]:
             for index, block in enumerate(get_module(model, adapter.blocks))]
 
 
-def mlp_path(weight: torch.Tensor, regularised: torch.Tensor, channels: int, round_to: int, cost: int,
-             removable: bool = False) -> tuple[list[float], list[int], list[int]]:
-    """One MLP's elimination path at the widths a plan may leave: the multiples of `round_to` below
-    `channels`, down to `round_to`, then with `removable` none (the whole MLP). Returns the output error
-    at each, the parameters each step removes (`cost` per channel) and the widths. The path is measured
-    in about 32 steps and interpolated."""
-    widths = list(range((channels - 1) // round_to * round_to, round_to - 1, -round_to))
+def mlp_path(weight: torch.Tensor, gram: torch.Tensor, channels: int, round_to: int, cost: int, damping: float,
+             removable: bool = False) -> CutPath:
+    """One MLP's elimination path (`eliminate`) at the widths a plan may leave: the multiples of `round_to`
+    below `channels`, down to `round_to`, then with `removable` none (the whole MLP). Returns the output
+    error at each, the parameters each step removes (`cost` per channel) and the widths. The path is
+    measured in about 32 steps (in ELIMINATION_DTYPE) and interpolated. `gram` (G of the consumer's input,
+    undamped; damped here by `damping`) is let go once inverted."""
+    widths = list(range((channels - 1) // round_to * round_to, round_to - 1, -round_to)) + [0] * removable
     curve: list[float] = []
     if widths:
         remove = channels - widths[-1]
         chunk = math.ceil(remove / round_to / 32) * round_to
-        errors = obs_elimination(weight, regularised, channels, remove, chunk)[1]
+        inverse = damped_inverse(gram, channels, damping)
+        del gram
+        # removing every channel in steps ends where deleting them at once does (the path's end is independent
+        # of its order): the whole MLP's point needs no second factorisation
+        errors = eliminate(weight.to(inverse.dtype), inverse, channels, remove, chunk)[1]
         positions = [min((step + 1) * chunk, remove) for step in range(len(errors))]
         curve = [_interpolate(positions, errors, channels - kept) for kept in widths]
-    if removable:
-        widths.append(0)
-        curve.append(deletion_error(weight, regularised, channels))
     costs = [(before - kept) * cost for before, kept in zip([channels] + widths, widths)]
-    return curve, costs, widths
+    return CutPath(curve, costs, widths)
 
 
 def _interpolate(positions: list[int], values: list[float], position: float) -> float:

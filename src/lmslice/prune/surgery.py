@@ -12,7 +12,7 @@ from lmslice.calibration import BlockInput, run_block
 from lmslice.modeling import get_module, remove_attention, set_head_counts
 from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, silent_inputs
 from lmslice.prune.shapes import HeadShape, check_consumer, spans
-from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, damped, head_elimination,
+from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, head_elimination,
                                    keep_channels, refit)
 
 
@@ -33,7 +33,7 @@ def prune_block_heads(block: nn.Module, attention: Attention, streams: list[Bloc
     weight = consumer_weight(output)
     channels = shape.heads * shape.head_dim
     selection = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
-    kept = head_elimination(selection, damped(matrix, channels, damping), shape, shape.steps_to(keep))[0]
+    kept = head_elimination(selection, matrix, shape, shape.steps_to(keep), damping)[0]
     if not kept:  # only a bias can be left: the refit makes it what the attention wrote on average
         nothing = torch.zeros(0, dtype=torch.long, device=weight.device)
         remove_attention(block, attention, None if output.bias is None else
