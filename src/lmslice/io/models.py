@@ -246,13 +246,20 @@ GGUF_STRING, GGUF_ARRAY = 8, 9
 
 def gguf_architecture(path: Path) -> str | None:
     """`general.architecture` of a GGUF file, read from its metadata up to that key (writers put it first)."""
+    size = path.stat().st_size
     with open(path, "rb") as file:
         def read(fmt: str) -> Any:
             return struct.unpack(fmt, file.read(struct.calcsize(fmt)))[0]
 
+        def length() -> int:  # of a string: a damaged file's is past its end
+            count = read("<Q")
+            if count > size:
+                raise struct.error(f"a string of {count} bytes in a file of {size}")
+            return count
+
         def skip(value_type: int) -> None:
             if value_type == GGUF_STRING:
-                file.seek(read("<Q"), os.SEEK_CUR)
+                file.seek(length(), os.SEEK_CUR)
             elif value_type == GGUF_ARRAY:
                 item_type, count = read("<I"), read("<Q")
                 if item_type in GGUF_SCALAR_SIZES:
@@ -268,10 +275,10 @@ def gguf_architecture(path: Path) -> str | None:
         read("<I")  # version
         read("<Q")  # tensors
         for _ in range(read("<Q")):
-            key = file.read(read("<Q")).decode()
+            key = file.read(length()).decode()
             value_type = read("<I")
             if key == "general.architecture" and value_type == GGUF_STRING:
-                return file.read(read("<Q")).decode()
+                return file.read(length()).decode()
             skip(value_type)
     return None
 
