@@ -170,6 +170,22 @@ SLICEABLE = sorted(family for family in tiny_models.FACTORIES
                    if adapter_for_architecture(type(tiny_models.FACTORIES[family]()).__name__).cannot_slice() is None)
 
 
+def structure(family: str) -> tuple:
+    """What a pass over the blocks depends on: the adapter's paths and the facts that change how a family is
+    cut, and whether the tiny model's blocks get different arguments (mixed attention types)."""
+    model = tiny_models.FACTORIES[family]()
+    adapter = find_adapter(model)
+    return (adapter.modules(), adapter.norm_kind, adapter.residual_scale, adapter.mlp.writes_stream,
+            adapter.cannot_slice() is None, len(set(getattr(model.config, "layer_types", None) or ())) > 1)
+
+
+# One tiny model of each structure, for the slow tests of composing steps and placing blocks: Llama stands for
+# Mistral, Ministral, Ministral 3, Qwen3 and SmolLM3, Gemma 2 for Gemma 3 (their differences live inside the
+# attention, which those passes never touch).
+REPRESENTATIVES = sorted({structure(family): family for family in sorted(tiny_models.FACTORIES, reverse=True)}
+                         .values())
+
+
 @pytest.fixture(scope="module", params=SLICEABLE)
 def sliced(request: pytest.FixtureRequest) -> tuple[str, nn.Module, dict[bool, nn.Module]]:
     """One family (float64, stream confined as above), dense and sliced at 25% with a full-width and a

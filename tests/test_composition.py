@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 
 import lmslice
 import tiny_models
-from lmslice.adapters import ADAPTERS, find_adapter
+from lmslice.adapters import find_adapter
 from lmslice.cli import main
 from lmslice.prune import prune_to_budget
 from lmslice.slicing import slice_model
+from test_adapters import REPRESENTATIVES
 
 CALIBRATION = ("--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2")
 # What each output kind is made with (from the dense model), and what each step is.
@@ -101,18 +102,6 @@ def test_every_step_after_every_output_works_and_loads_or_is_refused_in_one_line
     torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, logits, rtol=1e-5, atol=1e-5)
 
 
-def structure(adapter) -> tuple:
-    """What composing steps depends on: the paths and the facts that change how a family is cut."""
-    return (adapter.modules(), adapter.norm_kind, adapter.residual_scale, adapter.mlp.writes_stream,
-            adapter.cannot_slice() is None)
-
-
-# one family of each structure, the first listed: Llama stands for Mistral, Ministral, Ministral 3, Qwen2/3 and
-# SmolLM3, Gemma 2 for Gemma 3 (their differences live inside the attention, which composing never touches)
-PRUNABLE = sorted({structure(adapter): adapter.family for adapter in reversed(ADAPTERS) if adapter.mlp is not None}
-                  .values())
-
-
 def reload_and_compare(model: torch.nn.Module, out: Path) -> torch.nn.Module:
     lmslice.save_sliced(model, None, out)
     reloaded = lmslice.load(out, dtype="float64")
@@ -122,7 +111,7 @@ def reload_and_compare(model: torch.nn.Module, out: Path) -> torch.nn.Module:
     return reloaded
 
 
-@pytest.mark.parametrize("family", PRUNABLE)
+@pytest.mark.parametrize("family", REPRESENTATIVES)
 def test_reloaded_outputs_of_every_family_can_be_cut_again(family: str, tmp_path: Path) -> None:
     """Pruned then reloaded then sliced, and sliced (head too) then reloaded then pruned: each result
     reloads to the same logits (the adapter comes from the record, not the renamed class). A family whose
