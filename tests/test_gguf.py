@@ -233,6 +233,7 @@ def test_q8_0_quantises_rows_of_32_and_keeps_other_rows_float16(tmp_path: Path, 
 @pytest.mark.parametrize("case, message", [
     ("sliced", "per-block SliceGPT shortcut"),
     ("opt", "not opt"),
+    ("ministral3", "not ministral3"),
     ("gemma_per_block", "prune with --mlp-widths uniform"),
     ("qwen3_per_block", r"cannot build qwen3's block: prune with --mlp-widths uniform \(llama.cpp's qwen3\)"),
     ("gemma_untied", "keep the embeddings tied"),
@@ -249,8 +250,8 @@ def test_what_llamacpp_cannot_run_is_refused_before_writing(case: str, message: 
     if case == "sliced":
         model = tiny_models.build("llama", torch.float32)
         slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
-    elif case == "opt":
-        model = pruned("opt", UNIFORM)
+    elif case in ("opt", "ministral3"):
+        model = pruned(case, UNIFORM)
     elif case == "gemma_per_block":
         model = pruned("gemma", WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8))
     elif case == "qwen3_per_block":

@@ -9,5 +9,6 @@ from lmslice.adapters.llama import LLAMA
 MISTRAL = replace(LLAMA, family="mistral", architectures=("MistralForCausalLM",))
 MINISTRAL = replace(MISTRAL, family="ministral", architectures=("MinistralForCausalLM",))
 # Ministral 3 (text): the same block; its attention also scales the queries by position
-# (llama_4_scaling_beta), inside the attention, which slicing and pruning leave as it is.
-MINISTRAL3 = replace(MISTRAL, family="ministral3", architectures=("Ministral3ForCausalLM",))
+# (llama_4_scaling_beta), inside the attention, which slicing and pruning leave as it is. llama.cpp runs it
+# as `mistral3` (that temperature and its YaRN parameters), which lmslice does not write: not `llama`.
+MINISTRAL3 = replace(MISTRAL, family="ministral3", architectures=("Ministral3ForCausalLM",), gguf=None)
