@@ -20,6 +20,39 @@ WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
+class _KeepFloat64Softmax:
+    """torch.nn, except that `functional.softmax` keeps a float64 input in float64 when asked for float32."""
+
+    class functional:  # noqa: N801 - stands for torch.nn.functional
+        @staticmethod
+        def softmax(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+            if dtype is not None:
+                dtype = torch.promote_types(input.dtype, dtype)
+            return torch.nn.functional.softmax(input, dim=dim, dtype=dtype)
+
+        def __getattr__(self, name: str):
+            return getattr(torch.nn.functional, name)
+
+    functional = functional()
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn, name)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float64_softmax_in_eager_attention():
+    """Gemma 2's attention runs eager only (its scores are soft-capped), and eager attention takes its softmax
+    in float32 even in a float64 model: that caps a float64 reference's accuracy near 1e-7, and casts the
+    float64 mask minimum to -inf, so a left-padded row's fully masked queries give NaN, which the attention
+    then spreads to every token. The tests' float64 models keep the softmax in float64."""
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(gemma2, "nn", _KeepFloat64Softmax())
+    yield
+    patch.undo()
+
+
 def corpus_text() -> str:
     from pydoc_data.topics import topics
 

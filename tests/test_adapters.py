@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 
 import tiny_models
 from lmslice.adapters import ADAPTERS, adapter_for_architecture, find_adapter, supported_architectures
+from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.fuse import fuse_norms
 from lmslice.modeling import get_module
@@ -41,6 +43,13 @@ class Spec:
     connections: list[Connection]
     layer_norm: bool  # LayerNorm (weight and bias; fused shifts give every reader a bias)
     head_bias: bool
+    inner: int = 0  # parameters of each block off the stream (norms on the query and key heads)
+
+
+def _head_norms(c: Any, whole_projection: bool = False) -> int:
+    """q_norm and k_norm: head_dim each (shared by the heads), or over the whole query and key projection."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (c.num_attention_heads + c.num_key_value_heads) * head_dim if whole_projection else 2 * head_dim
 
 
 def _attention(c: Any, qkv_bias: bool, out_bias: bool) -> Connection:
@@ -54,11 +63,21 @@ def _gated_mlp(c: Any, bias: bool) -> Connection:
 
 
 def spec(family: str, c: Any) -> Spec:
-    if family == "llama":
+    if family in ("llama", "smollm3", "granite"):
         return Spec([c.vocab_size], [_attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, c.mlp_bias)],
                     False, False)
-    if family == "mistral":
+    if family in ("mistral", "ministral", "ministral3"):
         return Spec([c.vocab_size], [_attention(c, False, False), _gated_mlp(c, False)], False, False)
+    if family == "qwen3":
+        return Spec([c.vocab_size], [_attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, False)],
+                    False, False, inner=_head_norms(c))
+    if family in ("gemma2", "gemma3"):  # a norm before and after each sublayer
+        attention, mlp = _attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, False)
+        attention.norms = mlp.norms = 2
+        return Spec([c.vocab_size], [attention, mlp], False, False, inner=_head_norms(c) if family == "gemma3" else 0)
+    if family == "olmo2":  # a norm after each sublayer only
+        return Spec([c.vocab_size], [_attention(c, c.attention_bias, c.attention_bias), _gated_mlp(c, False)],
+                    False, False, inner=_head_norms(c, whole_projection=True))
     if family == "qwen2":
         return Spec([c.vocab_size], [_attention(c, True, False), _gated_mlp(c, False)], False, False)
     if family == "gemma":
@@ -97,14 +116,14 @@ def expected_dense(s: Spec, c: Any) -> int:
                 + sum(out * d + (out if bias else 0) for out, bias in k.readers)
                 + sum(fan_in * d + (d if bias else 0) for fan_in, bias in k.writers) for k in s.connections)
     head = (0 if c.tie_word_embeddings else c.vocab_size * d) + (c.vocab_size if s.head_bias else 0)
-    return sum(rows * d for rows in s.embedding_rows) + c.num_hidden_layers * block + norm + head
+    return sum(rows * d for rows in s.embedding_rows) + c.num_hidden_layers * (block + s.inner) + norm + head
 
 
 def expected_sliced(s: Spec, c: Any, width: int, head_width: int) -> int:
     """Embeddings V·D'; readers out·D'; writers in·D'; a D'xD' shortcut per connection, except that the
     last block's last connection writes (and its shortcut maps to) the head's width (D when the head is
     unsliced); weightless norms; an untied V·head_width head."""
-    total = sum(rows * width for rows in s.embedding_rows)
+    total = sum(rows * width for rows in s.embedding_rows) + c.num_hidden_layers * s.inner
     for block in range(c.num_hidden_layers):
         for position, k in enumerate(s.connections):
             last = block == c.num_hidden_layers - 1 and position == len(s.connections) - 1
@@ -140,7 +159,34 @@ def confine_stream_before_last_write(model: nn.Module, rank: int = 40, spare_las
                     linear.bias.copy_(projection @ linear.bias)
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+def test_dense_parameter_count_matches_the_config(family: str) -> None:
+    """What the config says every family's dense model holds (the sliced counts below build on it)."""
+    model = tiny_models.FACTORIES[family]()
+    assert count_parameters(model) == expected_dense(spec(family, model.config), model.config)
+
+
+SLICEABLE = sorted(family for family in tiny_models.FACTORIES
+                   if adapter_for_architecture(type(tiny_models.FACTORIES[family]()).__name__).cannot_slice() is None)
+
+
+def structure(family: str) -> tuple:
+    """What a pass over the blocks depends on: the adapter's paths and the facts that change how a family is
+    cut, and whether the tiny model's blocks get different arguments (mixed attention types)."""
+    model = tiny_models.FACTORIES[family]()
+    adapter = find_adapter(model)
+    return (adapter.modules(), adapter.norm_kind, adapter.residual_scale, adapter.mlp.writes_stream,
+            adapter.cannot_slice() is None, len(set(getattr(model.config, "layer_types", None) or ())) > 1)
+
+
+# One tiny model of each structure, for the slow tests of composing steps and placing blocks: Llama stands for
+# Mistral, Ministral, Ministral 3, Qwen3 and SmolLM3, Gemma 2 for Gemma 3 (their differences live inside the
+# attention, which those passes never touch).
+REPRESENTATIVES = sorted({structure(family): family for family in sorted(tiny_models.FACTORIES, reverse=True)}
+                         .values())
+
+
+@pytest.fixture(scope="module", params=SLICEABLE)
 def sliced(request: pytest.FixtureRequest) -> tuple[str, nn.Module, dict[bool, nn.Module]]:
     """One family (float64, stream confined as above), dense and sliced at 25% with a full-width and a
     sliced head."""
@@ -158,7 +204,6 @@ def test_parameter_count_matches_the_config(sliced) -> None:
     family, dense, models = sliced
     config = dense.config
     family_spec = spec(family, config)
-    assert count_parameters(dense) == expected_dense(family_spec, config)  # the spec describes the model
     width = sliced_width(config.hidden_size, SPARSITY)
     assert width == 48
     assert count_parameters(models[False]) == expected_sliced(family_spec, config, width, config.hidden_size)
@@ -210,17 +255,24 @@ def test_adapter_paths_exist_in_its_tiny_model(adapter) -> None:
         listed: set[str] = set()
         for residual in adapter.residuals:
             for norm_path, readers in residual.reads.items():
-                assert get_module(block, norm_path).weight.shape == (hidden,)
+                if norm_path:  # "": the readers read the stream itself
+                    assert get_module(block, norm_path).weight.shape == (hidden,)
                 for path in readers:
                     assert get_module(block, path).in_features == hidden
                 listed.update(readers)
             for path in residual.writes:
                 assert get_module(block, path).out_features == hidden
+            for path in residual.output_norms:
+                assert get_module(block, path).weight.shape == (hidden,)
             listed.update(residual.writes)
         linears = {name for name, module in block.named_modules() if isinstance(module, nn.Linear)}
         assert linears == listed, "every linear layer of a block reads or writes the residual stream"
         norms = {name for name, module in block.named_children() if "norm" in type(module).__name__.lower()}
-        assert norms == {norm for residual in adapter.residuals for norm in residual.reads}
+        assert norms == {norm for residual in adapter.residuals for norm in [*residual.reads, *residual.output_norms]
+                         if norm}
+    # the MLP's consumer writes the stream as it is only where no norm or scale comes between
+    mlp_residual = next(residual for residual in adapter.residuals if adapter.mlp.consumer in residual.writes)
+    assert adapter.mlp.writes_stream == (not mlp_residual.output_norms and adapter.residual_scale is None)
 
 
 # --- variants and architectures that are refused ---------------------------------------------------------
@@ -237,23 +289,35 @@ def test_unsupported_architecture_lists_the_supported_ones() -> None:
     assert set(supported_architectures()) <= set(str(error.value).replace(",", " ").split())
 
 
+@pytest.mark.parametrize("config, message", [
+    (transformers.StableLmConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=112),
+     r"^unsupported architecture StableLmForCausalLM \(its blocks have the modules of LlamaForCausalLM, lmslice's "
+     r"llama, but its forward was not checked against it\); lmslice supports .*Qwen3ForCausalLM"),
+    (transformers.GPT2Config(vocab_size=tiny_models.VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=32),
+     r"^unsupported architecture GPT2LMHeadModel; lmslice supports .*Gemma2ForCausalLM"),
+    (transformers.OPTConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            ffn_dim=112, word_embed_proj_dim=64, do_layer_norm_before=False),
+     r"^OPT variants that normalise after each block .*\(architecture OPTForCausalLM\)$"),
+])
+def test_an_unsupported_model_is_refused_before_its_weights_are_read(config, message: str, tmp_path: Path) -> None:
+    """Its weights are garbage: reading them would fail otherwise. A model laid out like a supported family
+    under another class name is told which."""
+    from lmslice.io.models import load
+
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(LmsliceError, match=message) as error:
+        load(tmp_path)
+    assert "\n" not in str(error.value)
+
+
 def test_opt_that_normalises_after_each_block_is_refused() -> None:
     model = transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=tiny_models.VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, ffn_dim=112,
         word_embed_proj_dim=64, do_layer_norm_before=False))
     with pytest.raises(LmsliceError, match=r"normalise after each block .*OPTForCausalLM"):
         find_adapter(model)
-
-
-def qwen2(**sliding: Any) -> nn.Module:
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, sliding_window=8, **sliding))
-
-
-def test_qwen2_mixing_attention_types_is_refused() -> None:
-    model = qwen2(use_sliding_window=True, max_window_layers=1)  # layer 0 full attention, layers 1-2 sliding
-    with pytest.raises(LmsliceError, match="mix attention types.*full_attention, sliding_attention"):
-        slice_model(model, tiny_models.random_batches(count=1), SPARSITY, progress=False)
 
 
 def block_kwargs(model: nn.Module) -> list[dict[str, Any]]:
@@ -278,27 +342,44 @@ def same(a: Any, b: Any) -> bool:
     return a is b or a == b
 
 
-MODELS = {**tiny_models.FACTORIES,
-          "qwen2-sliding-everywhere": lambda: qwen2(use_sliding_window=True, max_window_layers=0)}
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+def test_calibration_gives_every_block_what_an_ordinary_forward_gives_it(family: str) -> None:
+    """Each block's own attention mask and position embeddings: sliding-window and global layers differ
+    (Qwen2 with max_window_layers, Gemma 2 and 3, whose sliding layers have a rope base of their own)."""
+    model = tiny_models.FACTORIES[family]().eval()
+    received = block_kwargs(model)
+    ids, mask = tiny_models.padded_inputs()
+    streams = capture_block_inputs(model, find_adapter(model), [{"input_ids": ids, "attention_mask": mask}],
+                                   ActivationStore())
+    assert isinstance(received[0]["attention_mask"], torch.Tensor)  # the padded batch needs a real mask
+    for index, kwargs in enumerate(received):
+        captured = streams[0].arguments[index][1]
+        assert all(same(captured[key], kwargs[key]) for key in kwargs), (index, sorted(kwargs))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_block_gets_what_the_first_block_gets(name: str) -> None:
-    """Calibration records block 0's kwargs (attention mask, positions) and reuses them for every block;
-    that is right only where all blocks get the same. (Mistral's factory uses a sliding window of 8 over
-    20 tokens, so it is exercised.)"""
-    received = block_kwargs(MODELS[name]().eval())
-    mask = received[0]["attention_mask"]
-    assert isinstance(mask, torch.Tensor)  # the padded batch needs a real mask
-    for kwargs in received[1:]:
-        assert kwargs.keys() == received[0].keys()
-        assert all(same(kwargs[key], received[0][key]) for key in kwargs), sorted(kwargs)
-
-
-def test_qwen2_mixing_attention_types_really_gives_blocks_different_masks() -> None:
-    """Why the refusal above is needed."""
-    received = block_kwargs(qwen2(use_sliding_window=True, max_window_layers=1).eval())
-    assert not same(received[0]["attention_mask"], received[1]["attention_mask"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3"])
+def test_walking_the_blocks_with_their_own_arguments_is_the_model_s_forward(family: str) -> None:
+    """The calibration stream run block by block, each with its own arguments, arrives at the final norm as
+    in an ordinary forward of the padded batch; with block 0's arguments everywhere it would not."""
+    model = tiny_models.build(family)
+    adapter = find_adapter(model)
+    ids, mask = tiny_models.padded_inputs()
+    final: list[torch.Tensor] = []
+    handle = get_module(model, adapter.final_norm).register_forward_pre_hook(lambda m, args: final.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    handle.remove()
+    stream = capture_block_inputs(model, adapter, [{"input_ids": ids, "attention_mask": mask}], ActivationStore())[0]
+    start = stream.hidden
+    walked = {}
+    for own in (True, False):
+        hidden = start
+        for index, block in enumerate(get_module(model, adapter.blocks)):
+            stream.at = index if own else 0
+            hidden = run_block(block, stream, hidden)
+        walked[own] = hidden[mask.bool()]
+    torch.testing.assert_close(walked[True], final[0][mask.bool()], rtol=0, atol=1e-12)
+    assert (walked[False] - final[0][mask.bool()]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
@@ -346,3 +427,51 @@ def test_an_adapter_that_does_not_match_its_model_is_reported_not_asserted(monke
     with pytest.raises(LmsliceError, match="self_attn.o_proj is not a shortcut projection"):
         slice_model(tiny_models.build("llama", torch.float32), tiny_models.random_batches(count=1), 0.25,
                     progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_a_norm_on_a_sublayer_s_output_refuses_slicing_in_one_line_and_says_why(family: str) -> None:
+    """Such a norm sits between the writer and the stream (the writer cannot absorb the rotation) and is
+    not rotation-equivariant; the refusal comes before any calibration and names pruning instead."""
+    model = tiny_models.build(family, torch.float32)
+    with pytest.raises(LmsliceError) as error:
+        slice_model(model, [], SPARSITY, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "cannot be sliced" in message and "rotation" in message
+    assert "post_feedforward_layernorm" in message and "--target-params" in message
+
+
+def test_why_a_norm_on_a_sublayer_s_output_is_not_rotation_invariant() -> None:
+    """The maths behind the refusal: with a per-feature scale g, norm(y)·g rotated is not norm(yQ)·g' for
+    the diagonal g' that would carry the scale, while with g = 1 the norm commutes with a square rotation."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 8, dtype=torch.float64, generator=generator)
+    g = 1 + 0.3 * torch.randn(8, dtype=torch.float64, generator=generator)
+    q = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=generator))[0]
+
+    def norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return scale * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    unit = torch.ones(8, dtype=torch.float64)
+    assert torch.allclose(norm(y, unit) @ q, norm(y @ q, unit))
+    # the best diagonal g' (least squares per feature) still misses
+    target, normalised = norm(y, g) @ q, norm(y @ q, unit)
+    best = (target * normalised).sum(0) / normalised.pow(2).sum(0)
+    assert (norm(y @ q, best) - target).abs().max() > 0.05
+
+
+def test_phi4_is_phi3_s_architecture_with_partial_rotary_and_tied_embeddings() -> None:
+    """Phi-4 ships as Phi3ForCausalLM (the phi3 adapter); Phi-4-mini adds a partial rotary factor (0.75)
+    and tied embeddings, which change nothing lmslice touches: rotation at sparsity 0 stays exact."""
+    torch.manual_seed(0)
+    dense = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)).double().eval()
+    assert find_adapter(dense).family == "phi3"
+    rotated = copy.deepcopy(dense)
+    slice_model(rotated, tiny_models.random_batches(count=1), 0.0, progress=False)
+    ids, mask = tiny_models.padded_inputs()
+    with torch.no_grad():
+        difference = (rotated(input_ids=ids, attention_mask=mask).logits
+                      - dense(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max()
+    assert difference <= 1e-6  # Phi-3's RMSNorm rounds through float32

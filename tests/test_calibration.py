@@ -11,6 +11,7 @@ import torch
 import lmslice.slicing
 import tiny_models
 from lmslice.slicing import slice_model
+from test_adapters import SLICEABLE
 
 
 def block_inputs(model: torch.nn.Module, batches: list[dict]) -> list[list[torch.Tensor]]:
@@ -34,7 +35,7 @@ def block_inputs(model: torch.nn.Module, batches: list[dict]) -> list[list[torch
     return received
 
 
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", SLICEABLE)
 def test_calibration_stream_is_what_the_sliced_blocks_produce(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Block k is calibrated on a simulated stream (unrotated blocks, inner connections projected by
     hooks); it must equal the stream of the finished sliced model, in float64 to rounding."""

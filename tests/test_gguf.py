@@ -3,14 +3,18 @@ tests/test_llamacpp.py runs the files in llama.cpp itself)."""
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from torch import nn
 
+import lmslice
 import tiny_models
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
@@ -79,7 +83,8 @@ def test_a_block_without_attention_has_no_heads_and_no_attention_tensors(tmp_pat
 
 
 @pytest.mark.parametrize("family, architecture", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
-                                                  ("gemma", "gemma")])
+                                                  ("gemma", "gemma"), ("ministral", "llama"), ("qwen3", "qwen3"),
+                                                  ("granite", "granite"), ("gemma3", "gemma3")])
 def test_equal_blocks_are_the_familys_own_architecture(family: str, architecture: str, tmp_path: Path,
                                                        tiny_tokenizer) -> None:
     model = pruned(family, UNIFORM)
@@ -90,11 +95,90 @@ def test_equal_blocks_are_the_familys_own_architecture(family: str, architecture
     assert read[f"{architecture}.feed_forward_length"] == 96
     assert read[f"{architecture}.attention.head_count"] == 4
     q = model.model.layers[0].self_attn.q_proj.weight.detach()
-    expected = interleave_rope(q, 4) if architecture == "llama" else q  # qwen2 and gemma: NEOX rope, HF layout
+    # llama and granite rotate interleaved pairs; qwen2/qwen3 and the gemmas halves (NEOX: HF's layout)
+    expected = interleave_rope(q, 4) if architecture in ("llama", "granite") else q
     np.testing.assert_array_equal(np.asarray(stored["blk.0.attn_q.weight"].data), expected.numpy())
     norm = model.model.layers[0].input_layernorm.weight.detach()
     np.testing.assert_array_equal(np.asarray(stored["blk.0.attn_norm.weight"].data),
-                                  (norm + 1 if family == "gemma" else norm).numpy())
+                                  (norm + 1 if family.startswith("gemma") else norm).numpy())
+
+
+def test_architecture_metadata_and_per_head_norms(tmp_path: Path, tiny_tokenizer) -> None:
+    """What each architecture's loader reads beside the widths: Gemma 3's windows (one flag per layer) and
+    its sliding layers' rope base, its q/k norms (head_dim wide, +1); Granite's four multipliers; OLMo 2's
+    norms after the sublayers and over the whole query and key projections."""
+    gemma3, granite, olmo2 = (pruned(family, UNIFORM) for family in ("gemma3", "granite", "olmo2"))
+    for model, name in ((gemma3, "gemma3"), (granite, "granite"), (olmo2, "olmo2")):
+        export_gguf(model, tmp_path / f"{name}.gguf", tiny_tokenizer, outtype="f32")
+    read, stored = fields(tmp_path / "gemma3.gguf"), tensors(tmp_path / "gemma3.gguf")
+    assert read["gemma3.attention.sliding_window"] == 8
+    assert read["gemma3.attention.sliding_window_pattern"] == [True, True, False]
+    assert read["gemma3.rope.freq_base_swa"] == 10000.0 and read["gemma3.rope.freq_base"] == 1e6
+    q_norm = gemma3.model.layers[0].self_attn.q_norm.weight.detach()
+    np.testing.assert_array_equal(np.asarray(stored["blk.0.attn_q_norm.weight"].data), (q_norm + 1).numpy())
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(stored)
+    read = fields(tmp_path / "granite.gguf")
+    config = granite.config
+    assert read["granite.attention.scale"] == pytest.approx(config.attention_multiplier)
+    assert read["granite.embedding_scale"] == pytest.approx(config.embedding_multiplier)
+    assert read["granite.residual_scale"] == pytest.approx(config.residual_multiplier)
+    assert read["granite.logit_scale"] == pytest.approx(config.logits_scaling)
+    stored = tensors(tmp_path / "olmo2.gguf")
+    assert list(stored["blk.0.attn_q_norm.weight"].shape) == [64]  # every query head's features
+    assert list(stored["blk.0.attn_k_norm.weight"].shape) == [32]
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(stored)
+    assert "blk.0.attn_norm.weight" not in stored
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def with_rope(family: str, rope: dict) -> nn.Module:
+    model = tiny_models.build(family, torch.float32)
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = rope
+    rebuilt = type(model)(config).float().eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert isinstance(rebuilt, transformers.PreTrainedModel)
+    return rebuilt
+
+
+def test_llama3_rope_is_the_rope_freqs_tensor_the_converter_writes(tmp_path: Path, tiny_tokenizer) -> None:
+    """convert_hf_to_gguf.py's formula for each frequency's divisor, against what lmslice writes (from
+    transformers' own llama3 frequencies)."""
+    path = tmp_path / "model.gguf"
+    export_gguf(with_rope("llama", LLAMA3_ROPE), path, tiny_tokenizer, outtype="f32")
+    expected = []
+    for frequency in 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)):
+        wavelength = 2 * math.pi / frequency
+        if wavelength < 32 / 4:
+            expected.append(1.0)
+        elif wavelength > 32 / 1:
+            expected.append(8.0)
+        else:
+            smooth = (32 / wavelength - 1) / (4 - 1)
+            expected.append(1 / ((1 - smooth) / 8 + smooth))
+    written = np.asarray(tensors(path)["rope_freqs.weight"].data)
+    np.testing.assert_allclose(written, expected, rtol=1e-6)
+    assert len(set(np.round(written, 4))) == 3  # kept, smoothed, divided by 8
+    assert "llama.rope.scaling.type" not in fields(path)
+
+
+@pytest.mark.parametrize("family, rope, read", [
+    ("llama", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+     {"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}),
+    ("qwen2", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+     {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 32}),
+])
+def test_linear_and_yarn_rope_are_metadata(family: str, rope: dict, read: dict, tmp_path: Path,
+                                          tiny_tokenizer) -> None:
+    path = tmp_path / "model.gguf"
+    layout = export_gguf(with_rope(family, rope), path, tiny_tokenizer, outtype="f32")
+    written = fields(path)
+    for key, value in read.items():
+        assert written[f"{layout.architecture}.{key}"] == pytest.approx(value)
+    assert "rope_freqs.weight" not in tensors(path)
 
 
 def test_standard_format_writes_its_hidden_size_and_head_dim(tmp_path: Path, tiny_tokenizer) -> None:
@@ -149,18 +233,48 @@ def test_q8_0_quantises_rows_of_32_and_keeps_other_rows_float16(tmp_path: Path, 
 @pytest.mark.parametrize("case, message", [
     ("sliced", "per-block SliceGPT shortcut"),
     ("opt", "not opt"),
+    ("ministral3", "not ministral3"),
     ("gemma_per_block", "prune with --mlp-widths uniform"),
+    ("qwen3_per_block", r"cannot build qwen3's block: prune with --mlp-widths uniform \(llama.cpp's qwen3\)"),
     ("gemma_untied", "keep the embeddings tied"),
+    ("smollm3_rope_layers", r"llama.cpp's smollm3 applies rope in layers \[1, 1, 1\]"),
+    ("gemma2_global_only", "needs a sliding-window layer"),
+    ("qwen2_llama3_rope", "llama.cpp's qwen2 reads no rope_freqs tensor"),
+    ("llama_dynamic_rope", "no 'dynamic' rope scaling"),
+    ("qwen2_yarn_beta", "beta_fast 32 and beta_slow 1"),
+    ("phi3_longrope", "longrope's long or short factors by the context"),
+    ("phi3_standard", r"llama.cpp's phi3 sizes the attention output hidden x hidden \(48\)"),
 ])
 def test_what_llamacpp_cannot_run_is_refused_before_writing(case: str, message: str, tmp_path: Path,
                                                             tiny_tokenizer) -> None:
     if case == "sliced":
         model = tiny_models.build("llama", torch.float32)
         slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
-    elif case == "opt":
-        model = pruned("opt", UNIFORM)
+    elif case in ("opt", "ministral3"):
+        model = pruned(case, UNIFORM)
     elif case == "gemma_per_block":
         model = pruned("gemma", WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8))
+    elif case == "qwen3_per_block":
+        model = pruned("qwen3")
+    elif case == "smollm3_rope_layers":  # the tiny SmolLM3 leaves rope out of layer 1
+        model = pruned("smollm3", UNIFORM)
+    elif case == "gemma2_global_only":
+        model = tiny_models.randomised(lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+            layer_types=["full_attention"] * 3)), torch.float32)
+    elif case == "qwen2_llama3_rope":
+        model = with_rope("qwen2", LLAMA3_ROPE)
+    elif case == "llama_dynamic_rope":
+        model = with_rope("llama", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    elif case == "phi3_longrope":
+        model = with_rope("phi3", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                   "long_factor": [2.0] * 8, "original_max_position_embeddings": 32})
+    elif case == "phi3_standard":
+        model = tiny_models.build("phi3", torch.float32)
+        slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
+    elif case == "qwen2_yarn_beta":
+        model = with_rope("qwen2", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 16.0,
+                                    "original_max_position_embeddings": 32})
     else:
         model = pruned("gemma", UNIFORM)
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() + 1)
@@ -235,3 +349,31 @@ def test_auto_alignment_is_k_quant_rows_for_per_block_widths_of_an_aligned_model
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **{**tiny_models.COMMON, "num_hidden_layers": 1}, intermediate_size=width))
     assert alignment(argparse.Namespace(**options), model, find_adapter(model)) == expected
+
+
+def test_slice_refuses_a_config_llamacpp_computes_otherwise_before_the_work(text_file: Path, tmp_path: Path,
+                                                                            tiny_tokenizer, capsys,
+                                                                            monkeypatch) -> None:
+    """The tiny SmolLM3 leaves rope out of layer 1, llama.cpp's smollm3 out of every fourth layer: refused
+    before the calibration text is read."""
+    source = tmp_path / "smollm3"
+    tiny_models.build("smollm3", torch.float32).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    capsys.readouterr()
+    monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+    assert main(slice_args(source, text_file, tmp_path / "out", "--target-params", "0.8", "--mlp-widths", "uniform",
+                           "--gguf", str(tmp_path / "model.gguf"))) == 2
+    assert "rope in layers [1, 1, 1] (none in every 4th), this model in [1, 0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf"))
+
+
+def test_a_gguf_lmslice_does_not_read_is_refused_from_its_metadata(tmp_path: Path, tiny_tokenizer) -> None:
+    """lmslice's own per-block export (llama.cpp's deci) is refused on load in one line, from the metadata
+    alone: its weights are cut off here, so reading them would fail otherwise."""
+    path = tmp_path / "model.gguf"
+    export_gguf(pruned("llama"), path, tiny_tokenizer, outtype="f32")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LmsliceError, match=r"holds llama.cpp's deci, which lmslice does not read; it reads GGUF files "
+                                           r"of gemma, .*qwen3"):
+        lmslice.load(path)

@@ -9,6 +9,7 @@ import torch
 
 import tiny_models
 from lmslice.adapters import find_adapter
+from test_adapters import SLICEABLE
 from lmslice.calibration import Covariance
 from lmslice.fuse import fuse_norms
 from lmslice.slicing import slice_model
@@ -29,15 +30,17 @@ def exact_rms_norms(monkeypatch: pytest.MonkeyPatch) -> None:
         scale = torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
         return (1 + self.weight) * (hidden_states * scale)
 
-    import transformers.models.gemma.modeling_gemma as gemma
-    import transformers.models.llama.modeling_llama as llama
-    import transformers.models.mistral.modeling_mistral as mistral
-    import transformers.models.phi3.modeling_phi3 as phi3
-    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    import importlib
 
-    for norm_class in (llama.LlamaRMSNorm, mistral.MistralRMSNorm, qwen2.Qwen2RMSNorm, phi3.Phi3RMSNorm):
+    for family in ("llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "smollm3", "granite", "phi3",
+                   "olmo2"):
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        norm_class = next(value for name, value in vars(module).items() if name.endswith("RMSNorm"))
         monkeypatch.setattr(norm_class, "forward", exact)
-    monkeypatch.setattr(gemma.GemmaRMSNorm, "forward", exact_plus_one)
+    for family in ("gemma", "gemma2", "gemma3"):
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        norm_class = next(value for name, value in vars(module).items() if name.endswith("RMSNorm"))
+        monkeypatch.setattr(norm_class, "forward", exact_plus_one)
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,7 +49,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", SLICEABLE)
 def test_fusion_keeps_logits(family: str, dtype: torch.dtype) -> None:
     dense = tiny_models.build(family, dtype)
     ids, mask = tiny_models.padded_inputs()
@@ -56,7 +59,7 @@ def test_fusion_keeps_logits(family: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", SLICEABLE)
 @pytest.mark.parametrize("slice_head", [False, True], ids=["full-head", "sliced-head"])
 def test_rotation_at_sparsity_zero_keeps_logits(family: str, dtype: torch.dtype, slice_head: bool) -> None:
     dense = tiny_models.build(family, dtype)
@@ -67,7 +70,7 @@ def test_rotation_at_sparsity_zero_keeps_logits(family: str, dtype: torch.dtype,
     assert difference <= TOLERANCE[dtype], f"max |Δlogit| = {difference:.3g}"
 
 
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", SLICEABLE)
 def test_rotation_is_not_the_identity(family: str) -> None:
     """Guards the test above: the rotated model's weights really differ from the dense ones."""
     dense = tiny_models.build(family)

@@ -1,13 +1,14 @@
-"""lmslice's GGUF files run by llama.cpp itself: a tiny pruned model of every exportable family, exported
-float32, gives llama.cpp's logits equal to lmslice's, on whole prompts and decoding token by token through
-llama.cpp's KV cache.
+"""lmslice's GGUF files run by llama.cpp itself: a tiny pruned model of every exportable family and
+architecture, exported float32, gives llama.cpp's logits equal to lmslice's, on whole prompts (up to 40
+tokens: past the original context of the rope-scaled cases) and decoding token by token through llama.cpp's
+KV cache.
 
 Needs a llama.cpp build (scripts/build-llamacpp; LMSLICE_LLAMACPP to point at another) and the binding of
 the same sdist; skipped with the reason where there is none. Tolerance: the logits are O(1) (max |logit|
 about 2-5), float32 on both sides and a float32 KV cache; llama.cpp sums in another order (and its
-softmax and rope in float32 kernels): measured max |difference| 1.1e-6 to 2.0e-6, TOLERANCE 2e-5. Gemma's
-GELU is looked up in ggml's CPU backend in a float16 table (GGML_GELU_FP16 in ggml-cpu/vec.h): measured
-3.4e-3, GELU_TOLERANCE 1e-2.
+softmax and rope in float32 kernels): measured max |difference| 3.6e-7 (granite) to 2.7e-6 (qwen3 with
+YaRN), TOLERANCE 2e-5. Gemma's GELU (gemma, gemma2, gemma3) is looked up in ggml's CPU backend in a
+float16 table (GGML_GELU_FP16 in ggml-cpu/vec.h): measured 3.3e-3 to 4.6e-3, GELU_TOLERANCE 1e-2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 import tiny_models
+import transformers
 from lmslice.errors import LmsliceError
 from lmslice.export import standard_model
 from lmslice.export.gguf import export_gguf
@@ -48,11 +50,43 @@ ATTENTION_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, atte
 MLP_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 0, 0], round_to=8, attention_heads=[4, 2, 0])
 
 
+# Llama 3.x's rope scaling with an original context of 32 tokens: the longest prompt (40 tokens) runs past it,
+# and head_dim 16 puts the rope's frequencies in all three of its bands (kept, smoothed, divided by 8).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# Models unlike the tiny ones in what llama.cpp must be shown: llama.cpp's llama and qwen2 have no sliding
+# window (the export caps the context at it: Ministral's window is the whole context), and its smollm3 leaves
+# rope out of every fourth layer.
+VARIANTS = {
+    "phi4mini": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)),
+    "llamalinear": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "qwen3yarn": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "attention_factor": 1.3})),
+    "llama3rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters=LLAMA3_ROPE)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, sliding_window=None)),
+    "ministral": lambda: transformers.MinistralForCausalLM(transformers.MinistralConfig(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, sliding_window=128)),
+    "smollm3": lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+        **{**tiny_models.COMMON, "num_hidden_layers": 4}, intermediate_size=112, num_key_value_heads=2,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+}
+
+
 def tiny(family: str) -> nn.Module:
-    model = tiny_models.build(family, torch.float32)
-    if family == "mistral":  # llama.cpp's llama has no sliding window; the export caps the context at it
-        model.config.sliding_window = None
-    return model
+    if family in VARIANTS:
+        return tiny_models.randomised(VARIANTS[family], torch.float32)
+    return tiny_models.build(family, torch.float32)
 
 
 def case(name: str) -> nn.Module:
@@ -62,12 +96,19 @@ def case(name: str) -> nn.Module:
         result = slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
         return standard_model(model, head_input=result.head_input)
     plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE, "mlpfree": MLP_FREE}
-    prune_model(model, tiny_models.random_batches(), plans[mode])
+    plan = plans[mode]
+    blocks = model.config.num_hidden_layers
+    if mode == "uniform" and blocks != len(plan.mlp_widths):
+        plan = WidthPlan(0.8, 1, 1, mlp_widths=[96] * blocks, round_to=8)
+    prune_model(model, tiny_models.random_batches(), plan)
     return model
 
 
 CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-attentionfree", "llama-mlpfree",
-         "llama-uniform", "qwen2-uniform", "gemma-uniform", "llama-standard"]
+         "llama-uniform", "qwen2-uniform", "gemma-uniform", "llama-standard", "llama3rope-uniform",
+         "llama3rope-perblock", "ministral-uniform", "qwen3-uniform", "qwen3-standard", "smollm3-uniform",
+         "granite-uniform", "granite-standard", "olmo2-uniform", "gemma2-uniform", "gemma3-uniform",
+         "llamalinear-uniform", "qwen3yarn-uniform", "phi3-uniform", "phi4mini-uniform"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +134,7 @@ def reference(model: nn.Module, ids: list[int]) -> np.ndarray:
 
 PROMPTS = [[int(token) for token in torch.randint(0, tiny_models.VOCAB, (length,),
                                                   generator=torch.Generator().manual_seed(length))]
-           for length in (5, 11, 24)]
+           for length in (5, 11, 24, 40)]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -110,7 +151,19 @@ def test_llamacpp_logits_equal_lmslices(name: str, exported) -> None:
         llm.close()
 
 
-@pytest.mark.parametrize("name", ["llama-perblock", "llama-mlpfree", "qwen2-perblock", "gemma-uniform"])
+def test_llama3_rope_scaling_matters_on_the_prompts() -> None:
+    """Guards the llama3rope cases: the same model with unscaled rope gives other logits past the original
+    context, so llama.cpp matching it needs the rope_freqs tensor."""
+    model = tiny("llama3rope")
+    unscaled = tiny_models.randomised(lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True)), torch.float32)
+    unscaled.load_state_dict(model.state_dict())
+    prompt = PROMPTS[-1]
+    assert np.abs(reference(unscaled, prompt) - reference(model, prompt))[32:].max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["llama-perblock", "llama-mlpfree", "qwen2-perblock", "gemma-uniform",
+                                  "llama3rope-perblock", "gemma3-uniform", "olmo2-uniform"])
 def test_llamacpp_decodes_through_its_kv_cache_as_lmslice_does(name: str, exported) -> None:
     model, path = exported[name]
     llm = open_llama(path)

@@ -20,9 +20,10 @@ from lmslice.calibration import ActivationStore
 from lmslice.cli import main
 from lmslice.io.offload import slice_offloaded
 from lmslice.slicing import slice_model
+from test_adapters import SLICEABLE
 
 
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", SLICEABLE)
 def test_offloaded_slicing_matches_in_memory(family: str, tmp_path: Path) -> None:
     dense = tiny_models.build(family, torch.float32)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="100KB")  # several shards

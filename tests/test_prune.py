@@ -84,7 +84,7 @@ def test_unreachable_budget_is_refused() -> None:
         plan_uniform(tiny_models.build("llama"), 0.1)
 
 
-@pytest.mark.parametrize("family", ["llama", "phi"])
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
 def test_full_budget_leaves_the_model_exact(family: str) -> None:
     model = tiny_models.build(family)
     reference = copy.deepcopy(model)
@@ -147,7 +147,8 @@ def test_refit_is_least_squares_pulled_toward_the_kept_weights(bias: bool) -> No
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_carried_stream_is_the_pruned_block_s_output(family: str, offloaded: bool, tmp_path: Path) -> None:
     """The stream moves on by adding the consumer's change to the dense block's output (one pass per
-    block); it must equal running the pruned block, in every family (each consumer writes the stream)."""
+    block), or where a norm or a scale comes between the consumer and the stream by running the pruned
+    block again: either way it must equal running the pruned block, in every family."""
     model = tiny_models.build(family, torch.float64)
     adapter = find_adapter(model)
     batches = tiny_models.random_batches(count=2)
@@ -270,7 +271,8 @@ def test_carried_stream_is_exact_in_a_sliced_model(family: str) -> None:
     slice_model(model, batches, 0.25, slice_head=True, progress=False)
     adapter = find_adapter(model)
     streams = capture_block_inputs(model, adapter, batches, ActivationStore())
-    for block in get_module(model, adapter.blocks):
+    for index, block in enumerate(get_module(model, adapter.blocks)):
+        enter(streams, index)
         inputs = [stream.hidden.clone() for stream in streams]
         if adapter.attention is not None:
             shape = HeadShape.of(block, adapter.attention)
@@ -288,7 +290,7 @@ def test_a_sliced_model_whose_head_reads_more_is_refused() -> None:
         prune_to_budget(model, batches, 0.7)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "phi", "phi3", "gpt_neox", "gpt_neox_sequential"])
+@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
 def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_path: Path) -> None:
     """Query heads leave along the path (one per key/value group, then whole groups; the output
     projection refit), a different number of steps in each block, then the MLP is pruned: the carried
@@ -299,6 +301,7 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
     dense_blocks = get_module(tiny_models.build(family, torch.float64), adapter.blocks)
     heads = []
     for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks)):
+        enter(streams, index)
         shape = HeadShape.of(block, attention)
         assert shape.steps == shape.per_group - 1 + shape.groups - 1  # every family here can drop whole groups
         inputs = [stream.hidden.clone() for stream in streams]
@@ -325,6 +328,12 @@ def test_head_pruning_carries_the_stream_exactly_and_reloads(family: str, tmp_pa
     assert (logits - dense(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # really pruned
 
 
+def enter(streams: list, index: int) -> None:
+    """The streams now enter block `index` (its own attention mask and position embeddings)."""
+    for stream in streams:
+        stream.at = index
+
+
 def pruning_start(family: str) -> tuple[torch.nn.Module, ModelAdapter, list]:
     """A tiny float64 model of `family`, its adapter and its first block's calibration stream."""
     model = tiny_models.build(family, torch.float64)
@@ -347,7 +356,7 @@ def saved_and_reloaded(model: torch.nn.Module, adapter: ModelAdapter, heads: lis
     return reloaded
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "phi", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "opt", "phi", "phi3", "gpt_neox", "gemma2", "granite", "olmo2"])
 def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_path: Path) -> None:
     """Block 1's heads all leave (its attention becomes `AttentionFree`, with a refit bias where the
     output projection had one), the others' one step: the carried stream is what the pruned blocks compute, the saved
@@ -356,6 +365,7 @@ def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_
     attention, blocks = adapter.attention, get_module(model, adapter.blocks)
     heads = []
     for index, block in enumerate(blocks):
+        enter(streams, index)
         shape = HeadShape.of(block, attention, removable=index > 0)
         heads.append(0 if index == 1 else shape.heads_after(1))
         inputs = [stream.hidden.clone() for stream in streams]
@@ -370,7 +380,7 @@ def test_a_block_loses_its_whole_attention_exactly_and_reloads(family: str, tmp_
     assert_cached_decoding_is_recomputing(saved_and_reloaded(model, adapter, heads, tmp_path))
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "phi", "gpt_neox", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "opt", "phi", "gpt_neox", "phi3", "gemma", "gemma3", "granite", "olmo2"])
 def test_blocks_lose_their_whole_mlp_and_whole_block_exactly_and_reload(family: str, tmp_path: Path) -> None:
     """Block 1 loses its MLP (what it writes is its consumer's bias, refit to the MLP's mean output, where
     it has one), block 2 its MLP and its attention: a block that writes nothing, the identity where no
@@ -380,6 +390,7 @@ def test_blocks_lose_their_whole_mlp_and_whole_block_exactly_and_reload(family: 
     blocks, attention = get_module(model, adapter.blocks), adapter.attention
     heads = [HeadShape.of(block, attention).heads for block in blocks[:2]] + [0]
     for index, block in enumerate(blocks):
+        enter(streams, index)
         inputs = [stream.hidden.clone() for stream in streams]
         if index == 2:
             prune_block_heads(block, attention, streams, 0, removable=True)

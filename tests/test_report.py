@@ -290,3 +290,8 @@ def test_standard_mode_keeps_a_hidden_size_transformers_can_save(calibration, tm
     assert width % 6 == 0 and width % 8 == 0 and shape == f"D'={width}"
     model.save_pretrained(tmp_path / "standard")
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "standard").config.hidden_size == width
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+def test_a_family_that_cannot_be_sliced_takes_only_the_pruning_modes(family: str) -> None:
+    assert supported_modes(tiny_models.build(family, torch.float32)) == ["mlp-uniform", "mlp-measured", "mlp-heads"]

@@ -14,9 +14,10 @@ import tiny_models
 from lmslice.errors import LmsliceError
 from lmslice.pipeline import Slice, SliceConfig, compress
 from lmslice.slicing import slice_model
+from test_adapters import SLICEABLE
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_models.FACTORIES))
+@pytest.fixture(scope="module", params=SLICEABLE)
 def sliced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            tiny_tokenizer) -> tuple[torch.nn.Module, Path]:
     model = tiny_models.build(request.param, torch.float32)
@@ -80,7 +81,7 @@ def test_generate_after_reload_decodes_from_the_cache_as_without_it(sliced) -> N
 
 
 @pytest.mark.parametrize("slice_head", [False, True], ids=["full-head", "sliced-head"])
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", SLICEABLE)
 def test_cached_decode_equals_recomputation(family: str, slice_head: bool) -> None:
     model = tiny_models.build(family, torch.float64)
     slice_model(model, tiny_models.random_batches(), 0.25, slice_head=slice_head, progress=False)

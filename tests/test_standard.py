@@ -25,7 +25,7 @@ from lmslice.slicing import slice_model
 from test_adapters import confine_stream_before_last_write
 from test_invariance import exact_rms_norms  # noqa: F401 - autouse: exact float64 reference norms
 
-RMS_FAMILIES = ["gemma", "llama", "mistral", "phi3", "qwen2"]
+RMS_FAMILIES = ["gemma", "granite", "llama", "ministral", "ministral3", "mistral", "phi3", "qwen2", "qwen3", "smollm3"]
 
 
 @torch.no_grad()

@@ -35,8 +35,10 @@ def mistral() -> nn.Module:
 
 
 def qwen2() -> nn.Module:
+    # layer 0 global, layers 1-2 within a window of 8 (max_window_layers): blocks get different masks
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True))
+        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1))
 
 
 def gemma() -> nn.Module:
@@ -53,6 +55,55 @@ def phi3() -> nn.Module:
         **COMMON, intermediate_size=112, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
 
 
+def qwen3() -> nn.Module:
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True))
+
+
+def smollm3() -> nn.Module:
+    # rope left out of every second layer (layer 1 of 3): llama.cpp's own pattern is every fourth
+    return transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, no_rope_layer_interval=2, tie_word_embeddings=True,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def granite() -> nn.Module:
+    return transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, tie_word_embeddings=True, embedding_multiplier=6.0,
+        residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=4.0))
+
+
+def ministral() -> nn.Module:
+    return transformers.MinistralForCausalLM(transformers.MinistralConfig(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, sliding_window=8))
+
+
+def ministral3() -> nn.Module:
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
+    return transformers.Ministral3ForCausalLM(transformers.Ministral3Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, rope_parameters=rope))
+
+
+def gemma2() -> nn.Module:
+    # Gemma 2's own alternation (sliding, global, sliding), the window 8 over the tests' 20-24 tokens
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8))
+
+
+def gemma3() -> nn.Module:
+    # sliding layers before a global one, as Gemma 3's 5:1, with their own rope base (10000, the global 1e6)
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
+
+
+def olmo2() -> nn.Module:
+    return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        **COMMON, intermediate_size=112, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+
+
 def gpt_neox(parallel: bool = True) -> nn.Module:
     return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
         **COMMON, intermediate_size=112, use_parallel_residual=parallel))
@@ -63,6 +114,14 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "mistral": mistral,
     "qwen2": qwen2,
     "gemma": gemma,
+    "gemma2": gemma2,
+    "gemma3": gemma3,
+    "qwen3": qwen3,
+    "smollm3": smollm3,
+    "granite": granite,
+    "ministral": ministral,
+    "ministral3": ministral3,
+    "olmo2": olmo2,
     "opt": opt,
     "phi": phi,
     "phi3": phi3,
@@ -71,10 +130,15 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-@torch.no_grad()
 def build(family: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    return randomised(FACTORIES[family], dtype, seed)
+
+
+@torch.no_grad()
+def randomised(factory: Callable[[], nn.Module], dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """The factory's model with random weights, its norm scales and shifts and biases randomised too."""
     torch.manual_seed(seed)
-    model = FACTORIES[family]().to(dtype).eval()
+    model = factory().to(dtype).eval()
     for name, parameter in model.named_parameters():
         if parameter.dim() == 1:  # norm scales, norm shifts and biases
             base = 1.0 if name.endswith("weight") else 0.0

@@ -125,8 +125,10 @@ def _describe_plan(result: Compressed) -> str:
     return describe_mlp(plan.mlp_widths) + heads
 
 
-def _supports_everything(model: nn.Module) -> None:
-    find_adapter(model)
+def _supports_slicing(model: nn.Module) -> None:
+    reason = find_adapter(model).cannot_slice()
+    if reason:
+        raise LmsliceError(reason)
 
 
 def _supports_standard(model: nn.Module) -> None:
@@ -170,7 +172,7 @@ class Mode:
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("slicegpt", "SliceGPT: a basis per block joined by shortcut matrices, head sliced",
-         _supports_everything, _slicegpt, _describe_width),
+         _supports_slicing, _slicegpt, _describe_width),
     Mode("standard", "one basis for the whole stream, the family's own architecture (untied head)",
          _supports_standard, _standard, _describe_width),
     Mode("mlp-uniform", "MLP channels pruned with a least-squares refit, the same width in every block",

@@ -59,6 +59,13 @@ def absorb_affine(linear: nn.Linear, scale: torch.Tensor | None, shift: torch.Te
 
 
 @torch.no_grad()
+def scale_output(linear: nn.Linear, scale: float) -> None:
+    linear.weight.data = (linear.weight.data.double() * scale).to(linear.weight.dtype)
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.data.double() * scale).to(linear.bias.dtype)
+
+
+@torch.no_grad()
 def centre_output(module: nn.Module) -> None:
     """Makes the module's contribution to the residual stream zero-mean over the hidden dimension."""
     if isinstance(module, nn.Embedding):
@@ -76,6 +83,8 @@ def fuse_embeddings(model: nn.Module, adapter: ModelAdapter, centre: bool = Fals
     """Unties the head and mean-centres what the embeddings write: always for LayerNorm families (exact),
     for RMSNorm families when `centre` (not exact: RMSNorm sees the mean)."""
     untie_embeddings(model, adapter)
+    if adapter.residual_scale is not None:  # folded into every block's writers by `fuse_block`
+        setattr(model.config, adapter.residual_scale, 1.0)
     if centre or adapter.norm_kind == "layer":
         for path in adapter.embeddings:
             centre_output(get_module(model, path))
@@ -94,8 +103,14 @@ def fold_norm(root: nn.Module, norm_path: str, readers: tuple[str, ...], norm_ki
 
 def fuse_block(block: nn.Module, adapter: ModelAdapter) -> list[str]:
     """Folds the block's norms into its readers (and mean-centres its writers for LayerNorm families).
-    Returns the block-relative paths of readers that gained a bias."""
+    Returns the block-relative paths of readers that gained a bias. A scale on what the block writes
+    (`adapter.residual_scale`) is folded into its writers and set to 1."""
     added: list[str] = []
+    if adapter.residual_scale is not None:
+        scale = float(getattr(block, adapter.residual_scale))
+        for path in (path for residual in adapter.residuals for path in residual.writes):
+            scale_output(get_module(block, path), scale)
+        setattr(block, adapter.residual_scale, 1.0)
     for residual in adapter.residuals:
         if adapter.norm_kind == "layer":
             for path in residual.writes:

@@ -62,8 +62,9 @@ def _require(record: dict[str, Any], key: str, prefix: str = "") -> Any:
 
 @dataclass(frozen=True)
 class ResidualPaths:
-    """One residual connection: the norms reading its input (each with the layers reading that norm) and
-    the layers writing its output, the first of which carries the shortcut."""
+    """One residual connection: the norms reading its input (each with the layers reading that norm; the
+    norm "" is none, the layers read the stream itself) and the layers writing its output, the first of
+    which carries the shortcut."""
 
     reads: tuple[tuple[str, tuple[str, ...]], ...]
     writes: tuple[str, ...]
@@ -88,7 +89,9 @@ class AttentionPaths:
     `heads_attribute` (query heads; `config.NAME` where the forward reads the count from its config,
     which each block then holds a copy of), `groups_attribute` (query heads per key/value head) and
     `key_value_heads_attribute` are kept current where the family's forward reads them. Query heads
-    otherwise leave one from every key/value group at a time."""
+    otherwise leave one from every key/value group at a time. `query_norm` and `key_norm` name norms whose
+    weight spans the whole query or key projection (OLMo 2's q_norm, k_norm): a pruned head's features
+    leave them too."""
 
     module: str
     queries: str
@@ -101,6 +104,8 @@ class AttentionPaths:
     groups_attribute: str | None = "num_key_value_groups"
     stacked: bool = False
     key_value_heads_attribute: str | None = None
+    query_norm: str | None = None
+    key_norm: str | None = None
 
     @property
     def whole_groups(self) -> bool:
@@ -149,7 +154,7 @@ class Modules:
             if not reads:
                 raise LayoutError(f"lmslice.{name}.reads is empty")
             parsed.append(ResidualPaths(
-                tuple((_text(norm, f"{name}.reads"), _texts(readers, f"{name}.reads.{norm}"))
+                tuple((norm if norm == "" else _text(norm, f"{name}.reads"), _texts(readers, f"{name}.reads.{norm}"))
                       for norm, readers in reads.items()),
                 _texts(_require(residual, "writes", f"{name}."), f"{name}.writes")))
         mlp = attention = None

@@ -268,7 +268,17 @@ def resize_attention(block: nn.Module, attention: AttentionPaths, heads: int) ->
         if path is not None:
             resize_linear(get_module(block, path), out_features=key_value_heads * head_dim)
     resize_linear(get_module(block, attention.output), in_features=heads * head_dim)
+    for path, width in ((attention.query_norm, heads * head_dim), (attention.key_norm, key_value_heads * head_dim)):
+        if path is not None:
+            resize_norm(get_module(block, path), width)
     set_head_counts(block, attention, heads, key_value_heads)
+
+
+def resize_norm(norm: nn.Module, width: int) -> None:
+    """Gives a norm's weight `width` uninitialised features, in place (works on meta tensors too)."""
+    weight = norm.weight
+    if weight.shape[0] != width:
+        norm.weight = nn.Parameter(weight.new_empty(width), requires_grad=weight.requires_grad)
 
 
 def remove_attention(block: nn.Module, attention: AttentionPaths, bias: torch.Tensor | None = None) -> None:

@@ -102,7 +102,11 @@ def sliced_skeleton(model: nn.Module, width: int, rotation: str = "per-block", s
 
 def check_can_slice(model: nn.Module) -> None:
     """Refuses, before any calibration, a model whose residual stream lmslice has already sliced per block
-    (its shortcuts and weightless norms cannot be sliced again); plain outputs and pruned ones can be."""
+    (its shortcuts and weightless norms cannot be sliced again), or whose family's blocks are not
+    rotation-invariant; plain outputs and pruned ones can be."""
+    reason = find_adapter(model).cannot_slice()
+    if reason:
+        raise LmsliceError(reason)
     layout = layout_of(model.config)
     if layout is not None and not layout.standard and layout.stream is not None:
         source = f" ({layout.source_model})" if layout.source_model else ""

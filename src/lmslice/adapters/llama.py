@@ -1,6 +1,6 @@
 """Llama (Llama-2/3, SmolLM2, TinyLlama): RMSNorm, sequential attention then gated MLP."""
 
-from lmslice.adapters.base import Attention, Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Gguf, Mlp, ModelAdapter, Residual
 
 LLAMA = ModelAdapter(
     family="llama",
@@ -22,4 +22,5 @@ LLAMA = ModelAdapter(
     mlp=Mlp(producers=("mlp.gate_proj", "mlp.up_proj"), consumer="mlp.down_proj"),
     attention=Attention(module="self_attn", queries="self_attn.q_proj", output="self_attn.o_proj",
                         keys="self_attn.k_proj", values="self_attn.v_proj"),
+    gguf=Gguf("llama", per_block=True),
 )

@@ -247,7 +247,8 @@ def check_command(args: argparse.Namespace, model: nn.Module, steps: list[Step],
     transformers rejects), and a result `gguf` (llama.cpp) cannot represent."""
     check_steps(model, steps, placement=placement)
     if gguf:
-        check_exportable(adapter.family, shortcuts=args.sparsity is not None and args.format != "standard",
+        check_exportable(adapter.family, config=model.config,
+                         shortcuts=args.sparsity is not None and args.format != "standard",
                          per_block=args.target_params is not None and args.mlp_widths == "measured")
 
 

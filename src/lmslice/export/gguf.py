@@ -3,32 +3,38 @@
 Which llama.cpp architecture a model becomes is decided by its blocks:
 
 * every block equal (dense, `--mlp-widths uniform`, `--format standard`): the family's own
-  architecture (`llama` for Llama and Mistral, `qwen2`, `gemma`), as llama.cpp's `convert_hf_to_gguf.py`
-  writes it. Its loader reads layer 0's widths for every layer;
+  architecture (`ModelAdapter.gguf`: `llama` for Llama, Mistral and Ministral, `qwen2`, `qwen3`,
+  `smollm3`, `granite`, `olmo2`, `phi3` for Phi-3 and Phi-4, `gemma`, `gemma2`, `gemma3`), as llama.cpp's
+  `convert_hf_to_gguf.py` writes it, with the architecture's own keys (softcaps, windows, multipliers).
+  Its loader reads layer 0's widths for every layer;
 * per-block MLP widths and query heads (`--target-params` with measured widths): `deci`, the
   architecture of the Nemotron-NAS models, whose loader (`src/models/deci.cpp`) reads
   `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays
-  (a block whose attention was pruned away is `head_count` 0 and has no attention tensors).
+  (a block whose attention was pruned away is `head_count` 0 and has no attention tensors). No other
+  llama.cpp architecture sizes its tensors per block (they read n_ff and n_head of layer 0).
   Its block is Llama's (RMSNorm, SiLU-gated MLP, rope on interleaved pairs) with optional q/k/v,
-  output and MLP biases, so Llama, Mistral and Qwen2 (q/k/v biases) fit it. Gemma does not: its GELU
-  MLP, its √hidden embedding scale and its rope on halves are not in `deci`.
+  output and MLP biases, so Llama, Mistral, Ministral and Qwen2 (q/k/v biases) fit it. The others do
+  not: q/k norms (Qwen3, OLMo 2, Gemma 3), layers without rope (SmolLM3), multipliers (Granite), norms
+  after the sublayers, GELU and soft-capping (Gemma).
 
 Tensor names come from the `gguf` package's own map (HF name -> GGUF name, the one the converter uses).
-Architectures with llama.cpp's "normal" rope (`llama`, `deci`) take the query and key rows of each head
-permuted from HF's halves layout to interleaved pairs, as the converter does; `qwen2` and `gemma` use
-llama.cpp's NEOX rope, which reads HF's layout as it is. Gemma's norm weights are stored +1 (HF
-computes x·(1 + w)). Sliding-window attention (Mistral) is not modelled by llama.cpp's `llama`: the
-file's context length is capped at the window, within which the two agree.
+Architectures with llama.cpp's "normal" rope (`ARCHITECTURES`) take the query and key rows of each head
+permuted from HF's halves layout to interleaved pairs, as the converter does; the NEOX ones read HF's
+layout as it is. Gemma's norm weights are stored +1 (HF computes x·(1 + w)). Sliding-window attention
+(Mistral) is not modelled by llama.cpp's `llama`: the file's context length is capped at the window,
+within which the two agree. Rope scaling is written as the converter writes it (`rope_scaling`).
 
 What llama.cpp cannot represent is refused before any file is written: a per-block SliceGPT model
-(its shortcut matrices), and the families with LayerNorm or fused projections, which this writer
-does not cover (save them and use llama.cpp's converter). The file is written under a temporary name
-and renamed, so an interrupted export leaves no partial `.gguf`.
+(its shortcut matrices), the families this writer does not cover (LayerNorm: OPT, Phi-2, GPT-NeoX;
+Ministral 3's mistral3: save them and use llama.cpp's converter), and configs llama.cpp's architecture
+computes otherwise (`Gguf.refuse`). The file is written under a temporary name and renamed, so an interrupted
+export leaves no partial `.gguf`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,21 +44,44 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmslice.adapters import find_adapter
+from lmslice.adapters import ADAPTERS, adapter_of_family, find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export.standard import standard_model
 from lmslice.layout import layout_of
 from lmslice.modeling import ShortcutLinear, get_module, head_counts
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# The family's own llama.cpp architecture, for models whose blocks are all equal.
-OWN_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma": "gemma"}
-# Families whose block llama.cpp's `deci` builds with per-block widths (see the module docstring).
-PER_BLOCK_FAMILIES = ("llama", "mistral", "qwen2")
-# llama.cpp architectures whose rope rotates interleaved pairs (LLAMA_ROPE_TYPE_NORM).
-INTERLEAVED_ROPE = ("llama", "deci")
-ACTIVATIONS = {"llama": ("silu",), "qwen2": ("silu",), "deci": ("silu",), "gemma": ("gelu_pytorch_tanh", "gelu")}
 QUANT_BLOCK = 32  # row length Q8_0 (and every legacy type) needs; K-quants need 256
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one llama.cpp architecture's builder (src/models/<name>.cpp) computes, as far as the export
+    depends on it: its MLP activation, whether its rope rotates interleaved pairs (LLAMA_ROPE_TYPE_NORM:
+    q and k rows are permuted as the converter does) or halves (NEOX: HF's layout as it is), whether it
+    reads a `rope_freqs` tensor (Llama 3's rope scaling), and whether it models a sliding window itself
+    (else the file's context is capped at the window, within which the two agree)."""
+
+    activations: tuple[str, ...] = ("silu",)
+    interleaved_rope: bool = False
+    rope_freqs: bool = False
+    sliding_window: bool = False
+
+
+GELU = ("gelu_pytorch_tanh", "gelu")
+ARCHITECTURES = {
+    "llama": Architecture(interleaved_rope=True, rope_freqs=True),
+    "deci": Architecture(interleaved_rope=True, rope_freqs=True),
+    "granite": Architecture(interleaved_rope=True, rope_freqs=True),
+    "smollm3": Architecture(interleaved_rope=True),
+    "qwen2": Architecture(),
+    "qwen3": Architecture(),
+    "olmo2": Architecture(),
+    "phi3": Architecture(),  # its sliding window is switched off in llama.cpp (llama_model_phi3::load_arch_hparams)
+    "gemma": Architecture(GELU),
+    "gemma2": Architecture(GELU, sliding_window=True),
+    "gemma3": Architecture(GELU, sliding_window=True),
+}
 
 
 NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut matrices: slice with --format "
@@ -60,18 +89,26 @@ NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut m
                 "widths are exported as llama.cpp's deci)")
 
 
-def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = False) -> None:
-    """Refuses what llama.cpp cannot run, naming the alternative: checkable before any work is done."""
+def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = False, config: Any = None) -> None:
+    """Refuses what llama.cpp cannot run, naming the alternative: checkable before any work is done. With
+    the model's `config`, also what its architecture computes otherwise (`Gguf.refuse`) and rope scaling
+    llama.cpp cannot represent."""
     if shortcuts:
         raise LmsliceError(NO_SHORTCUTS)
-    if family not in OWN_ARCHITECTURE:
-        raise LmsliceError(f"lmslice writes GGUF for Llama, Mistral, Qwen2 and Gemma, not {family}: save the model "
-                           "with equal blocks (--mlp-widths uniform) and convert it with llama.cpp's "
-                           "convert_hf_to_gguf.py")
-    if per_block and family not in PER_BLOCK_FAMILIES:
-        raise LmsliceError(f"llama.cpp builds per-block widths only as deci (Llama's block), which has no "
-                           f"{family} MLP activation, embedding scale or rope layout: prune with --mlp-widths "
-                           "uniform (its own architecture)")
+    gguf = adapter_of_family(family).gguf
+    if gguf is None:
+        written = sorted({adapter.family for adapter in ADAPTERS if adapter.gguf is not None})
+        raise LmsliceError(f"lmslice writes GGUF for {', '.join(written)}, not {family}: save the model with equal "
+                           "blocks (--mlp-widths uniform) and convert it with llama.cpp's convert_hf_to_gguf.py")
+    if per_block and not gguf.per_block:
+        raise LmsliceError(f"llama.cpp sizes tensors per block only in deci (Llama's block), which cannot build "
+                           f"{family}'s block: prune with --mlp-widths uniform (llama.cpp's {gguf.architecture})")
+    if config is not None:
+        refusal = gguf.refuse(config)
+        if refusal:
+            raise LmsliceError(f"{refusal}: save the model and run it with transformers")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope_scaling(config, "deci" if per_block else gguf.architecture, head_dim)
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,10 @@ class GgufLayout:
     rope_theta: float
     rms_norm_eps: float
     family: str
+    norm_shift: float = 0.0  # added to every norm weight (Gemma's 1 + w)
+    rope_dimensions: int | None = None  # the features of each head that rope rotates (None: all)
+    metadata: dict[str, Any] = field(default_factory=dict)  # further keys, without the "<architecture>." prefix
+    extra_tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # rope_freqs
     fallbacks: list[str] = field(default_factory=list)  # tensors written wider than asked (unquantisable rows)
 
     @property
@@ -114,10 +155,6 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     adapter = find_adapter(model)
     family, config = adapter.family, model.config
     check_exportable(family)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise LmsliceError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by lmslice's GGUF "
-                           "export; convert the saved model with llama.cpp's convert_hf_to_gguf.py")
     blocks = get_module(model, adapter.blocks)
     embedding = model.get_input_embeddings().weight.shape[1]
     counts = [head_counts(block, adapter.attention) for block in blocks]
@@ -125,27 +162,87 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     # deci leaves a block whose n_ff is 0 before adding its attention's output (src/models/deci.cpp), and
     # llama.cpp 0.3.36 aborted on such a file: a block without MLP is written with one channel of zero
     # weights instead, which adds exactly nothing (tests/test_llamacpp.py)
-    widths = [max(block.mlp.down_proj.in_features, 1) for block in blocks]
+    widths = [max(get_module(block, adapter.mlp.consumer).in_features, 1) for block in blocks]
     per_block = len({*zip(heads, kv_heads, widths)}) > 1
-    check_exportable(family, per_block=per_block)
-    architecture = "deci" if per_block else OWN_ARCHITECTURE[family]
+    check_exportable(family, per_block=per_block, config=config)
+    name = "deci" if per_block else adapter.gguf.architecture
+    architecture = ARCHITECTURES[name]
     activation = getattr(config, "hidden_activation", None) or config.hidden_act
-    if activation not in ACTIVATIONS[architecture]:
-        raise LmsliceError(f"llama.cpp's {architecture} uses {ACTIVATIONS[architecture][0]}, this model {activation}")
+    if activation not in architecture.activations:
+        raise LmsliceError(f"llama.cpp's {name} uses {architecture.activations[0]}, this model {activation}")
     head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     tied = head is embed or (head.shape == embed.shape and torch.equal(head, embed))
-    if architecture == "gemma" and not tied:
-        raise LmsliceError("llama.cpp's gemma reads its head from the embedding, but this model's head is its own: "
+    if adapter.gguf.tied_head and not tied:
+        raise LmsliceError(f"llama.cpp's {name} reads its head from the embedding, but this model's head is its own: "
                            "keep the embeddings tied")
     context = config.max_position_embeddings
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return GgufLayout(architecture, embedding, head_dim, heads, kv_heads, widths, tied,
-                      min(context, window or context), float(_rope_theta(config)), float(config.rms_norm_eps), family)
+    if window and not architecture.sliding_window:
+        context = min(context, window)
+    theta, metadata, extra_tensors = rope_scaling(config, name, head_dim)
+    rotary = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return GgufLayout(name, embedding, head_dim, heads, kv_heads, widths, tied, context, theta,
+                      float(config.rms_norm_eps), family, adapter.gguf.norm_shift,
+                      None if rotary is None else int(head_dim * rotary), {**adapter.gguf.metadata(config), **metadata},
+                      extra_tensors)
 
 
-def _rope_theta(config: Any) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    return parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The rope parameters of the model's global layers (per layer type in Gemma 3)."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return parameters.get("full_attention", parameters)
+
+
+def rope_scaling(config: Any, architecture: str, head_dim: int,
+                 ) -> tuple[float, dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """The rope base of the model's global layers and their rope scaling, as llama.cpp's converter writes
+    it: `linear` and `yarn` as metadata, `llama3` as the `rope_freqs` tensor (each frequency's divisor),
+    for the architectures that read it. What llama.cpp cannot represent is refused."""
+    parameters = rope_parameters(config)
+    theta = float(parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    if kind == "default":
+        return theta, {}, []
+    if kind == "linear":
+        return theta, {"rope.scaling.type": "linear", "rope.scaling.factor": float(parameters["factor"])}, []
+    if kind == "yarn":
+        return theta, _yarn(config, parameters), []
+    if kind == "llama3" and ARCHITECTURES[architecture].rope_freqs:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).double() / head_dim)
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].double()
+        return theta, {}, [("rope_freqs.weight", (default / scaled).float())]
+    if kind == "llama3":
+        raise LmsliceError(f"llama.cpp's {architecture} reads no rope_freqs tensor, which Llama 3's rope scaling "
+                           "needs: save the model and run it with transformers")
+    if kind == "longrope":
+        raise LmsliceError("llama.cpp chooses longrope's long or short factors by the context it is given, "
+                           "transformers by each sequence's length: save the model and run it with transformers")
+    raise LmsliceError(f"llama.cpp has no {kind!r} rope scaling that computes what transformers does: save the model "
+                       "and run it with transformers")
+
+
+def _yarn(config: Any, parameters: dict[str, Any]) -> dict[str, Any]:
+    """YaRN as llama.cpp computes it: the ramp between its default corrections (beta_fast 32, beta_slow 1,
+    rounded outwards), and an attention factor of 0.1·ln(factor) + 1, which `rope.scaling.attn_factor`
+    multiplies to give the model's own (transformers': `attention_factor`, or from mscale/mscale_all_dim)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factor = parameters.get("factor") or config.max_position_embeddings / parameters["original_max_position_embeddings"]
+    corrections = (parameters.get("beta_fast") or 32, parameters.get("beta_slow") or 1,
+                   parameters.get("truncate", True))
+    if corrections != (32, 1, True):
+        raise LmsliceError(f"llama.cpp's YaRN ramps between beta_fast 32 and beta_slow 1, rounded outwards; this "
+                           f"model's beta_fast, beta_slow, truncate are {corrections}: save the model and run it "
+                           "with transformers")
+    attention = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")[1]
+    metadata = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(factor),
+                "rope.scaling.original_context_length": int(parameters["original_max_position_embeddings"])}
+    default = 0.1 * math.log(factor) + 1 if factor > 1 else 1.0
+    if not math.isclose(attention, default, rel_tol=1e-7):
+        metadata["rope.scaling.attn_factor"] = float(attention / default)
+    return metadata
 
 
 def interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,13 +271,13 @@ def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, torch.
         data = value.detach().to("cpu", torch.float32)
         if not data.numel() and ".ffn_" in name:  # a block without MLP: its one zero channel (`gguf_layout`)
             data = torch.zeros(*(size or 1 for size in data.shape))
-        if layout.architecture in INTERLEAVED_ROPE and (".attn_q." in name or ".attn_k." in name):
+        if ARCHITECTURES[layout.architecture].interleaved_rope and (".attn_q." in name or ".attn_k." in name):
             block = int(name.split(".")[1])
             data = interleave_rope(data, (layout.heads if ".attn_q." in name else layout.kv_heads)[block])
-        if layout.architecture == "gemma" and name.endswith("norm.weight"):
-            data = data + 1
+        if name.endswith("norm.weight"):
+            data = data + layout.norm_shift
         tensors.append((name, data))
-    return tensors
+    return tensors + layout.extra_tensors
 
 
 def _encode(data: torch.Tensor, outtype: str, name: str, fallbacks: list[str]) -> tuple[np.ndarray, Any]:
@@ -265,12 +362,26 @@ def _write_metadata(writer: Any, layout: GgufLayout, vocab_rows: int, outtype: s
     writer.add_head_count_kv(per_block(layout.kv_heads))
     writer.add_key_length(layout.head_dim)  # llama.cpp would otherwise derive it from hidden / heads
     writer.add_value_length(layout.head_dim)
-    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_rope_dimension_count(layout.rope_dimensions or layout.head_dim)
     writer.add_rope_freq_base(layout.rope_theta)
     writer.add_layer_norm_rms_eps(layout.rms_norm_eps)
     writer.add_vocab_size(vocab_rows)
+    for key, value in layout.metadata.items():
+        writer.add_key_value(f"{layout.architecture}.{key}", value, *_value_type(value))
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _value_type(value: Any) -> tuple[Any, Any]:
+    """The GGUF type of a metadata value (and of an array's items): llama.cpp reads floats as float32,
+    counts as uint32."""
+    import gguf
+
+    kinds = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32,
+             str: gguf.GGUFValueType.STRING}
+    if isinstance(value, list):
+        return gguf.GGUFValueType.ARRAY, kinds[type(value[0])]
+    return kinds[type(value)], None
 
 
 Vocabulary = dict[str, tuple[Any, Any, Any]]  # GGUF key -> (value type, value, array element type)

@@ -39,6 +39,9 @@ TIE_BY_DEFAULT = False
 
 def check_family(adapter: ModelAdapter) -> None:
     """Refuses, before any work, the families whose own architecture cannot hold a shared-basis slice."""
+    reason = adapter.cannot_slice()
+    if reason:
+        raise LmsliceError(reason)
     if adapter.norm_kind == "layer":
         raise LmsliceError(f"{adapter.family} cannot be written in the standard format: its LayerNorm would "
                            "subtract a mean the rotated stream does not have, and its config ties the attention "

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from lmslice import layout as layout_module
 from lmslice import modeling
+from lmslice.adapters import ADAPTERS, check_loadable
 from lmslice.errors import LmsliceError, first_line
 from lmslice.layout import Layout, LayoutError, layout_of
 
@@ -190,6 +191,7 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmsliceError(f"GGUF file not found: {path}")
+        check_gguf_architecture(path)  # from its first metadata, before any weight is read
         model = _from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch_dtype)
         _dequantised_to_plain_float(model)
         tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
@@ -202,14 +204,83 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
             model = _from_pretrained(modeling.sliced_class(base_architecture(layout)), path,
                                      config=local_config(path), dtype=torch_dtype, exact=True)
         else:  # a plain architecture: a missing or extra tensor is refused too, not initialised at random
+            check_architecture(lambda: local_config(path))
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype, exact=True)
         tokenizer = load_tokenizer(path)
     elif _looks_like_hub_id(str(source)):
+        check_architecture(lambda: AutoConfig.from_pretrained(str(source)))
         model = _from_pretrained(AutoModelForCausalLM, str(source), dtype=torch_dtype)
         tokenizer = load_tokenizer(str(source))
     else:
         raise LmsliceError(f"model not found: {source} (give a directory, a .gguf file or a hub id like org/name)")
     return model.to(device).eval(), tokenizer
+
+
+def check_architecture(read: Callable[[], PretrainedConfig]) -> None:
+    """Refuses an architecture lmslice does not support, or a variant of one it does, from the config
+    `read` returns, before any weight is read; a config transformers cannot read is left to the load,
+    which says why."""
+    try:
+        config = read()
+    except (*LOAD_ERRORS, KeyError):
+        return
+    check_loadable(config)
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """Refuses a GGUF file whose llama.cpp architecture is none of those lmslice's families are written as
+    (transformers' own GGUF reader parses the whole vocabulary first: seconds to a minute)."""
+    readable = {adapter.gguf.architecture for adapter in ADAPTERS if adapter.gguf is not None}
+    try:
+        architecture = gguf_architecture(path)
+    except (OSError, struct.error, UnicodeDecodeError, KeyError):
+        return  # a damaged file: the load says why
+    if architecture is not None and architecture not in readable:
+        raise LmsliceError(f"{path} holds llama.cpp's {architecture}, which lmslice does not read; it reads GGUF files "
+                           f"of {', '.join(sorted(readable))}")
+
+
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` of a GGUF file, read from its metadata up to that key (writers put it first)."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, file.read(struct.calcsize(fmt)))[0]
+
+        def length() -> int:  # of a string: a damaged file's is past its end
+            count = read("<Q")
+            if count > size:
+                raise struct.error(f"a string of {count} bytes in a file of {size}")
+            return count
+
+        def skip(value_type: int) -> None:
+            if value_type == GGUF_STRING:
+                file.seek(length(), os.SEEK_CUR)
+            elif value_type == GGUF_ARRAY:
+                item_type, count = read("<I"), read("<Q")
+                if item_type in GGUF_SCALAR_SIZES:
+                    file.seek(count * GGUF_SCALAR_SIZES[item_type], os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+            else:
+                file.seek(GGUF_SCALAR_SIZES[value_type], os.SEEK_CUR)
+
+        if file.read(4) != b"GGUF":
+            return None
+        read("<I")  # version
+        read("<Q")  # tensors
+        for _ in range(read("<Q")):
+            key = file.read(length()).decode()
+            value_type = read("<I")
+            if key == "general.architecture" and value_type == GGUF_STRING:
+                return file.read(length()).decode()
+            skip(value_type)
+    return None
 
 
 def _looks_like_hub_id(source: str) -> bool:

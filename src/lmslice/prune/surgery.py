@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmslice.adapters import Attention, Mlp
-from lmslice.calibration import BlockInput
+from lmslice.calibration import BlockInput, run_block
 from lmslice.modeling import get_module, remove_attention, set_head_counts
 from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, silent_inputs
 from lmslice.prune.shapes import HeadShape, check_consumer, spans
@@ -55,6 +55,10 @@ def prune_block_heads(block: nn.Module, attention: Attention, streams: list[Bloc
         for path in (attention.keys, attention.values):
             if path is not None and len(groups) < shape.groups:
                 _keep_rows(get_module(block, path), shape.columns(groups, weight.device))
+    for path, features in ((attention.query_norm, columns), (attention.key_norm, shape.columns(groups, weight.device))):
+        if path is not None:  # a norm over the whole projection: the pruned heads' features leave it too
+            norm = get_module(block, path)
+            norm.weight = nn.Parameter(norm.weight[features].contiguous(), norm.weight.requires_grad)
     set_head_counts(block, attention, len(kept), len(groups))
     return kept
 
@@ -74,10 +78,12 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     silent on the calibration text) is added to `notes`, naming the block by `name`."""
     consumer = check_consumer(block, mlp)
     channels = consumer.in_features
-    # The consumer's output is added to the residual stream (it is one of the block's writers), so the
-    # pruned block's output is the dense block's plus the change in the consumer's output: one pass
-    # measures G and carries the stream.
-    matrix = observe_consumer(block, mlp.consumer, streams, keep_inputs=True)
+    # Where the consumer's output is added to the residual stream as it is, the pruned block's output is
+    # the dense block's plus the change in the consumer's output: one pass measures G and carries the
+    # stream. Where a norm or a scale comes between (`Mlp.writes_stream`), G is measured up to the
+    # consumer and the pruned block is run again.
+    matrix = observe_consumer(block, mlp.consumer, streams, keep_inputs=mlp.writes_stream,
+                              advance=mlp.writes_stream)
     weight = consumer_weight(consumer)
     if notes is not None and keep < channels and silent_inputs(matrix, channels):
         notes.append(f"{name}: the MLP's input is zero on every calibration token (G = 0): damping from the floor "
@@ -94,7 +100,7 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     kept = kept.to(consumer.weight.device)
     new_bias = None if consumer.bias is None else new_weight[:, len(kept)].to(consumer.bias.dtype)
     new_weight = new_weight[:, :len(kept)].to(consumer.weight.dtype)
-    for stream in streams:
+    for stream in streams if mlp.writes_stream else ():
         inputs = stream.store.take(consumer_input(stream))
         if len(kept) < channels:
             change = (F.linear(inputs[..., kept], new_weight, new_bias)
@@ -106,6 +112,8 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     for path in mlp.producers:
         producer = get_module(block, path)
         _keep_rows(producer, rows)
+    for stream in () if mlp.writes_stream else streams:  # they are still the block's input
+        stream.hidden = run_block(block, stream, stream.hidden)
     return kept.cpu()
 
 
