@@ -30,6 +30,7 @@ from lmslice.adapters import find_adapter
 from lmslice.calibration import ActivationStore
 from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT, check_family, check_standard_source, standard_model
+from lmslice.io.data import check_batches
 from lmslice.layout import ROTATIONS, layout_of
 from lmslice.prune import (CRITERIA, DEFAULT_CRITERION, DEFAULT_DAMPING, PLANNING_WINDOWS, WIDTHS, PruneResult,
                            attention_of, check_pruning, per_block_skeleton, prune_to_budget)
@@ -227,8 +228,16 @@ def check_standard_width(model: nn.Module, width: int, round_to: int | None) -> 
 def check_steps(model: nn.Module, steps: list[Step], *, storage: BlockStorage | None = None) -> nn.Module:
     """Every step can apply to what the steps before it leave (with the blocks in `storage`, if given):
     refused in one line naming the step, before any calibration. Returns the structure the last step leaves."""
+    if not isinstance(steps, (list, tuple)):
+        raise LmsliceError(f"steps must be a list of steps (Slice, Prune, StandardFormat), got a "
+                           f"{type(steps).__name__}")
     if not steps:
         raise LmsliceError("no steps: give at least one cut")
+    for index, step in enumerate(steps):
+        if not all(callable(getattr(step, method, None)) for method in ("check", "apply")) \
+                or not hasattr(step, "name") or not hasattr(step, "config"):
+            raise LmsliceError(f"step {index} is a {type(step).__name__}, not a step: give Slice(SliceConfig(...)), "
+                               "Prune(PruneConfig(...)) or StandardFormat()")
     run = Run(count_parameters(model), storage=storage)
     shape = model
     for step in steps:
@@ -267,8 +276,7 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
     started = time.perf_counter()
     check_steps(model, steps, storage=storage)
     run = Run(count_parameters(model), progress, activations, storage)
-    if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     for step in steps:
         model = step.apply(model, batches, run)
     layout = layout_of(model.config)

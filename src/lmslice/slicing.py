@@ -19,6 +19,7 @@ from lmslice.calibration import ActivationStore, Covariance, block_signals, capt
 from lmslice.errors import LmsliceError
 from lmslice.layout import Layout, Stream, layout_of
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
+from lmslice.io.data import check_batches
 from lmslice.io.models import check_finite
 from lmslice.modeling import apply_layout, get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
@@ -112,6 +113,10 @@ def check_can_slice(model: nn.Module) -> None:
     if layout is not None and 0 in (layout.attention_heads or ()):
         raise LmsliceError("a block of this model has no attention left (pruned away), so no output projection "
                            "to carry its shortcut; slice the model it was pruned from, or prune this one further")
+    if layout is not None and 0 in (layout.mlp_widths or ()):
+        raise LmsliceError("a block of this model has no MLP left (pruned away), so no down projection to carry "
+                           "its shortcut; slice the model it was pruned from (slice before pruning), or prune this "
+                           "one further")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -173,9 +178,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
     hidden = embedding.shape[1]
     width = sliced_width(hidden, sparsity, round_to)
     head_width = width if slice_head or shared else hidden
-    batches = list(batches)
-    if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+    batches = check_batches(batches, embedding.shape[0])
 
     eps = norm_eps(get_module(model, adapter.final_norm))
     # Centring the embeddings of an RMSNorm family changes its function a little (SmolLM2-135M: perplexity

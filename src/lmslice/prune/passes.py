@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from lmslice.adapters import find_adapter
 from lmslice.calibration import ActivationStore, capture_block_inputs
 from lmslice.errors import LmsliceError
+from lmslice.io.data import check_batches
 from lmslice.io.models import check_finite
 from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
@@ -54,9 +55,7 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     blocks = get_module(model, adapter.blocks)
     if len(plan.mlp_widths) != len(blocks):
         raise LmsliceError(f"the plan has {len(plan.mlp_widths)} MLP widths for {len(blocks)} blocks")
-    batches = list(batches)
-    if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     streams = capture_block_inputs(model, adapter, batches, activations or ActivationStore())
     kept_channels: list[list[int]] = []
     notes: list[str] = []
@@ -110,7 +109,7 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
         raise LmsliceError("pruning attention heads needs per-block widths (measured mlp_widths)")
     if planning_windows < 1:
         raise LmsliceError(f"planning needs at least one calibration window, got {planning_windows}")
-    batches = list(batches)
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     check_pruning(model, target_params, round_to, widths=widths, heads=heads, parameters_dense=parameters_dense)
     plan = plan_uniform(model, target_params, round_to, parameters_dense=parameters_dense) if widths == "uniform" \
         else None
