@@ -1066,7 +1066,7 @@ def test_24_7_training_that_diverges_is_reported_at_its_step_and_nothing_saved(c
     ("--lr", "nan", "the learning rate must be a positive number, got nan"),
     ("--lr", "inf", "the learning rate must be a positive number, got inf"),
     ("--lora-alpha", "inf", "LoRA needs a rank of at least 1, a positive alpha"),
-    ("--time-budget", "nan", "the time budget must be a positive number of seconds, got nan"),
+    ("--time-budget", "nan", "the time budget must be a number of seconds, at least 0, got nan"),
 ])
 def test_24_7_non_finite_training_settings_are_refused_before_loading(option: str, value: str, expected: str, capsys,
                                                                       dense_dir, text_file, tmp_path,

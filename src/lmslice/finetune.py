@@ -62,8 +62,8 @@ class TrainingConfig:
                                f"{self.lora_r}, {self.lora_alpha:g}, {self.lora_dropout:g}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LmsliceError(f"the step limit must be at least 1, got {self.max_steps}")
-        if self.time_budget is not None and not 0 < self.time_budget < math.inf:
-            raise LmsliceError(f"the time budget must be a positive number of seconds, got {self.time_budget:g}")
+        if self.time_budget is not None and not 0 <= self.time_budget < math.inf:
+            raise LmsliceError(f"the time budget must be a number of seconds, at least 0, got {self.time_budget:g}")
 
     @property
     def learning_rate(self) -> float:
