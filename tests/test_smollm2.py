@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,40 @@ def test_dense_model_is_tied_and_counted_once(smollm2) -> None:
     model = smollm2[0]
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert count_parameters(model) == 134_515_008
+
+
+@pytest.fixture(scope="module")
+def smollm2_pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 pruned to 0.9 (uniform widths, a little calibration: quick), saved as the README's first
+    command saves it: tied embedding, float16 weights (the GGUF's precision)."""
+    from lmslice.cli import main
+
+    out = tmp_path_factory.mktemp("smollm2") / "pruned"
+    assert main(["slice", "smollm2-135m", "--target-params", "0.9", "--mlp-widths", "uniform", "--calib", "pydoc",
+                 "--calib-samples", "4", "--calib-seqlen", "64", "-o", str(out), "--json"]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [[], ["--full-parameters"]])
+def test_readme_distillation_saves_what_it_trained(how: list[str], smollm2_pruned: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The README's distillation (`finetune OUT --distill-from MODEL --data TEXT -o OUT-kd`), a few steps of it:
+    saved, reloaded tied, in float16."""
+    import json
+
+    from lmslice.cli import main
+
+    out = tmp_path / "kd"
+    code = main(["finetune", str(smollm2_pruned), "--distill-from", "smollm2-135m", "--data", "pydoc", *how,
+                 "--samples", "4", "--seqlen", "64", "--batch-size", "2", "--max-steps", "2", "--eval-seqlen", "64",
+                 "--eval-max-windows", "2", "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    summary = json.loads(captured.out)
+    assert summary["steps"] == 2 and summary["save_dtype"] == "float16"
+    reloaded = lmslice.load(out)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
 
 
 def test_builtin_model_without_its_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,9 +63,8 @@ def check_output(path: str | os.PathLike[str], overwrite: bool, reads: Reads = (
         if target == read.resolve() or held or (out.exists() and read.exists() and os.path.samefile(out, read)):
             raise LmsliceError(f"output {out} is {what} {read} or holds it: writing it would destroy what this run "
                                "reads; choose another output")
-    if kind is None:
-        if out.exists() and not out.is_dir():
-            raise LmsliceError(f"output path {out} exists and is not a directory")
+    if kind is None and out.exists() and not out.is_dir():
+        raise LmsliceError(f"output path {out} exists and is not a directory")
     _check_writable(out, kind)
     clear_leftovers(out)
     if out.exists() and not overwrite:
@@ -92,9 +91,11 @@ def _check_file_name(out: Path, kind: FileKind) -> None:
 def _written_by_lmslice(out: Path, kind: FileKind | None) -> bool:
     """Whether the existing `out` is what lmslice writes there (so replacing it loses nothing of the user's)."""
     if kind is not None:
-        with out.open("rb") as handle:
-            start = handle.read(len(kind.magic))
-        return start in (kind.magic, b"")
+        try:
+            with out.open("rb") as handle:
+                return handle.read(len(kind.magic)) in (kind.magic, b"")
+        except OSError:
+            return False
     if not any(out.iterdir()):
         return True
     if _json_object(out / "config.json").get("lmslice") is not None:
