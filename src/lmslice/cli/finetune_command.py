@@ -141,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
         "save_dtype": str(save_dtype).removeprefix("torch."),
     }
     model.config.lmslice = layout_of(model.config).replace(finetune=record).to_json()
-    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype)
+    # the reload is checked on training text, as slice checks on calibration text (not on token ids 0-15, a
+    # tokenizer's control tokens, which no training window holds)
+    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype,
+                check_ids=batches[0]["input_ids"][:1, :16])
     summary = {"model": str(args.model), "output": str(output), **record,
                "perplexity_before": before, "perplexity_after": after}
     print(json.dumps(summary) if args.json else format_summary(summary))
