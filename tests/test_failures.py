@@ -1024,6 +1024,12 @@ def test_24_api_refuses_malformed_batches_in_one_line(batches, expected: str) ->
             compress(model, batches, [step], progress=False)
     with pytest.raises(LmsliceError, match=re.escape(expected)):
         slice_model(tiny_models.build("llama", torch.float32), batches, 0.25, progress=False)
+    from lmslice.finetune import TrainingConfig, finetune
+
+    sliced = tiny_models.build("llama", torch.float32)
+    slice_model(sliced, tiny_models.random_batches(), 0.25, progress=False)
+    with pytest.raises(LmsliceError, match=re.escape(expected.replace("calibration", "training"))):
+        finetune(sliced, batches, TrainingConfig(full_parameters=True), progress=False)
 
 
 @pytest.mark.parametrize("steps, expected", [

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lmslice.distill import Distillation
 from lmslice.errors import LmsliceError
+from lmslice.io.data import check_batches
 from lmslice.layout import layout_of
 
 # The paper's RFT recipe (LoRA rank, alpha, dropout), and the reference implementation's learning rate.
@@ -116,8 +117,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     `lmslice.distill`). LoRA adapters are trained and merged into the weights, or with
     `config.full_parameters` every parameter is trained. `on_step(model, steps, tokens)` runs after each
     step (e.g. to measure the model mid-run; it may switch the model to eval mode)."""
-    if not batches:
-        raise LmsliceError("no training batches")
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0], "training")
     start = time.perf_counter()
     torch.manual_seed(config.seed)  # LoRA's initialisation and dropout
     if config.full_parameters:

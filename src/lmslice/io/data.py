@@ -145,28 +145,29 @@ def calibration_batches(tokens: torch.Tensor, samples: int, seqlen: int, batch_s
     return _batched(_random_windows(tokens, samples, seqlen, random.Random(seed)), batch_size)
 
 
-def check_batches(batches: Iterable[Mapping[str, torch.Tensor]], vocabulary: int) -> list[Mapping[str, torch.Tensor]]:
-    """`batches` as a list, each checked: a mapping with `input_ids`, a 2-D integer tensor of token ids
-    below `vocabulary`, and optionally an `attention_mask` of its shape. Anything else is one line, not a
-    KeyError or an IndexError deep inside a forward pass."""
+def check_batches(batches: Iterable[Mapping[str, torch.Tensor]], vocabulary: int, what: str = "calibration",
+                  ) -> list[Mapping[str, torch.Tensor]]:
+    """`batches` (of `what`: calibration, training) as a list, each checked: a mapping with `input_ids`, a
+    2-D integer tensor of token ids below `vocabulary`, and optionally an `attention_mask` of its shape.
+    Anything else is one line, not a KeyError or an IndexError deep inside a forward pass."""
     if isinstance(batches, (torch.Tensor, Mapping, str)) or not isinstance(batches, Iterable):
-        raise LmsliceError(f"calibration batches must be a list of dicts with input_ids (and attention_mask), got "
-                           f"a {type(batches).__name__}")
+        raise LmsliceError(f"{what} batches must be a list of dicts with input_ids (and attention_mask), got a "
+                           f"{type(batches).__name__}")
     batches = list(batches)
     if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+        raise LmsliceError(f"no {what} batches: give at least one {what} sample")
     for index, batch in enumerate(batches):
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() \
                 or not ids.numel():
-            raise LmsliceError(f"calibration batch {index} must be a dict whose input_ids is a 2-D tensor of token "
-                               f"ids (batch x sequence), got {_describe(batch)}")
+            raise LmsliceError(f"{what} batch {index} must be a dict whose input_ids is a 2-D tensor of token ids "
+                               f"(batch x sequence), got {_describe(batch)}")
         if ids.min() < 0 or ids.max() >= vocabulary:
-            raise LmsliceError(f"calibration batch {index} has token ids from {int(ids.min())} to {int(ids.max())}; "
-                               f"the model's vocabulary is 0 to {vocabulary - 1} (tokenized for another model?)")
+            raise LmsliceError(f"{what} batch {index} has token ids from {int(ids.min())} to {int(ids.max())}; the "
+                               f"model's vocabulary is 0 to {vocabulary - 1} (tokenized for another model?)")
         mask = batch.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-            raise LmsliceError(f"calibration batch {index}: attention_mask must be a tensor of input_ids' shape "
+            raise LmsliceError(f"{what} batch {index}: attention_mask must be a tensor of input_ids' shape "
                                f"{tuple(ids.shape)}, got {_describe(mask)}")
     return batches
 
