@@ -134,8 +134,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(sliced_dir: Path, dense_di
 
 @pytest.mark.parametrize("options, message", [
     (["--top-k", "5"], "apply to --distill-from"),
-    (["--distill-from", "DENSE", "--temperature", "0"], "--temperature must be positive"),
-    (["--distill-from", "DENSE", "--lm-weight", "-1"], "--lm-weight must be at least 0"),
+    (["--distill-from", "DENSE", "--temperature", "0"], "--temperature must be a positive number"),
+    (["--distill-from", "DENSE", "--lm-weight", "-1"], "--lm-weight must be a number of at least 0"),
 ])
 def test_bad_distillation_options_are_refused_before_loading(options: list[str], message: str, tmp_path: Path,
                                                              capsys) -> None:

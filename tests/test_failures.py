@@ -3,6 +3,7 @@ problem is one line (`lmslice: error: ...`, exit 2) before the expensive work wh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,8 @@ from lmslice.bench import _gain_share
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
 from lmslice.io.data import load_text
-from lmslice.io.models import check_output_dir, staging_dir
+from lmslice.io.models import staging_dir
+from lmslice.io.outputs import check_output
 from lmslice.slicing import slice_model, sliced_width
 
 TESTS = Path(__file__).resolve().parent
@@ -257,7 +260,8 @@ def test_leftovers_of_dead_processes_are_cleared_and_a_set_aside_output_restored
     for name in (f".out.partial-{tag}", f".out.old-{tag}", f".lmslice-activations-{tag}-x1y2", alive, elsewhere):
         (tmp_path / name).mkdir()
         (tmp_path / name / "marker").write_text(name)
-    check_output_dir(out, overwrite=True)
+        (tmp_path / name / "config.json").write_text('{"lmslice": {}}')  # what lmslice writes, so it may replace it
+    check_output(out, overwrite=True)
     assert (out / "marker").read_text() == f".out.old-{tag}"  # the old output, put back
     # only what a dead process of this host left is touched
     assert leftovers(tmp_path) == sorted([alive, elsewhere])
@@ -270,7 +274,7 @@ KILL_DURING_OVERWRITE = textwrap.dedent("""
     torch.set_num_threads(1)  # no thread pool for the forked children to inherit
     sys.path.insert(0, sys.argv[2])
     import tiny_models, lmslice
-    from lmslice.io.models import check_output_dir
+    from lmslice.io.outputs import check_output
     from lmslice.slicing import slice_model
     model = tiny_models.build("llama", torch.float32)
     slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
@@ -280,6 +284,7 @@ KILL_DURING_OVERWRITE = textwrap.dedent("""
         out = root / f"step{step}" / "out"
         out.mkdir(parents=True)
         (out / "old-marker").write_text("old")
+        (out / "config.json").write_text('{"lmslice": {}}')  # an lmslice output, which --overwrite replaces
         pid = os.fork()
         if pid == 0:  # dies (SIGKILL: no handler, no finally) at the step-th rename or delete near `out`
             calls = []
@@ -295,9 +300,9 @@ KILL_DURING_OVERWRITE = textwrap.dedent("""
             lmslice.save_sliced(model, None, out, overwrite=True)
             os._exit(0)
         killed = os.waitpid(pid, 0)[1] != 0
-        check_output_dir(out, overwrite=True)  # what the next run does first
+        check_output(out, overwrite=True)  # what the next run does first
         names = sorted(path.name for path in out.iterdir()) if out.exists() else []
-        state = ("old" if names == ["old-marker"] else
+        state = ("old" if names == ["config.json", "old-marker"] else
                  "new" if {"config.json", "model.safetensors"} <= set(names) and "old-marker" not in names else
                  f"broken: {names}")
         results.append({"step": step, "killed": killed, "state": state,
@@ -777,7 +782,20 @@ def test_11_a_gguf_source_is_saved_in_float16_within_its_range(tmp_path) -> None
     assert not (tmp_path / "half").exists()
 
 
-def test_a_saved_model_that_computes_otherwise_is_not_moved_into_place(tmp_path, monkeypatch) -> None:
+def scale_down_proj(loaded: torch.nn.Module) -> None:
+    loaded.model.layers[0].mlp.down_proj.weight.mul_(2)
+
+
+def widen_norm_eps(loaded: torch.nn.Module) -> None:
+    loaded.model.norm.eps = 10.0  # the sliced final norm (SlicedRMSNorm)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (scale_down_proj, "holds another model.layers.0.mlp.down_proj.weight once loaded back"),
+    (widen_norm_eps, "computes other logits once loaded back"),  # the same weights, another function
+])
+def test_a_saved_model_that_computes_otherwise_is_not_moved_into_place(tmp_path, monkeypatch, damage,
+                                                                      expected: str) -> None:
     import lmslice.io.models as models
 
     model = tiny_models.build("llama", torch.float32)
@@ -787,10 +805,414 @@ def test_a_saved_model_that_computes_otherwise_is_not_moved_into_place(tmp_path,
     def damaged_load(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
         with torch.no_grad():
-            loaded.model.layers[0].mlp.down_proj.weight.mul_(2)
+            damage(loaded)
         return loaded
 
     monkeypatch.setattr(models, "load", damaged_load)
-    with pytest.raises(LmsliceError, match="computes other logits once loaded back"):
+    with pytest.raises(LmsliceError, match=re.escape(expected)):
         lmslice.save_sliced(model, None, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# --------------------- issue 24: nothing lost, nothing late (one test per case; each fails on the code before)
+
+
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if any command loads a model: what it refuses must be refused before."""
+    for command in ("export_command", "finetune_command", "report_command"):
+        monkeypatch.setattr(f"lmslice.cli.{command}.load_with_tokenizer", pytest.fail)
+    for loader in ("load_with_tokenizer", "open_offloaded"):  # slice opens its model where it places the blocks
+        monkeypatch.setattr(f"lmslice.io.placement.{loader}", pytest.fail)
+
+
+def fake_gguf(path: Path) -> Path:
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x00" * 16)
+    return path
+
+
+def test_24_1_the_gguf_output_is_never_the_source(capsys, text_file, tmp_path, monkeypatch) -> None:
+    no_model_loading(monkeypatch)
+    source = fake_gguf(tmp_path / "dense.gguf")
+    before = source.read_bytes()
+    for args in (["export", source, "--gguf", source, "--overwrite"],
+                 [*slice_args(source, tmp_path / "s", text_file, "--overwrite", "--gguf", source)]):
+        code, error = run_cli(capsys, *args)
+        assert code == 2 and f"is the source model {source}" in error, error
+    assert source.read_bytes() == before and not (tmp_path / "s").exists()
+
+
+def test_24_1_the_gguf_of_an_export_is_not_the_model_its_source_records(capsys, tmp_path, monkeypatch) -> None:
+    recorded = fake_gguf(tmp_path / "dense.gguf")
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "config.json").write_text(json.dumps({"lmslice": {"source_model": str(recorded)}}))
+    no_model_loading(monkeypatch)
+    code, error = run_cli(capsys, "export", pruned, "--gguf", recorded, "--overwrite")
+    assert code == 2 and "is the model it was compressed from" in error
+
+
+def test_24_2_overwrite_never_deletes_what_the_run_reads(capsys, dense_dir, text_file, tmp_path, monkeypatch) -> None:
+    no_model_loading(monkeypatch)
+    holder = tmp_path / "imp"
+    holder.mkdir()
+    corpus = Path(shutil.copy(text_file, holder / "a.txt"))
+    for args in (slice_args(dense_dir, holder, corpus, "--overwrite"),
+                 slice_args(dense_dir, holder, text_file, "--overwrite", "--eval-data", corpus),
+                 ["finetune", dense_dir, "--data", corpus, "-o", holder, "--overwrite", "--full-parameters"],
+                 ["finetune", dense_dir, "--data", text_file, "-o", holder, "--overwrite", "--full-parameters",
+                  "--distill-from", holder / "teacher"]):
+        if "--distill-from" in args:
+            shutil.copytree(dense_dir, holder / "teacher")
+        code, error = run_cli(capsys, *args)
+        assert code == 2 and "writing it would destroy what this run reads" in error, error
+    assert corpus.read_text() == text_file.read_text()
+    lmslice.load(holder / "teacher")
+
+
+def test_24_2_overwrite_replaces_only_what_lmslice_wrote(capsys, dense_dir, text_file, tmp_path, monkeypatch) -> None:
+    no_model_loading(monkeypatch)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    plain = copy_of(dense_dir, tmp_path / "plain")  # a dense save_pretrained directory: no lmslice record
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_text("a text file someone named .gguf")
+    cases = ((slice_args(dense_dir, notes, text_file, "--overwrite"), "is a directory that is not an lmslice output"),
+             (slice_args(dense_dir, plain, text_file, "--overwrite"), "is a directory that is not an lmslice output"),
+             (["export", dense_dir, "--gguf", not_gguf, "--overwrite"], "is not a GGUF file"),
+             (["report", dense_dir, "--calib", text_file, "--eval-data", text_file, "-o", notes, "--overwrite"],
+              "is a directory that is not an lmslice output"))
+    for args, expected in cases:
+        code, error = run_cli(capsys, *args)
+        assert code == 2 and expected in error and "--overwrite or not" in error, error
+    assert (notes / "thesis.tex").read_text() == "years of work" and not_gguf.read_text().startswith("a text")
+    lmslice.load(plain)
+
+
+def test_24_2_outputs_lmslice_wrote_are_recognised(tmp_path: Path) -> None:
+    for name, files in {"model": {"config.json": '{"lmslice": {"family": "llama"}}', "model.safetensors": ""},
+                        "report": {"report.json": '{"model": "m", "rows": []}', "report.md": ""},
+                        "empty": {}}.items():
+        (tmp_path / name).mkdir()
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+        assert check_output(tmp_path / name, overwrite=True) == tmp_path / name
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(LmsliceError, match="not an lmslice output"):
+        check_output(tmp_path / "model", overwrite=True)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "64k", read_only: bool = False) -> Iterator[bool]:
+    """A tmpfs of `size` mounted at `path` (read-only if asked); yields False where none can be mounted
+    (not root, no mount), and the caller simulates the file system instead."""
+    path.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+
+
+def test_24_3_an_output_on_a_read_only_file_system_is_refused_before_any_work(capsys, dense_dir, text_file, tmp_path,
+                                                                              monkeypatch) -> None:
+    read_only = tmp_path / "ro"
+    with small_filesystem(read_only, read_only=True) as mounted:
+        if not mounted:
+            def refused(*args, **kwargs):
+                raise OSError(errno.EROFS, "Read-only file system")
+
+            monkeypatch.setattr("tempfile.mkstemp", refused)
+            monkeypatch.setattr("tempfile.mkdtemp", refused)
+        monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+        no_model_loading(monkeypatch)
+        for args in (["export", dense_dir, "--gguf", read_only / "model.gguf"],
+                     slice_args(dense_dir, tmp_path / "out", text_file, "--target-params", "0.8", "--gguf",
+                                read_only / "model.gguf"),
+                     slice_args(dense_dir, read_only / "out", text_file)):
+            code, error = run_cli(capsys, *args)
+            assert code == 2 and "is not writable (Read-only file system)" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_24_3_an_output_without_room_is_refused_before_calibration(capsys, dense_dir, text_file, tmp_path,
+                                                                   monkeypatch) -> None:
+    small = tmp_path / "small"
+    with small_filesystem(small, size="64k") as mounted:
+        if not mounted:
+            monkeypatch.setattr("lmslice.io.outputs.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(
+                64 * 1024, 0, 64 * 1024))
+        monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+        monkeypatch.setattr("lmslice.cli.export_command.write_gguf", pytest.fail)
+        for args in (slice_args(dense_dir, small / "out", text_file),  # 164,352 float32 weights
+                     ["export", dense_dir, "--gguf", small / "model.gguf"]):
+            code, error = run_cli(capsys, *args)
+            room = re.search(r"not enough room for .*: about 0\.\d MB to write, 0\.\d MB free", error)
+            assert code == 2 and room, error
+        assert list(small.iterdir()) == []
+
+
+def test_24_3_a_gguf_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, tiny_tokenizer,
+                                                                           monkeypatch) -> None:
+    import gguf
+
+    from lmslice.export.gguf import export_gguf
+
+    def disk_full(self, **_) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_unlink = Path.unlink
+
+    def read_only_unlink(path: Path, *args, **kwargs) -> None:  # the clean-up on a file system gone read-only
+        if path.name.endswith(f"{os.getpid()}-{socket.gethostname()}"):
+            real_unlink(path)
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    with pytest.raises(LmsliceError, match=r"cannot write .*\.gguf: .*No space left on device \(nothing was written"):
+        export_gguf(tiny_models.build("llama", torch.float32), tmp_path / "model.gguf", tiny_tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def mlp_free_model() -> torch.nn.Module:
+    """The tiny Llama pruned with block 1's whole MLP deleted."""
+    from lmslice.prune import WidthPlan
+    from lmslice.prune.passes import prune_model
+
+    model = tiny_models.build("llama", torch.float32)
+    prune_model(model, tiny_models.random_batches(), WidthPlan(0.8, 1, 1, mlp_widths=[112, 0, 112], round_to=8))
+    return model
+
+
+def test_24_4_slicing_a_block_without_mlp_is_refused_before_calibration(capsys, tiny_tokenizer, text_file, tmp_path,
+                                                                        monkeypatch) -> None:
+    from lmslice.pipeline import Prune, PruneConfig, Slice, SliceConfig, check_steps, compress
+
+    expected = "a block of this model has no MLP left (pruned away)"
+    pruned = lmslice.save_sliced(mlp_free_model(), tiny_tokenizer, tmp_path / "pruned")
+    monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+    code, error = run_cli(capsys, *slice_args(pruned, tmp_path / "out", text_file))
+    assert code == 2 and expected in error and not (tmp_path / "out").exists()
+    with pytest.raises(LmsliceError, match=re.escape(expected)):
+        check_steps(lmslice.load(pruned), [Slice(SliceConfig(0.25, slice_head=True))])
+    # pruned in the same run, which deletes block 2's MLP here: refused, not a model that cannot be saved
+    with pytest.raises(LmsliceError, match=re.escape(expected)):
+        compress(tiny_models.build("llama", torch.float32), tiny_models.random_batches(),
+                 [Prune(PruneConfig(0.3)), Slice(SliceConfig(0.25, slice_head=True))], progress=False)
+
+
+def test_24_5_a_rounding_step_as_wide_as_an_mlp_is_refused_before_calibration(capsys, dense_dir, text_file,
+                                                                              tmp_path, monkeypatch) -> None:
+    from lmslice.pipeline import Prune, PruneConfig, check_steps
+
+    monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+    for option in (["--align", "gguf-k"], ["--round-to", "112"]):  # the tiny MLPs have 112 channels
+        code, error = run_cli(capsys, "slice", dense_dir, "--target-params", "0.8", *option, "--calib", text_file,
+                              "-o", tmp_path / "out")
+        assert code == 2 and "no narrower than the MLP of blocks 0, 1, 2 (112 channels)" in error, error
+        assert "lower --round-to" in error
+    with pytest.raises(LmsliceError, match="round_to 256 is no narrower than the MLP"):
+        check_steps(tiny_models.build("llama", torch.float32), [Prune(PruneConfig(0.8, round_to=256))])
+
+
+@pytest.mark.parametrize("batches, expected", [
+    ([{"ids": torch.zeros(1, 8, dtype=torch.long)}], "calibration batch 0 must be a dict whose input_ids"),
+    ([{"input_ids": torch.zeros(8, dtype=torch.long)}], "a 2-D tensor of token ids"),
+    ([{"input_ids": torch.zeros(1, 8)}], "a 2-D tensor of token ids"),
+    ([{"input_ids": torch.full((1, 8), 300)}], "token ids from 300 to 300; the model's vocabulary is 0 to 299"),
+    ([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 7)}],
+     "attention_mask must be a tensor of input_ids' shape (2, 8)"),
+    (torch.zeros(2, 8, dtype=torch.long), "must be a list of dicts with input_ids"),
+    ([torch.zeros(2, 8, dtype=torch.long)], "calibration batch 0 must be a dict"),
+])
+def test_24_api_refuses_malformed_batches_in_one_line(batches, expected: str) -> None:
+    from lmslice.pipeline import Prune, PruneConfig, Slice, SliceConfig, compress
+
+    for step in (Slice(SliceConfig(0.25)), Prune(PruneConfig(0.8))):
+        model = tiny_models.build("llama", torch.float32)
+        with pytest.raises(LmsliceError, match=re.escape(expected)):
+            compress(model, batches, [step], progress=False)
+    with pytest.raises(LmsliceError, match=re.escape(expected)):
+        slice_model(tiny_models.build("llama", torch.float32), batches, 0.25, progress=False)
+    from lmslice.finetune import TrainingConfig, finetune
+
+    sliced = tiny_models.build("llama", torch.float32)
+    slice_model(sliced, tiny_models.random_batches(), 0.25, progress=False)
+    with pytest.raises(LmsliceError, match=re.escape(expected.replace("calibration", "training"))):
+        finetune(sliced, batches, TrainingConfig(full_parameters=True), progress=False)
+
+
+@pytest.mark.parametrize("steps, expected", [
+    ("slice", "steps must be a list of steps"),
+    (["slice"], "step 0 is a str, not a step"),
+    ([lmslice.SliceConfig(0.25)], "step 0 is a SliceConfig, not a step"),
+    ([lmslice.Slice], "step 0 is a type, not a step"),
+])
+def test_24_api_refuses_malformed_steps_in_one_line(steps, expected: str) -> None:
+    with pytest.raises(LmsliceError, match=re.escape(expected)):
+        lmslice.compress(tiny_models.build("llama", torch.float32), tiny_models.random_batches(), steps,
+                         progress=False)
+
+
+def sliced_model_dir(tmp_path: Path, tokenizer) -> Path:
+    model = tiny_models.build("llama", torch.float32)
+    slice_model(model, tiny_models.random_batches(), 0.25, progress=False)
+    return lmslice.save_sliced(model, tokenizer, tmp_path / "sliced")
+
+
+def test_24_7_training_that_diverges_is_reported_at_its_step_and_nothing_saved(capsys, tmp_path, tiny_tokenizer,
+                                                                               text_file) -> None:
+    from lmslice.finetune import TrainingConfig, finetune
+
+    model = lmslice.load(sliced_model_dir(tmp_path, tiny_tokenizer))
+    with pytest.raises(LmsliceError, match=r"training diverged at step \d+: "):
+        finetune(model, tiny_models.random_batches(count=6), TrainingConfig(lr=1e30, full_parameters=True),
+                 progress=False)
+    code, error = run_cli(capsys, "finetune", tmp_path / "sliced", "--data", text_file, "-o", tmp_path / "out",
+                          "--full-parameters", "--lr", "1e30", "--samples", "6", "--seqlen", "32", "--eval-seqlen",
+                          "32", "--eval-max-windows", "1")
+    assert code == 2 and re.search(r"training diverged at step \d+: .*nothing was saved", error), error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--lm-weight", "inf", "--lm-weight must be a number of at least 0, got inf"),
+    ("--lm-weight", "nan", "--lm-weight must be a number of at least 0, got nan"),
+    ("--temperature", "inf", "--temperature must be a positive number, got inf"),
+    ("--lr", "nan", "the learning rate must be a positive number, got nan"),
+    ("--lr", "inf", "the learning rate must be a positive number, got inf"),
+    ("--lora-alpha", "inf", "LoRA needs a rank of at least 1, a positive alpha"),
+    ("--time-budget", "nan", "the time budget must be a number of seconds, at least 0, got nan"),
+])
+def test_24_7_non_finite_training_settings_are_refused_before_loading(option: str, value: str, expected: str, capsys,
+                                                                      dense_dir, text_file, tmp_path,
+                                                                      monkeypatch) -> None:
+    no_model_loading(monkeypatch)
+    code, error = run_cli(capsys, "finetune", dense_dir, "--data", text_file, "-o", tmp_path / "out",
+                          "--distill-from", dense_dir, option, value)
+    assert code == 2 and expected in error, error
+
+
+KILLED_EXPORT = textwrap.dedent("""
+    import os, sys
+    import gguf, torch
+    sys.path.insert(0, sys.argv[2])
+    import tiny_models
+    from lmslice.export.gguf import export_gguf
+    from transformers import AutoTokenizer
+    write = gguf.GGUFWriter.write_tensors_to_file
+    def killed_midway(self, **kwargs):
+        os.kill(os.getpid(), 9)
+    gguf.GGUFWriter.write_tensors_to_file = killed_midway
+    export_gguf(tiny_models.build("llama", torch.float32), sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[3]))
+""")
+
+
+def test_24_8_a_killed_export_leaves_a_partial_file_the_next_run_removes(capsys, dense_dir, tmp_path) -> None:
+    out = tmp_path / "model.gguf"
+    process = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(out), str(TESTS), str(dense_dir)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    partial = leftovers(tmp_path)
+    assert len(partial) == 1 and partial[0].startswith(".model.gguf.partial-")
+    assert main(["export", str(dense_dir), "--gguf", str(out)]) == 0
+    assert leftovers(tmp_path) == [] and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_24_9_a_directory_given_as_gguf_is_named_so(capsys, dense_dir, text_file, tmp_path, monkeypatch) -> None:
+    no_model_loading(monkeypatch)
+    folder = tmp_path / "folder.gguf"
+    folder.mkdir()
+    for args in (["export", dense_dir, "--gguf", folder, "--overwrite"],
+                 slice_args(dense_dir, tmp_path / "out", text_file, "--overwrite", "--gguf", folder)):
+        code, error = run_cli(capsys, *args)
+        assert code == 2 and f"{folder} is a directory: give a file name ending in .gguf" in error, error
+
+
+def test_24_9_missing_and_empty_text_files_are_named_before_the_model_loads(capsys, dense_dir, text_file, tmp_path,
+                                                                           monkeypatch) -> None:
+    no_model_loading(monkeypatch)
+    monkeypatch.setattr("lmslice.cli.ppl.load_with_tokenizer", pytest.fail)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = (("missing.txt", "text file not found: missing.txt"),
+             (f"{text_file}:0.5,{tmp_path / 'typo.txt'}:0.5", f"text file not found: {tmp_path / 'typo.txt'}"),
+             (f"{text_file},{empty}", f"text file {empty} is empty"),
+             ("wikitxt2", "unknown text source 'wikitxt2'"))
+    for calib, expected in cases:
+        code, error = run_cli(capsys, *slice_args(dense_dir, tmp_path / "out", calib))
+        assert code == 2 and expected in error, error
+    code, error = run_cli(capsys, "ppl", dense_dir, "--data", "missing.txt")
+    assert code == 2 and "text file not found: missing.txt" in error
+
+
+def test_24_9_a_text_of_whitespace_inside_a_mix_is_named(capsys, dense_dir, text_file, tmp_path) -> None:
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n")
+    code, error = run_cli(capsys, *slice_args(dense_dir, tmp_path / "out", f"{text_file},{blank}"))
+    assert code == 2 and f"the text source {blank} is empty" in error, error
+
+
+def test_24_9_a_mistyped_local_path_is_refused_without_asking_the_hub(tmp_path, monkeypatch) -> None:
+    import transformers.utils.hub
+
+    asked = []
+
+    def offline_hub(repo_id, *args, **kwargs):  # the network boundary: no network in tests
+        asked.append(repo_id)
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {repo_id}")
+
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", offline_hub)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "pruned").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source, expected in (("models/pruned-0.8", "the local directory models has no pruned-0.8"),
+                             ("smolm2-135m", "did you mean smollm2-135m?"),
+                             ("prunde", "did you mean pruned?"),
+                             ("out/pruned/model.safetensors", "model not found"),
+                             ("./out", "model not found")):
+        with pytest.raises(LmsliceError, match=re.escape(expected)):
+            lmslice.load(source)
+    assert asked == []
+    with pytest.raises(LmsliceError, match="cannot load model from HuggingFaceTB/SmolLM2-135M: We couldn't connect"):
+        lmslice.load("HuggingFaceTB/SmolLM2-135M")
+    assert asked and set(asked) == {"HuggingFaceTB/SmolLM2-135M"}
+
+
+INTERRUPTED_IMPORT = textwrap.dedent("""
+    import sys
+    class CtrlC:  # Ctrl-C while torch is being imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                raise KeyboardInterrupt
+    sys.meta_path.insert(0, CtrlC())
+    from lmslice.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_24_9_ctrl_c_during_the_imports_is_one_line(dense_dir) -> None:
+    process = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, "ppl", str(dense_dir), "--data", "pydoc"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert process.returncode == 130 and process.stderr.strip() == "lmslice: interrupted", process.stderr[-2000:]
+
+
+def test_24_note_a_result_larger_than_its_source_says_why(capsys, dense_dir, text_file, tmp_path) -> None:
+    summaries = []
+    for extra in ((), ("--slice-head",)):  # sparsity 0.25 of the tied tiny Llama
+        assert main([str(arg) for arg in slice_args(dense_dir, tmp_path / f"out{len(extra)}", text_file, *extra,
+                                                    "--json")]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    larger, smaller = summaries
+    assert larger["parameters_sliced"] > larger["parameters_dense"] > smaller["parameters_sliced"]
+    assert not any("of the source's parameters" in note for note in smaller["notes"])
+    note = next(note for note in larger["notes"] if "of the source's parameters" in note)
+    assert re.fullmatch(r"the result holds 10\d% of the source's parameters \(the head keeps its full width, no longer "
+                        r"tied to the \(sliced\) embedding it shared; each block adds shortcut matrices between its "
+                        r"bases\): slice the head too \(--slice-head\) or prune to a real budget \(--target-params\) "
+                        r"for a smaller model", note), note

@@ -151,7 +151,7 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero(sliced_dir: Path, monk
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"lr": 0.0}, "learning rate must be positive"),
+    ({"lr": 0.0}, "learning rate must be a positive number"),
     ({"schedule": "linear"}, "unknown learning-rate schedule"),
     ({"warmup": 1.0}, "warm-up share"),
     ({"lora_r": 0}, "LoRA needs a rank"),

@@ -111,3 +111,64 @@ def test_failed_save_leaves_no_directory(tmp_path: Path, tiny_tokenizer) -> None
     with pytest.raises(RuntimeError, match="disk full"):
         lmslice.save_sliced(model, ExplodingTokenizer(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def stored_bytes(directory: Path) -> int:
+    """The bytes of tensor data in the directory's safetensors files (each file less its JSON header, which
+    in these tiny models is a few percent of the file)."""
+    total = 0
+    for path in directory.glob("*.safetensors"):
+        with path.open("rb") as handle:
+            header = int.from_bytes(handle.read(8), "little")
+        total += path.stat().st_size - 8 - header
+    return total
+
+
+def cut(family: str, how: str) -> torch.nn.Module:
+    """A tiny model of `family` cut as `how` says: pruned (its tie kept where it has one), sliced (the head
+    untied), or sliced with one basis and written in its own architecture with a tied head."""
+    from lmslice.pipeline import Prune, PruneConfig, StandardFormat, StandardFormatConfig
+
+    steps = {"pruned": [Prune(PruneConfig(0.8))],
+             "sliced": [Slice(SliceConfig(0.25))],
+             "standard, tied": [Slice(SliceConfig(0.25, rotation="shared")),
+                                StandardFormat(StandardFormatConfig(True))]}
+    return compress(tiny_models.build(family, torch.float32), tiny_models.random_batches(), steps[how],
+                    progress=False).model
+
+
+@pytest.mark.parametrize("family, how, tied", [("llama", "pruned", True), ("qwen2", "pruned", True),
+                                               ("gemma", "pruned", True), ("mistral", "pruned", False),
+                                               ("llama", "sliced", False), ("llama", "standard, tied", True)])
+def test_every_tensor_is_written_once_and_reloads_exactly(family: str, how: str, tied: bool, tmp_path: Path) -> None:
+    model = cut(family, how)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert (head is embedding) == tied
+    for dtype in (torch.float32, torch.float16):
+        out = lmslice.save_sliced(model, None, tmp_path / str(dtype), dtype=dtype)
+        assert stored_bytes(out) == pytest.approx(lmslice.count_parameters(model) * dtype.itemsize, rel=0.01)
+    reloaded = lmslice.load(tmp_path / str(torch.float32))
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
+    ids, mask = tiny_models.padded_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, reloaded(ids, attention_mask=mask).logits)
+
+
+def test_offloaded_and_finetuned_outputs_hold_every_tensor_once(tmp_path: Path, tiny_tokenizer,
+                                                                text_file: Path) -> None:
+    from lmslice.cli import main
+
+    dense = tmp_path / "dense"
+    # tied, stored in float16: the outputs are written in it, computed in float32
+    tiny_models.build("llama", torch.float16).save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    calibration = ["--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32", "--json"]
+    commands = {"pruned": ["slice", str(dense), "--target-params", "0.8", *calibration],
+                "offloaded": ["slice", str(dense), "--sparsity", "0.25", "--offload", *calibration],
+                "finetuned": ["finetune", str(tmp_path / "pruned"), "--data", str(text_file), "--samples", "2",
+                              "--seqlen", "32", "--eval-seqlen", "32", "--eval-max-windows", "1", "--json"]}
+    for name, command in commands.items():
+        assert main([*command, "-o", str(tmp_path / name)]) == 0
+        model = lmslice.load(tmp_path / name)
+        assert stored_bytes(tmp_path / name) == pytest.approx(lmslice.count_parameters(model) * 2, rel=0.01)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied

@@ -5,14 +5,18 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import json
+from pathlib import Path
 
 import pytest
+import torch
 
 import lmslice
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import perplexity
 from lmslice.io.data import calibration_batches, load_text, tokenize
-from lmslice.io.models import builtin_model_path
+from lmslice.io.models import builtin_model_path, load_tokenizer
+from lmslice.pipeline import Prune, PruneConfig, compress
 from lmslice.slicing import count_parameters, slice_model
 
 EVAL_SEQLEN, EVAL_WINDOWS = 256, 4
@@ -71,6 +75,48 @@ def test_dense_model_is_tied_and_counted_once(smollm2) -> None:
     model = smollm2[0]
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert count_parameters(model) == 134_515_008
+
+
+@pytest.fixture(scope="module")
+def smollm2_pruned(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 pruned a little (uniform widths, one calibration batch: quick) and saved as `slice` saves it:
+    tied embedding, float16 weights (the GGUF's precision)."""
+    model, _, batches, _ = smollm2
+    pruned = compress(copy.deepcopy(model), batches[:1], [Prune(PruneConfig(0.95, widths="uniform",
+                                                                            criterion="energy"))],
+                      progress=False).model
+    tokenizer = load_tokenizer(builtin_model_path("smollm2-135m").parent,
+                               gguf_file=builtin_model_path("smollm2-135m").name)
+    return lmslice.save_sliced(pruned, tokenizer, tmp_path_factory.mktemp("smollm2") / "pruned",
+                               dtype=torch.float16)
+
+
+@pytest.mark.slow
+def test_readme_distillation_saves_what_it_trained(smollm2, smollm2_pruned: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The README's distillation (`finetune OUT --distill-from MODEL --data TEXT -o OUT-kd`, LoRA), a few
+    steps of it, and the same with every weight trained: each saved (its reload checked), tied, float16."""
+    from lmslice.cli import main
+    from lmslice.distill import Distillation
+    from lmslice.finetune import TrainingConfig, finetune
+
+    out = tmp_path / "kd"
+    code = main(["finetune", str(smollm2_pruned), "--distill-from", "smollm2-135m", "--data", "pydoc",
+                 "--samples", "4", "--seqlen", "64", "--batch-size", "2", "--max-steps", "2", "--eval-seqlen", "64",
+                 "--eval-max-windows", "1", "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert json.loads(captured.out)["steps"] == 2
+    dense, _, batches, _ = smollm2
+    student, tokenizer = lmslice.load_with_tokenizer(smollm2_pruned)
+    student, _ = finetune(student, batches[:2], TrainingConfig(full_parameters=True, max_steps=2),
+                          distillation=Distillation(copy.deepcopy(dense)), progress=False)
+    lmslice.save_sliced(student, tokenizer, tmp_path / "kd-full", dtype=torch.float16,
+                        check_ids=batches[0]["input_ids"][:1, :16])
+    for saved in (out, tmp_path / "kd-full"):
+        reloaded = lmslice.load(saved)
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+        assert json.loads((saved / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_builtin_model_without_its_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

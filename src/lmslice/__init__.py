@@ -7,12 +7,31 @@ pruning them to a real parameter budget.
 
 __version__ = "0.1.0"
 
-from lmslice.errors import LmsliceError  # noqa: E402
-from lmslice.io.models import load, load_with_tokenizer, save_sliced  # noqa: E402
-from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat,  # noqa: E402
-                              StandardFormatConfig, check_steps, compress)
-from lmslice.slicing import SliceResult, count_parameters, slice_model, sliced_width  # noqa: E402
+import importlib  # noqa: E402
+from typing import Any  # noqa: E402
 
-__all__ = ["LmsliceError", "Prune", "PruneConfig", "Slice", "SliceConfig", "SliceResult", "StandardFormat",
-           "StandardFormatConfig", "__version__", "check_steps", "compress", "count_parameters", "load",
-           "load_with_tokenizer", "save_sliced", "slice_model", "sliced_width"]
+# What `lmslice.NAME` gives, imported on first use: importing the package (as the command line does first)
+# loads neither torch nor transformers, so a Ctrl-C while they load is the command's one-line interrupt.
+EXPORTS = {
+    "LmsliceError": "lmslice.errors",
+    **dict.fromkeys(["load", "load_with_tokenizer", "save_sliced"], "lmslice.io.models"),
+    **dict.fromkeys(["Prune", "PruneConfig", "Slice", "SliceConfig", "StandardFormat", "StandardFormatConfig",
+                     "check_steps", "compress"], "lmslice.pipeline"),
+    **dict.fromkeys(["SliceResult", "count_parameters", "slice_model", "sliced_width"], "lmslice.slicing"),
+}
+
+__all__ = sorted([*EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in EXPORTS:
+        value = getattr(importlib.import_module(EXPORTS[name]), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")  # a submodule: lmslice.adapters
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value

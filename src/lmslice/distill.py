@@ -10,6 +10,7 @@ batch by batch under no_grad, so memory is about one teacher plus one training s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,13 @@ class Distillation:
 
 
 def check_settings(temperature: float, top_k: int | None, lm_weight: float) -> None:
-    if not temperature > 0:
-        raise LmsliceError(f"--temperature must be positive, got {temperature:g}")
+    """Refuses settings the loss cannot use (NaN and infinities included) before any model is loaded."""
+    if not 0 < temperature < math.inf:
+        raise LmsliceError(f"--temperature must be a positive number, got {temperature:g}")
     if top_k is not None and top_k < 1:
         raise LmsliceError(f"--top-k must be at least 1, got {top_k}")
-    if not lm_weight >= 0:
-        raise LmsliceError(f"--lm-weight must be at least 0, got {lm_weight:g}")
+    if not 0 <= lm_weight < math.inf:
+        raise LmsliceError(f"--lm-weight must be a number of at least 0, got {lm_weight:g}")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

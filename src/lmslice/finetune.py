@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lmslice.distill import Distillation
 from lmslice.errors import LmsliceError
+from lmslice.io.data import check_batches
 from lmslice.layout import layout_of
 
 # The paper's RFT recipe (LoRA rank, alpha, dropout), and the reference implementation's learning rate.
@@ -51,17 +52,19 @@ class TrainingConfig:
     mixed_precision: bool = True
 
     def __post_init__(self) -> None:
-        if self.lr is not None and not self.lr > 0:
-            raise LmsliceError(f"the learning rate must be positive, got {self.lr:g}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise LmsliceError(f"the learning rate must be a positive number, got {self.lr:g}")
         if self.schedule not in SCHEDULES:
             raise LmsliceError(f"unknown learning-rate schedule {self.schedule!r}; give one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup < 1:
             raise LmsliceError(f"the warm-up share of the steps must be in [0, 1), got {self.warmup:g}")
-        if self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+        if self.lora_r < 1 or not 0 < self.lora_alpha < math.inf or not 0 <= self.lora_dropout < 1:
             raise LmsliceError(f"LoRA needs a rank of at least 1, a positive alpha and a dropout in [0, 1), got "
                                f"{self.lora_r}, {self.lora_alpha:g}, {self.lora_dropout:g}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LmsliceError(f"the step limit must be at least 1, got {self.max_steps}")
+        if self.time_budget is not None and not 0 <= self.time_budget < math.inf:
+            raise LmsliceError(f"the time budget must be a number of seconds, at least 0, got {self.time_budget:g}")
 
     @property
     def learning_rate(self) -> float:
@@ -114,8 +117,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     `lmslice.distill`). LoRA adapters are trained and merged into the weights, or with
     `config.full_parameters` every parameter is trained. `on_step(model, steps, tokens)` runs after each
     step (e.g. to measure the model mid-run; it may switch the model to eval mode)."""
-    if not batches:
-        raise LmsliceError("no training batches")
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0], "training")
     start = time.perf_counter()
     torch.manual_seed(config.seed)  # LoRA's initialisation and dropout
     if config.full_parameters:
@@ -130,7 +132,8 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     trained.train()
     device = next(model.parameters()).device
     total = len(batches) if config.max_steps is None else min(len(batches), config.max_steps)
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=config.learning_rate)
+    weights = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.rate_factor(step, total))
     losses: list[float] = []
     tokens = 0
@@ -148,10 +151,14 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
                     loss = trained(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
                 else:
                     loss = distillation.loss(trained, ids, mask)
+            if not torch.isfinite(loss):
+                raise diverged(len(losses) + 1, f"its loss is {loss.item()}")
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if not torch.stack([weight.isfinite().all() for weight in weights]).all():
+                raise diverged(len(losses) + 1, "it left NaN or inf in the trained weights")
             losses.append(loss.item())
             tokens += int(mask.sum())
             bar.update()
@@ -167,6 +174,11 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     else:
         result = trained.merge_and_unload().eval()
     return result, FinetuneResult(len(losses), losses, time.perf_counter() - start, kinds, stopped_by, tokens)
+
+
+def diverged(step: int, how: str) -> LmsliceError:
+    return LmsliceError(f"training diverged at step {step}: {how}; nothing was saved (lower --lr, or check the "
+                        "training text and the distillation settings)")
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

@@ -29,6 +29,7 @@ from torch import nn
 from lmslice.adapters import find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT, check_family, check_standard_source, standard_model
+from lmslice.io.data import check_batches
 from lmslice.layout import layout_of
 from lmslice.modeling import get_module
 from lmslice.prune import (PASSES, PruneConfig, PruneResult, attention_of, check_pruning, per_block_skeleton,
@@ -143,8 +144,16 @@ def check_steps(model: nn.Module, steps: list[Step], *, placement: Placement | N
     """Every step can apply to what the steps before it leave (with the blocks where `placement` keeps
     them, if given): refused in one line naming the step, before any calibration. Returns the structure
     the last step leaves."""
+    if not isinstance(steps, (list, tuple)):
+        raise LmsliceError(f"steps must be a list of steps (Slice, Prune, StandardFormat), got a "
+                           f"{type(steps).__name__}")
     if not steps:
         raise LmsliceError("no steps: give at least one cut")
+    for index, step in enumerate(steps):
+        if not all(callable(getattr(step, method, None)) for method in ("check", "apply")) \
+                or not hasattr(step, "name") or not hasattr(step, "config"):
+            raise LmsliceError(f"step {index} is a {type(step).__name__}, not a step: give Slice(SliceConfig(...)), "
+                               "Prune(PruneConfig(...)) or StandardFormat()")
     run = Run(count_parameters(model), placement or InMemory())
     shape = model
     for step in steps:
@@ -188,8 +197,7 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
     started = time.perf_counter()
     placement = placement or InMemory(model.get_input_embeddings().weight.device)
     check_steps(model, steps, placement=placement)
-    if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     move_all_but_blocks(model, placement.device, placement.dtype)
     run = Run(count_parameters(model), placement, activations, RunProgress(progress))
     blocks = len(get_module(model, find_adapter(model).blocks))

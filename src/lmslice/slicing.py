@@ -18,6 +18,7 @@ from lmslice.calibration import Covariance, block_signals, capture_block_inputs
 from lmslice.errors import LmsliceError
 from lmslice.layout import ROTATIONS, Layout, Stream, layout_of
 from lmslice.fuse import fuse_block, fuse_embeddings, fuse_head, norm_eps
+from lmslice.io.data import check_batches
 from lmslice.modeling import apply_layout, get_module, install_final_norm
 from lmslice.rotate import rotate_block, rotate_reader, rotate_writer
 from lmslice.shared_basis import WEIGHTINGS, shared_basis
@@ -115,6 +116,10 @@ def check_can_slice(model: nn.Module) -> None:
     if layout is not None and 0 in (layout.attention_heads or ()):
         raise LmsliceError("a block of this model has no attention left (pruned away), so no output projection "
                            "to carry its shortcut; slice the model it was pruned from, or prune this one further")
+    if layout is not None and 0 in (layout.mlp_widths or ()):
+        raise LmsliceError("a block of this model has no MLP left (pruned away), so no down projection to carry "
+                           "its shortcut; slice the model it was pruned from (slice before pruning), or prune this "
+                           "one further")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -163,7 +168,7 @@ def slice_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], sp
               if activations is not None else None, RunProgress(progress))
     run.progress.expect(config.passes * len(get_module(model, find_adapter(model).blocks)))
     try:
-        return slice_blocks(model, list(batches), config, run)
+        return slice_blocks(model, batches, config, run)
     finally:
         run.progress.close()
 
@@ -195,8 +200,7 @@ def slice_blocks(model: nn.Module, batches: list[dict[str, torch.Tensor]], confi
     hidden = embedding.shape[1]
     width = sliced_width(hidden, config.sparsity, config.round_to)
     head_width = width if config.slice_head or shared else hidden
-    if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+    batches = check_batches(batches, embedding.shape[0])
 
     eps = norm_eps(get_module(model, adapter.final_norm))
     # Centring the embeddings of an RMSNorm family changes its function a little (SmolLM2-135M: perplexity

@@ -1,8 +1,13 @@
-"""The `lmslice` command: one module per subcommand, each adding its parser here."""
+"""The `lmslice` command: one module per subcommand, each adding its parser here.
+
+The subcommands (and torch, transformers) are imported inside `main`, so a Ctrl-C during those imports
+is one line like any other interrupt; importing this module (what the console script does first) is cheap.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import signal
 import sys
@@ -10,11 +15,10 @@ import threading
 from typing import Any
 
 from lmslice import __version__
-from lmslice.cli import (bench_command, eval_command, export_command, finetune_command, ppl, report_command,
-                        slice_command)
 from lmslice.errors import LmsliceError
 
-SUBCOMMANDS = (slice_command, ppl, eval_command, finetune_command, report_command, bench_command, export_command)
+SUBCOMMANDS = ("slice_command", "ppl", "eval_command", "finetune_command", "report_command", "bench_command",
+               "export_command")
 
 # The library names settings as its configs do (`round_to`); on the command line they are flags.
 FLAGS = {"measured mlp_widths": "--mlp-widths measured", "round_to": "--round-to",
@@ -34,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lmslice {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in SUBCOMMANDS:
-        module.add_parser(subparsers)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"lmslice.cli.{name}").add_parser(subparsers)
     return parser
 
 
@@ -48,10 +52,10 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        args = build_parser().parse_args(argv)
         return args.run(args) or 0
     except LmsliceError as error:
         print(f"lmslice: error: {in_flags(str(error))}", file=sys.stderr)

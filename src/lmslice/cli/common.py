@@ -7,6 +7,7 @@ import importlib.util
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.perplexity import Perplexity, perplexity
 from lmslice.evaluation.zeroshot import PAPER_TASKS
-from lmslice.io.data import (DEFAULT_CALIBRATION, HUB_SOURCES, describe_sources, load_text, mixed_calibration_batches,
-                             parse_mix, tokenize)
+from lmslice.io.data import (DEFAULT_CALIBRATION, HUB_SOURCES, describe_sources, load_text, local_text_files,
+                             mixed_calibration_batches, parse_mix, tokenize)
 from lmslice.io.models import DTYPES
 from lmslice.walk import Placement
 
@@ -88,11 +89,15 @@ def require_extra(module: str, extra: str, purpose: str) -> None:
         raise LmsliceError(f"{purpose} needs {module}: pip install 'lmslice[{extra}]'")
 
 
-def require_text_sources(*sources: str | None) -> None:
-    """Refuses a malformed calibration mix and asks for the extra that hub sources need, before any work."""
+def require_text_sources(*sources: str | None) -> list[tuple[str, Path]]:
+    """Refuses a malformed calibration mix, a missing or empty file and an unknown source name, and asks for
+    the extra that hub sources need, before any work. Returns the local files read, as `check_output`'s
+    `reads`."""
     names = [part.source for source in sources if source is not None for part in parse_mix(source)]
+    files = [("the text file", path) for source in sources if source is not None for path in local_text_files(source)]
     if any(name in HUB_SOURCES for name in names):
         require_extra("datasets", "data", "reading a Hugging Face dataset")
+    return files
 
 
 def calibration_data(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -122,7 +127,7 @@ class Evaluation:
 def evaluation(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str,
                progress: bool, placement: Placement | None = None) -> Evaluation:
     """Perplexity on `source`'s test split with the windows `add_eval_window_options` describe."""
-    tokens = tokenize(tokenizer, load_text(source, split="test"))
+    tokens = tokenize(tokenizer, load_text(source, split="test"), source)
     return Evaluation(tokens, context_length(model, args.eval_seqlen), args.eval_max_windows, progress, placement)
 
 

@@ -11,8 +11,10 @@ from torch import nn
 
 from lmslice.errors import LmsliceError
 from lmslice.export.gguf import OUTTYPES, GgufLayout, export_gguf
-from lmslice.io.models import load_with_tokenizer, model_path
+from lmslice.io.models import load_with_tokenizer, model_path, read_config
+from lmslice.io.outputs import GGUF, check_output, check_room
 from lmslice.layout import layout_of
+from lmslice.slicing import count_parameters
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,16 +33,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def check_gguf_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuses, before any work, an output that is not a new .gguf file in an existing directory."""
-    path = Path(path)
-    if path.suffix != ".gguf":
-        raise LmsliceError(f"{path}: a GGUF file name ends in .gguf")
-    if not path.absolute().parent.is_dir():
-        raise LmsliceError(f"cannot write {path}: its directory does not exist")
-    if path.is_dir() or (path.exists() and not overwrite):
-        raise LmsliceError(f"{path} exists; pass --overwrite to replace it")
-    return path
+# Bytes a weight takes in the GGUF file by type (Q8_0: blocks of 32 int8 values and a float16 scale).
+GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
+def gguf_bytes(parameters: float, outtype: str) -> float:
+    """About how large a GGUF file of `parameters` weights in `outtype` is (norms are few)."""
+    return parameters * GGUF_BYTES_PER_WEIGHT[outtype]
+
+
+def recorded_source(source: str) -> Path | None:
+    """The model an lmslice output in directory `source` records it was compressed from, where that is a
+    local path (its GGUF's tokenizer is read by the export)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    layout = read_config(Path(source)).get("lmslice")
+    recorded = layout.get("source_model") if isinstance(layout, dict) else None
+    if not isinstance(recorded, str):
+        return None
+    try:
+        return model_path(recorded)
+    except LmsliceError:
+        return None
 
 
 def source_gguf(source: str, model: nn.Module) -> Path | None:
@@ -76,8 +91,11 @@ def describe(layout: GgufLayout, path: Path, outtype: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = check_gguf_output(args.gguf, args.overwrite)
+    reads = [("the source model", model_path(args.model)), ("the model it was compressed from",
+                                                            recorded_source(args.model))]
+    path = check_output(args.gguf, args.overwrite, reads, kind=GGUF)
     model, tokenizer = load_with_tokenizer(args.model)
+    check_room([(path, gguf_bytes(count_parameters(model), args.outtype))])
     layout = write_gguf(model, tokenizer, args.model, path, args.outtype)
     if args.json:
         print(json.dumps({"gguf": str(path), "bytes": os.path.getsize(path), "outtype": args.outtype,

@@ -13,8 +13,10 @@ from lmslice.errors import LmsliceError
 from lmslice.finetune import (FULL_LEARNING_RATE, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, SCHEDULES,
                               TrainingConfig, finetune)
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
-from lmslice.io.models import check_output_dir, load_with_tokenizer, model_path, save_sliced, source_dtype
+from lmslice.io.models import load_with_tokenizer, model_path, save_sliced, source_dtype
+from lmslice.io.outputs import check_output, check_room
 from lmslice.layout import layout_of
+from lmslice.slicing import count_parameters
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -86,19 +88,24 @@ def run(args: argparse.Namespace) -> int:
         raise LmsliceError("--temperature, --top-k and --lm-weight apply to --distill-from")
     if not args.full_parameters:
         require_extra("peft", "finetune", "recovery fine-tuning with LoRA")
-    require_text_sources(args.data, args.eval_data)
+    texts = require_text_sources(args.data, args.eval_data)
     training = TrainingConfig(lr=args.lr, full_parameters=args.full_parameters, lora_r=args.lora_r,
                               lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, schedule=args.schedule,
                               warmup=args.warmup, max_steps=args.max_steps, time_budget=args.time_budget,
                               seed=args.seed, checkpointing=not args.no_checkpointing)
     if args.warmup and args.schedule == "constant":
         raise LmsliceError("--warmup applies to --schedule cosine")
-    protect = [model_path(args.model)] + ([model_path(args.distill_from)] if args.distill_from else [])
-    output = check_output_dir(args.output, args.overwrite, protect=protect)
+    reads = [("the model", model_path(args.model)), *texts]
+    if args.distill_from:
+        reads.append(("the teacher", model_path(args.distill_from)))
+    output = check_output(args.output, args.overwrite, reads)
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
     if getattr(model.config, "lmslice", None) is None:
         raise LmsliceError(f"{args.model} is not a sliced model; slice it first with `lmslice slice` "
                            "(--sparsity 0 keeps every component)")
+    # training runs in --dtype; the output keeps the precision its source was stored in
+    save_dtype = source_dtype(args.model)
+    check_room([(output, count_parameters(model) * save_dtype.itemsize)])
     tokenizer = require_tokenizer(tokenizer, args.model)
     distillation = None
     if args.distill_from is not None:
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                               args.distill_from)
         distillation = Distillation(teacher, args.temperature, args.top_k, args.lm_weight)
     seqlen = context_length(model, args.seqlen)
-    train_tokens = tokenize(tokenizer, load_text(args.data, split="train"))
+    train_tokens = tokenize(tokenizer, load_text(args.data, split="train"), args.data)
     if len(train_tokens) - seqlen + 1 < args.samples:
         raise LmsliceError(f"training text too short: {len(train_tokens)} tokens cannot give {args.samples} "
                            f"windows of {seqlen}; give more text, fewer --samples or a shorter --seqlen")
@@ -118,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
     model, result = finetune(model, batches, training, distillation=distillation, progress=not args.json)
     del distillation  # the teacher's memory, before saving
     after = evaluate(model).as_dict()
-    # training ran in --dtype; the output keeps the precision its source was stored in
-    save_dtype = source_dtype(args.model)
     record = {
         "data": args.data, "samples": args.samples, "seqlen": seqlen, "batch_size": args.batch_size,
         "lr": training.learning_rate, "schedule": args.schedule, "warmup": args.warmup, "seed": args.seed,
@@ -136,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
         "save_dtype": str(save_dtype).removeprefix("torch."),
     }
     model.config.lmslice = layout_of(model.config).replace(finetune=record).to_json()
-    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype)
+    # the reload is checked on training text, as slice checks on calibration text (not on token ids 0-15, a
+    # tokenizer's control tokens, which no training window holds)
+    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype,
+                check_ids=batches[0]["input_ids"][:1, :16])
     summary = {"model": str(args.model), "output": str(output), **record,
                "perplexity_before": before, "perplexity_after": after}
     print(json.dumps(summary) if args.json else format_summary(summary))

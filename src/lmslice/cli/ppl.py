@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
     tokenizer = require_tokenizer(tokenizer, args.model)
     seqlen = context_length(model, args.seqlen)
-    result = perplexity(model, tokenize(tokenizer, load_text(args.data, split="test")), seqlen,
+    result = perplexity(model, tokenize(tokenizer, load_text(args.data, split="test"), args.data), seqlen,
                         batch_size=args.batch_size, max_windows=args.max_windows, progress=not args.json)
     if args.json:
         print(json.dumps({**result.as_dict(), "model": str(args.model), "data": args.data}))

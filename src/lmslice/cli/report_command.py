@@ -19,8 +19,9 @@ from lmslice.errors import LmsliceError
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
 from lmslice.frontier import MODES, check_budget, check_frontier, parse_modes, supported_modes
 from lmslice.io.data import mix_record
-from lmslice.io.models import (check_finite, check_output_dir, discarded_on_failure,
-                               load_with_tokenizer, model_path, move_into_place, staging_dir)
+from lmslice.io.models import (check_finite, discarded_on_failure, load_with_tokenizer, model_path, move_into_place,
+                               staging_dir)
+from lmslice.io.outputs import check_output
 from lmslice.report import format_frontier_markdown, format_markdown, write_frontier_report, write_report
 from lmslice.pipeline import Slice, SliceConfig, check_steps, compress
 from lmslice.slicing import SliceResult, check_sparsity, count_parameters, residual_width
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_minimums(args, {**SLICING_MINIMUMS, "limit": 1, "batch_size": 1})
     require_extra("matplotlib", "plot", "plotting the report")
-    require_text_sources(args.calib, args.eval_data)
+    texts = require_text_sources(args.calib, args.eval_data)
     compare_modes = args.target_params is not None
     if compare_modes:
         budgets = parse_budgets(args.target_params)
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if args.modes is not None:
             raise LmsliceError("--modes applies to --target-params")
         sparsities = parse_sparsities(args.sparsities, args.round_to)
-    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
+    reads = [("the source model", model_path(args.model)), *texts, ("the task files", args.include_path)]
+    output = check_output(args.output, args.overwrite, reads)
     tasks = task_list(args.tasks) if args.tasks else None
     # checked before the slow work, so a wrong task name fails fast
     manager = task_manager(tasks, args.include_path) if tasks else None

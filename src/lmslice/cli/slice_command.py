@@ -16,23 +16,25 @@ from torch import nn
 from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
-                                calibration_data, check_device, check_minimums, evaluation, peak_memory_gib,
-                                require_text_sources, require_tokenizer)
-from lmslice.cli.export_command import check_gguf_output, describe, write_gguf
+                                calibration_data, check_device, check_minimums, context_length, evaluation,
+                                peak_memory_gib, require_text_sources, require_tokenizer)
+from lmslice.cli.export_command import describe, gguf_bytes, write_gguf
 from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT
 from lmslice.export.gguf import check_exportable
 from lmslice.io.data import mix_record
-from lmslice.io.models import (DTYPES, check_output_dir, model_path, out_of_range, process_tag, resolve_dtype,
-                               round_to_dtype, save_sliced, source_dtype)
+from lmslice.io.models import (DTYPES, model_path, out_of_range, resolve_dtype, round_to_dtype, save_sliced,
+                               source_dtype)
+from lmslice.io.outputs import GGUF, check_output, check_room, process_tag
 from lmslice.io.offload import OffloadedBlocks, partial_output_removed_on_failure, save_offloaded
 from lmslice.io.placement import open_placed
+from lmslice.layout import layout_of
 from lmslice.modeling import get_module, head_counts
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
                               check_steps, compress)
 from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, PruneResult
 from lmslice.shared_basis import WEIGHTINGS
-from lmslice.slicing import SliceResult, check_sparsity, count_parameters
+from lmslice.slicing import SliceResult, check_sparsity, count_parameters, residual_width
 from lmslice.walk import DeviceStreamed, InMemory, Placement, move_all_but_blocks
 
 # Row lengths llama.cpp's quantised types need: 32 for Q8_0 and the legacy types, 256 for K-quants
@@ -131,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
                            "--sparsity alone (then --mlp-widths uniform is the family's own architecture too)")
     if args.offload and args.stream_blocks:
         raise LmsliceError("choose one place for the blocks: --offload (on disk) or --stream-blocks (CPU memory)")
-    require_text_sources(args.calib, args.eval_data)
-    output = check_output_dir(args.output, args.overwrite, protect=[model_path(args.model)])
-    gguf = check_gguf_output(args.gguf, args.overwrite) if args.gguf else None
+    reads = [("the source model", model_path(args.model)), *require_text_sources(args.calib, args.eval_data)]
+    output = check_output(args.output, args.overwrite, reads)
+    gguf = check_output(args.gguf, args.overwrite, [*reads, ("the output", output)], kind=GGUF) if args.gguf else None
     if gguf and args.offload:
         raise LmsliceError("--gguf needs the result in memory; with --offload write it afterwards with "
                            "`lmslice export OUTPUT --gguf OUT.gguf`")
@@ -147,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
     args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
     steps = build_steps(args)
-    check_command(args, model, steps, adapter, placement, gguf=gguf is not None)
+    shape = check_command(args, model, steps, adapter, placement, gguf=gguf is not None)
+    check_room(output_sizes(args, model, shape, save_dtype, output, gguf))
     tokenizer = require_tokenizer(tokenizer, args.model)
 
     batches, calib_seqlen = calibration_data(args, model, tokenizer)
@@ -177,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         if too_large and requested_save_dtype is None:  # the default dtype falls back; one asked for is refused
             notes.append(f"{too_large}: saved in bfloat16 instead of {str(save_dtype).removeprefix('torch.')}")
             save_dtype = torch.bfloat16
+        if count_parameters(model) > dense_parameters:
+            notes.append(larger_than_source(model, count_parameters(model) / dense_parameters))
         sliced_ppl = evaluate(model).as_dict() if evaluate else None
         saved_ppl = sliced_ppl
         if evaluate and in_memory and save_dtype != resolve_dtype(args.dtype):
@@ -240,16 +245,50 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
 
 
 def check_command(args: argparse.Namespace, model: nn.Module, steps: list[Step], adapter: ModelAdapter,
-                  placement: Placement, gguf: bool) -> None:
+                  placement: Placement, gguf: bool) -> nn.Module:
     """Refuses, before the calibration text is read, every step this model cannot take (`check_steps`:
     slicing a stream already sliced, the standard format of blocks pruned per block, a budget that pruning
     cannot reach on what slicing leaves, heads of a family whose heads are unknown, a standard hidden size
-    transformers rejects), and a result `gguf` (llama.cpp) cannot represent."""
-    check_steps(model, steps, placement=placement)
+    transformers rejects), and a result `gguf` (llama.cpp) cannot represent. Returns the structure the
+    steps leave (weightless where it differs; per-block widths at most the model's own)."""
+    shape = check_steps(model, steps, placement=placement)
     if gguf:
         check_exportable(adapter.family, config=model.config,
                          shortcuts=args.sparsity is not None and args.format != "standard",
                          per_block=args.target_params is not None and args.mlp_widths == "measured")
+    return shape
+
+
+def output_sizes(args: argparse.Namespace, model: nn.Module, shape: nn.Module, save_dtype: torch.dtype,
+                 output: Path, gguf: Path | None) -> list[tuple[Path, float]]:
+    """About how many bytes each output takes at most: the result's weights in `save_dtype` (a measured
+    plan is counted at the widths it starts from), the calibration activations spilled beside it (a
+    block's input and output stream), and the GGUF file."""
+    parameters = count_parameters(shape)
+    if args.target_params is not None:  # pruning stops at the budget
+        parameters = min(parameters, args.target_params * count_parameters(model))
+    spilled = 0
+    if args.offload_activations:
+        stream = args.calib_samples * context_length(model, args.calib_seqlen) * residual_width(model)
+        spilled = 2 * stream * resolve_dtype(args.dtype).itemsize
+    sizes = [(output, parameters * save_dtype.itemsize + spilled)]
+    if gguf is not None:
+        sizes.append((gguf, gguf_bytes(parameters, "f16")))
+    return sizes
+
+
+def larger_than_source(model: nn.Module, ratio: float) -> str:
+    """Why a sliced model holds more parameters than its source, and what makes it smaller."""
+    layout = layout_of(model.config)
+    stream = layout.stream if layout is not None else None
+    causes = []
+    if stream is not None and stream.tied_embeddings and stream.head_width == layout.hidden_size:
+        causes.append("the head keeps its full width, no longer tied to the (sliced) embedding it shared")
+    if stream is not None and stream.rotation == "per-block":
+        causes.append("each block adds shortcut matrices between its bases")
+    why = f" ({'; '.join(causes)})" if causes else ""
+    return (f"the result holds {ratio:.0%} of the source's parameters{why}: slice the head too (--slice-head) or "
+            "prune to a real budget (--target-params) for a smaller model")
 
 
 def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter) -> int:

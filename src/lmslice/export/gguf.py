@@ -28,16 +28,17 @@ What llama.cpp cannot represent is refused before any file is written: a per-blo
 (its shortcut matrices), the families this writer does not cover (LayerNorm: OPT, Phi-2, GPT-NeoX;
 Ministral 3's mistral3: save them and use llama.cpp's converter), and configs llama.cpp's architecture
 computes otherwise (`Gguf.refuse`). The file is written under a temporary name and renamed, so an interrupted
-export leaves no partial `.gguf`.
+export leaves no partial `.gguf`; one a killed export left is removed by the next run's output check
+(`lmslice.io.outputs.clear_leftovers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,8 @@ import torch
 from torch import nn
 
 from lmslice.adapters import ADAPTERS, adapter_of_family, find_adapter
-from lmslice.errors import LmsliceError
+from lmslice.errors import LmsliceError, first_line
+from lmslice.io.outputs import GGUF, check_output, process_tag
 from lmslice.export.standard import standard_model
 from lmslice.layout import layout_of
 from lmslice.modeling import ShortcutLinear, get_module, head_counts
@@ -312,11 +314,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any =
 
     if outtype not in OUTTYPES:
         raise LmsliceError(f"unknown GGUF type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    path = Path(path)
-    if path.suffix != ".gguf":
-        raise LmsliceError(f"{path}: a GGUF file name ends in .gguf")
-    if path.is_dir() or not path.absolute().parent.is_dir():
-        raise LmsliceError(f"cannot write {path}: {'it is a directory' if path.is_dir() else 'no such directory'}")
+    # an existing GGUF file is replaced, but not the one the vocabulary is read from, nor any other file
+    path = check_output(path, overwrite=True, reads=[("the vocabulary's source", source_gguf)], kind=GGUF)
     model = gguf_source(model)
     layout = gguf_layout(model)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
@@ -327,7 +326,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any =
                            f"{vocab_rows} rows")
     tensors = gguf_tensors(model, layout)
 
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # named as `clear_leftovers` recognises, so the next run removes what a killed one left
+    temporary = path.with_name(f".{path.name}.partial-{process_tag()}")
     try:
         writer = gguf.GGUFWriter(temporary, layout.architecture)
         _write_metadata(writer, layout, vocab_rows, outtype, name)
@@ -341,8 +341,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any =
         writer.write_tensors_to_file()
         writer.close()
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # a read-only file system refuses even the clean-up
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise LmsliceError(f"cannot write {path}: {first_line(error)} (nothing was written)") from error
         raise
     return layout
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +36,34 @@ logger = logging.getLogger("lmslice")
 
 
 def describe_sources() -> str:
-    return f"{', '.join(HUB_SOURCES)} (Hugging Face hub), pydoc (Python's documentation, offline), or a .txt/.jsonl path"
+    return (f"{', '.join(HUB_SOURCES)} (Hugging Face hub), pydoc (Python's documentation, offline), or a .txt/.jsonl "
+            "path")
 
 
 def load_text(source: str, split: str = "train") -> str:
     """The whole corpus as one string. `split` is "train" for calibration, "test" for evaluation."""
-    path = Path(source)
-    if path.is_file():
+    path = check_text_source(source)
+    if path is not None:
         return _read_local(path)
     if source == "pydoc":
         return _pydoc_text(split)
-    if source in HUB_SOURCES:
-        return _read_hub(source, split)
+    return _read_hub(source, split)
+
+
+def check_text_source(source: str) -> Path | None:
+    """The local file `source` names (None for a built-in or hub name); a missing or empty file, or an
+    unknown name, is refused in one line, before any model is loaded."""
+    path = Path(source)
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise LmsliceError(f"text file {path} is empty")
+        return path
+    if source in BUILTIN_SOURCES or source in HUB_SOURCES:
+        return None
+    if path.exists():
+        raise LmsliceError(f"text source {path} is a directory: give a .txt or .jsonl file")
+    if path.suffix or len(path.parts) > 1:  # a file name or a path, not a source name
+        raise LmsliceError(f"text file not found: {path}")
     raise LmsliceError(f"unknown text source {source!r}: give {describe_sources()}")
 
 
@@ -112,10 +129,10 @@ def _read_hub(source: str, split: str) -> str:
     return separator.join(data[field])
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
-    """The corpus as one long row of token ids."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, source: str | None = None) -> torch.Tensor:
+    """The corpus (read from `source`, named in errors) as one long row of token ids."""
     if not text.strip():
-        raise LmsliceError("the text source is empty")
+        raise LmsliceError(f"the text source {source} is empty" if source else "the text source is empty")
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     return ids
 
@@ -126,6 +143,42 @@ def calibration_batches(tokens: torch.Tensor, samples: int, seqlen: int, batch_s
     if samples < 1 or seqlen < 2 or batch_size < 1:
         raise LmsliceError("calibration samples, batch size must be >= 1 and sequence length >= 2")
     return _batched(_random_windows(tokens, samples, seqlen, random.Random(seed)), batch_size)
+
+
+def check_batches(batches: Iterable[Mapping[str, torch.Tensor]], vocabulary: int, what: str = "calibration",
+                  ) -> list[Mapping[str, torch.Tensor]]:
+    """`batches` (of `what`: calibration, training) as a list, each checked: a mapping with `input_ids`, a
+    2-D integer tensor of token ids below `vocabulary`, and optionally an `attention_mask` of its shape.
+    Anything else is one line, not a KeyError or an IndexError deep inside a forward pass."""
+    if isinstance(batches, (torch.Tensor, Mapping, str)) or not isinstance(batches, Iterable):
+        raise LmsliceError(f"{what} batches must be a list of dicts with input_ids (and attention_mask), got a "
+                           f"{type(batches).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise LmsliceError(f"no {what} batches: give at least one {what} sample")
+    for index, batch in enumerate(batches):
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() \
+                or not ids.numel():
+            raise LmsliceError(f"{what} batch {index} must be a dict whose input_ids is a 2-D tensor of token ids "
+                               f"(batch x sequence), got {_describe(batch)}")
+        if ids.min() < 0 or ids.max() >= vocabulary:
+            raise LmsliceError(f"{what} batch {index} has token ids from {int(ids.min())} to {int(ids.max())}; the "
+                               f"model's vocabulary is 0 to {vocabulary - 1} (tokenized for another model?)")
+        mask = batch.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+            raise LmsliceError(f"{what} batch {index}: attention_mask must be a tensor of input_ids' shape "
+                               f"{tuple(ids.shape)}, got {_describe(mask)}")
+    return batches
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return "a dict with " + (", ".join(map(repr, value)) or "no keys") + " " + (
+            f"(input_ids: {_describe(value['input_ids'])})" if "input_ids" in value else "")
+    return f"a {type(value).__name__}"
 
 
 def _random_windows(tokens: torch.Tensor, samples: int, seqlen: int, generator: random.Random,
@@ -180,6 +233,11 @@ def parse_mix(spec: str) -> list[MixPart]:
     return [MixPart(name, weight / total) for name, weight in zip(names, weights)]
 
 
+def local_text_files(spec: str) -> list[Path]:
+    """The local files `spec` (one source or a mix, see `parse_mix`) reads, each checked (`check_text_source`)."""
+    return [path for part in parse_mix(spec) if (path := check_text_source(part.source)) is not None]
+
+
 def mix_windows(mix: list[MixPart], samples: int) -> list[int]:
     """Each source's number of windows: its share of `samples`, rounded so they sum to `samples`
     (largest remainders first); every source gets at least one."""
@@ -208,13 +266,13 @@ def mixed_calibration_batches(tokenizer: PreTrainedTokenizerBase, spec: str, sam
     them. One source gives exactly `calibration_batches`'s windows."""
     mix = parse_mix(spec)
     if len(mix) == 1:
-        return calibration_batches(tokenize(tokenizer, load_text(mix[0].source, split="train")), samples, seqlen,
-                                   batch_size, seed)
+        return calibration_batches(tokenize(tokenizer, load_text(mix[0].source, split="train"), mix[0].source),
+                                   samples, seqlen, batch_size, seed)
     if samples < 1 or seqlen < 2 or batch_size < 1:
         raise LmsliceError("calibration samples, batch size must be >= 1 and sequence length >= 2")
     windows: list[torch.Tensor] = []
     for index, (part, count) in enumerate(zip(mix, mix_windows(mix, samples))):
-        tokens = tokenize(tokenizer, load_text(part.source, split="train"))
+        tokens = tokenize(tokenizer, load_text(part.source, split="train"), part.source)
         windows += _random_windows(tokens, count, seqlen, random.Random(seed + index), part.source)
     random.Random(seed).shuffle(windows)
     return _batched(windows, batch_size)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import glob
+import difflib
 import importlib.util
 import inspect
 import json
-import logging
 import math
 import os
 import shutil
-import socket
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,13 +26,13 @@ from lmslice import layout as layout_module
 from lmslice import modeling
 from lmslice.adapters import ADAPTERS, check_loadable
 from lmslice.errors import LmsliceError, first_line
+from lmslice.io.outputs import check_output, process_tag
 from lmslice.layout import Layout, LayoutError, layout_of
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 MODELING_FILE = "modeling_lmslice.py"
 LAYOUT_FILE = "lmslice_layout.py"  # lmslice.layout, which the modeling file imports
-logger = logging.getLogger("lmslice")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -104,6 +101,19 @@ def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`tensor` in `dtype` if it is floating point (None: as it is); integer buffers keep their type."""
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def stored_once(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with each tensor once, under its first name: a head tied to the embedding is the
+    embedding's own tensor, which loading ties again (as the config says), so the file holds it once."""
+    seen: set[tuple[Any, ...]] = set()
+    once = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in seen or tensor.device.type == "meta" or not tensor.numel():  # no data to share
+            once[name] = tensor
+        seen.add(key)
+    return once
 
 
 def record_saved_dtype(directory: Path, dtype: torch.dtype) -> None:
@@ -207,12 +217,11 @@ def load_with_tokenizer(source: str | os.PathLike[str], *, dtype: str | torch.dt
             check_architecture(lambda: local_config(path))
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype, exact=True)
         tokenizer = load_tokenizer(path)
-    elif _looks_like_hub_id(str(source)):
+    else:
+        check_hub_id(str(source))
         check_architecture(lambda: AutoConfig.from_pretrained(str(source)))
         model = _from_pretrained(AutoModelForCausalLM, str(source), dtype=torch_dtype)
         tokenizer = load_tokenizer(str(source))
-    else:
-        raise LmsliceError(f"model not found: {source} (give a directory, a .gguf file or a hub id like org/name)")
     return model.to(device).eval(), tokenizer
 
 
@@ -283,9 +292,26 @@ def gguf_architecture(path: Path) -> str | None:
     return None
 
 
-def _looks_like_hub_id(source: str) -> bool:
+# What a local model file is named like, never a hub id.
+MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def check_hub_id(source: str) -> None:
+    """Refuses at once, without asking the hub (which takes long to answer offline), a source that is no
+    local model and names a local path rather than a hub id (org/name, or a bare name): one that looks like
+    a path, whose first part is a local directory, or whose name is close to a built-in or local one."""
     parts = source.split("/")
-    return len(parts) <= 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+    path_like = (len(parts) > 2 or not all(parts) or source.startswith((".", "~")) or "\\" in source
+                 or Path(source).suffix in MODEL_FILE_SUFFIXES)
+    if path_like:
+        raise LmsliceError(f"model not found: {source} (give a directory, a .gguf file or a hub id like org/name)")
+    if len(parts) == 2 and Path(parts[0]).is_dir():
+        raise LmsliceError(f"model not found: {source}: the local directory {parts[0]} has no {parts[1]}")
+    if len(parts) == 1:
+        nearby = [path.name for path in Path.cwd().iterdir()] if Path.cwd().is_dir() else []
+        close = difflib.get_close_matches(source, [*BUILTIN_MODELS, *nearby], n=1, cutoff=0.8)
+        if close:
+            raise LmsliceError(f"model not found: {source}; did you mean {close[0]}?")
 
 
 # What damaged or truncated files raise inside `from_pretrained` (safetensors, json and gguf readers).
@@ -382,81 +408,6 @@ def discarded_on_failure(staging: Path, out: Path) -> Iterator[None]:
         raise
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool,
-                     protect: Iterable[str | os.PathLike[str]] = ()) -> Path:
-    """Fails early, before any work, if saving to `out_dir` would clobber something or cannot succeed:
-    it exists (without `overwrite`), it is the working directory, a path in `protect` (the source model)
-    or a directory holding either, or its parent cannot be written. Clears what killed runs left there."""
-    out = Path(out_dir)
-    target = out.resolve()
-    for kept in (Path.cwd(), *(Path(path) for path in protect if Path(path).exists())):
-        kept = kept.resolve()
-        if target == kept or target in kept.parents:
-            what = "the working directory" if kept == Path.cwd().resolve() else f"the source {kept}"
-            raise LmsliceError(f"output {out} is {what} or holds it; replacing it would delete it: choose another "
-                               "output directory")
-    if out.exists() and not out.is_dir():
-        raise LmsliceError(f"output path {out} exists and is not a directory")
-    _check_writable(target.parent, out)
-    clear_leftovers(out)
-    if out.exists() and not overwrite:
-        raise LmsliceError(f"output directory {out} already exists; choose another or pass --overwrite")
-    return out
-
-
-def _check_writable(parent: Path, out: Path) -> None:
-    """The nearest existing directory above `out` accepts a new directory (probed, not guessed)."""
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LmsliceError(f"cannot create output {out}: {existing} is a file, not a directory")
-    try:
-        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
-    except OSError as error:
-        raise LmsliceError(f"cannot write output {out}: {existing} is not writable ({error.strerror}); choose "
-                           "another output directory") from error
-    probe.rmdir()
-
-
-# Leftovers beside an output, each named with `process_tag()` of the process that made it.
-LEFTOVER_PATTERNS = (".{name}.partial-", ".{name}.old-", ".lmslice-activations-")
-
-
-def process_tag() -> str:
-    """This process's id and host: on a shared file system, a leftover is judged dead only by its own host."""
-    return f"{os.getpid()}-{socket.gethostname()}"
-
-
-def clear_leftovers(out: Path) -> None:
-    """Removes the staging, set-aside and activation directories of processes that no longer run (a
-    SIGKILL or power loss leaves them), and puts back an output a killed `--overwrite` had set aside."""
-    if not out.parent.is_dir():
-        return
-    for pattern in LEFTOVER_PATTERNS:
-        prefix = pattern.format(name=out.name)
-        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
-            pid, _, host = path.name[len(prefix):].partition("-")
-            same_host = host == socket.gethostname() or host.startswith(socket.gethostname() + "-")
-            if not pid.isdigit() or not same_host or _process_alive(int(pid)):
-                continue
-            if pattern == ".{name}.old-" and not out.exists():
-                path.rename(out)
-                logger.warning(f"lmslice: restored {out} from {path.name}, set aside by a run that was killed")
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def out_of_range(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> str | None:
     """The first floating tensor with values beyond `dtype`'s largest finite one (float16: 65504), described;
     None if `dtype` holds them all."""
@@ -486,11 +437,11 @@ def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out
     slicing, the tokenizer, the modeling code and `extra_files` (name -> text) into a temporary directory,
     loads it back and compares its logits on `check_ids` (a few calibration tokens; default: the first
     token ids) with `model`'s, and moves it into place only then."""
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output(out_dir, overwrite)
     check_range(model.state_dict().items(), dtype)
     staging = staging_dir(out)
     with discarded_on_failure(staging, out):
-        weights = {name: cast_floating(tensor, dtype) for name, tensor in model.state_dict().items()}
+        weights = {name: cast_floating(tensor, dtype) for name, tensor in stored_once(model.state_dict()).items()}
         model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         if dtype is not None:
             record_saved_dtype(staging, dtype)
@@ -524,17 +475,21 @@ def finish_output(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, s
     return move_into_place(staging, out, overwrite)
 
 
-# How far the reloaded model's logits may be from the in-memory model's, relative to their largest value,
-# by the dtype the weights were written in: its rounding, through every block (SmolLM2-135M saved at
-# sparsity 0, 2 x 16 calibration tokens: float16 within 0.0032, bfloat16 within 0.015).
+# How far the reloaded model's logits may be from the in-memory model's, relative to their largest value, by
+# the dtype both compute in, once the reloaded copy holds the model's own weights: the same function in
+# another process and perhaps on another device, so only the arithmetic's rounding differs.
 RELOAD_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}
 
 
 @torch.no_grad()
 def verify_saved(model: nn.Module, staging: Path, out: Path, check_ids: torch.Tensor | None) -> None:
-    """Loads `staging` back as `load` will and compares its logits on `check_ids` with `model`'s; a model
-    whose blocks are not in memory (offloaded) is checked for structure: every tensor its config implies
-    is written, in its shape. Refuses, in one line, an output that would not load or compute the same."""
+    """Loads `staging` back as `load` will and checks that it is `model` as written: every tensor is the
+    model's own, rounded to the dtype it was saved in; its logits on `check_ids` are finite; and with the
+    model's weights put back it computes the model's logits (its config and code are the model's function).
+    How much the rounding itself costs is the saved perplexity's to show, not this check's: a few tokens a
+    model never sees in training (control tokens) may move far under float16 in a healthy model. A model
+    whose blocks are not in memory (offloaded) is checked for structure: every tensor its config implies is
+    written, in its shape. Refuses, in one line, an output that would not load or compute the same."""
     def failed(problem: str) -> LmsliceError:
         return LmsliceError(f"the model written for {out} {problem}; nothing was saved")
 
@@ -545,18 +500,35 @@ def verify_saved(model: nn.Module, staging: Path, out: Path, check_ids: torch.Te
         saved = load(staging, dtype=computes_in)
     except LmsliceError as error:
         raise failed(f"does not load back ({error})") from error
+    dtype = DTYPES.get(str(read_config(staging).get("dtype")), computes_in)
+    state = model.state_dict()
+    _check_saved_weights(state, saved.state_dict(), dtype, failed)
     vocabulary = model.get_input_embeddings().weight.shape[0]
-    ids = check_ids if check_ids is not None else torch.arange(min(16, vocabulary))[None]
-    ids = ids[:2, :16]
+    ids = (check_ids if check_ids is not None else torch.arange(min(16, vocabulary))[None])[:2, :16]
+    if not torch.isfinite(saved(input_ids=ids, use_cache=False).logits).all():
+        raise failed(f"computes non-finite logits once loaded back (saved as {dtype})")
+    saved.load_state_dict(state)
     device = model.get_input_embeddings().weight.device
     expected = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
     got = saved(input_ids=ids, use_cache=False).logits.float()
-    dtype = DTYPES.get(str(read_config(staging).get("dtype")), computes_in)
     scale = expected.abs().max().item()
     difference = (got - expected).abs().max().item() if got.shape == expected.shape else math.inf
-    if not difference <= RELOAD_TOLERANCE.get(dtype, 0.1) * max(scale, 1.0):
+    if not difference <= RELOAD_TOLERANCE.get(computes_in, 0.1) * max(scale, 1.0):
         raise failed(f"computes other logits once loaded back (largest difference {difference:.4g} of "
-                     f"{scale:.4g}, saved as {dtype})")
+                     f"{scale:.4g} with the model's own weights)")
+
+
+def _check_saved_weights(state: dict[str, torch.Tensor], reloaded: dict[str, torch.Tensor], dtype: torch.dtype,
+                         failed: Callable[[str], LmsliceError]) -> None:
+    """Every tensor of `reloaded` is `state`'s, rounded to `dtype` (the one it was written in), by name."""
+    missing, extra = sorted(set(state) - set(reloaded)), sorted(set(reloaded) - set(state))
+    if missing or extra:
+        raise failed(f"{'lacks ' + ', '.join(missing[:3]) if missing else 'holds ' + ', '.join(extra[:3])} "
+                     "once loaded back")
+    for name, tensor in reloaded.items():
+        written = cast_floating(state[name], dtype).to("cpu", tensor.dtype)
+        if written.shape != tensor.shape or not torch.equal(written, tensor):
+            raise failed(f"holds another {name} once loaded back than the model's, rounded to {dtype}")
 
 
 def _verify_structure(staging: Path, failed: Callable[[str], LmsliceError]) -> None:

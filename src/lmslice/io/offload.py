@@ -27,9 +27,10 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
-from lmslice.io.models import (cast_floating, check_finite, check_output_dir, discarded_on_failure, finish_output,
-                               local_config, read_config, read_layout, record_saved_dtype, source_dtype,
-                               staging_dir)
+from lmslice.io.models import (cast_floating, check_finite, discarded_on_failure, finish_output, local_config,
+                               read_config, read_layout, record_saved_dtype, source_dtype, staging_dir,
+                               stored_once)
+from lmslice.io.outputs import check_output
 from lmslice.modeling import apply_layout, base_key_mapping
 from lmslice.slicing import SliceResult, check_can_slice, slice_model
 
@@ -199,11 +200,7 @@ def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTra
             storage.load(index, block)
             storage.store(index, block, True)
     block_names = {f"{storage.blocks_path}.{name}" for name in blocks.state_dict()}
-    rest = {name: tensor for name, tensor in model.state_dict().items() if name not in block_names}
-    # a tied head shares the embedding's parameter: written once, under its first name (transformers ties on load)
-    first_names = {name for name, _ in model.named_parameters()}
-    repeated = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
-    rest = {name: tensor for name, tensor in rest.items() if name not in repeated}
+    rest = {name: tensor for name, tensor in stored_once(model.state_dict()).items() if name not in block_names}
     staging = storage.staging_path()
     with discarded_on_failure(staging, out):
         storage.write_shard("model-rest.safetensors", rest, storage.save_dtype)
@@ -220,7 +217,7 @@ def open_offloaded(source: str | os.PathLike[str], out: str | os.PathLike[str], 
                    ) -> tuple[nn.Module, OffloadedBlocks]:
     """The model skeleton of the checkpoint in `source` and the storage that streams its blocks to `out`
     in `save_dtype` (by default the dtype `source` stores)."""
-    output = check_output_dir(out, overwrite, protect=[source])
+    output = check_output(out, overwrite, [("the source model", source)])
     model, checkpoint = load_skeleton(source, dtype, device, lambda skeleton: find_adapter(skeleton).blocks)
     return model, OffloadedBlocks(checkpoint, find_adapter(model).blocks, output, dtype, device,
                                   save_dtype or source_dtype(source))

@@ -13,6 +13,7 @@ from torch import nn
 from lmslice.adapters import find_adapter
 from lmslice.calibration import capture_block_inputs
 from lmslice.errors import LmsliceError
+from lmslice.io.data import check_batches
 from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
@@ -60,9 +61,7 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     blocks = get_module(model, adapter.blocks)
     if len(plan.mlp_widths) != len(blocks):
         raise LmsliceError(f"the plan has {len(plan.mlp_widths)} MLP widths for {len(blocks)} blocks")
-    batches = list(batches)
-    if not batches:
-        raise LmsliceError("no calibration batches: give at least one calibration sample")
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     streams = capture_block_inputs(model, adapter, batches, run.store())
     kept_channels: list[list[int]] = []
     notes: list[str] = []
@@ -111,6 +110,7 @@ def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tenso
     parameters_dense = run.parameters_dense or None
     check_pruning(model, config.target_params, config.round_to, widths=config.widths, heads=heads,
                   parameters_dense=parameters_dense)
+    batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     consumers = [mlp_of(adapter).consumer] + ([attention_of(adapter).output] if heads else [])
     planning = first_windows(batches, config.planning_windows)
     if config.widths == "measured":
@@ -135,7 +135,6 @@ def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     model's when `model` was sliced first)."""
     config = PruneConfig(target_params, widths, heads, round_to, criterion, damping, planning_windows)
     run = Run(parameters_dense or 0, progress=RunProgress(progress))
-    batches = list(batches)
     run.progress.expect(PASSES * len(get_module(model, find_adapter(model).blocks)))
     try:
         return prune_blocks_to_budget(model, batches, config, run)

@@ -70,6 +70,12 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
                            "pruning needs equal widths: use measured mlp_widths, or start from the dense model")
     dense = parameters_dense or count_parameters(model)
     whole_mlps = widths == "measured" and mlp_removable(layout_before(model, adapter))
+    narrow = [index for index, width in enumerate(full) if 0 < width <= round_to]
+    if whole_mlps and narrow and count_parameters(model) > target_params * dense:
+        raise LmsliceError(f"round_to {round_to} is no narrower than the MLP of block{'s' * (len(narrow) > 1)} "
+                           f"{', '.join(map(str, narrow[:5]))}{' ...' if len(narrow) > 5 else ''} ({full[narrow[0]]} "
+                           "channels): its only widths would be all or none (the whole MLP deleted); lower round_to "
+                           "(--align gguf or none)")
     removable = sum((width - narrowest_width(width, round_to, whole_mlps)) * channel_cost(block, mlp)
                     for width, block in zip(full, blocks))
     if heads:
