@@ -83,6 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     import lmslice
+    from lmslice.estimate import Calibration, estimate, measure_speed, resident_bytes
     from lmslice.io.offload import open_offloaded, save_offloaded
     from lmslice.io.placement import open_placed
     from lmslice.pipeline import Prune, PruneConfig, Slice, SliceConfig, compress
@@ -91,12 +92,17 @@ def measure(args: argparse.Namespace) -> dict:
     source = checkpoint(Path(args.cache), args.shape, args.blocks_one, args.vocab)
     steps = [Prune(PruneConfig(0.8))] if args.mode == "prune" else [Slice(SliceConfig(0.25))]
     out = Path(tempfile.mkdtemp(dir=args.cache)) / "out"
+    base = resident_bytes()
+    speed = measure_speed(args.device)
     started = time.perf_counter()
     if args.placement == "offload":
         model, placement = open_offloaded(source, out, dtype=getattr(torch, args.dtype), device=args.device)
     else:
         model, _, placement = open_placed(source, args.placement, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter() - started
+    predicted = estimate(model, steps, args.placement, Calibration(args.calib_samples, args.calib_seqlen, 8),
+                         device=args.device, dtype=getattr(torch, args.dtype), stored_dtype=torch.bfloat16,
+                         speed=speed, base_bytes=base)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.calib_samples, args.calib_seqlen), generator=generator)
     batches = [{"input_ids": ids[start:start + 8]} for start in range(0, len(ids), 8)]
@@ -114,7 +120,9 @@ def measure(args: argparse.Namespace) -> dict:
     return {"shape": args.shape, "blocks": args.blocks_one, "placement": args.placement, "mode": args.mode,
             "load_s": loaded, "compress_s": seconds, "walks": {name: [progress.seconds[name], progress.visits[name]]
                                                                 for name in progress.seconds},
-            "peak_rss_gib": peak_rss, "peak_cuda_gib": cuda, "kept": kept}
+            "peak_rss_gib": peak_rss, "peak_cuda_gib": cuda, "kept": kept,
+            "estimated_s": predicted.total_seconds, "estimated_peak_gib": predicted.peak_bytes / 2**30,
+            "estimated_device_gib": (predicted.device_peak_bytes or 0) / 2**30}
 
 
 def main() -> None:
@@ -140,9 +148,9 @@ def main() -> None:
         return
     print(f"calibration {args.calib_samples} x {args.calib_seqlen} random tokens; compute {args.dtype} on "
           f"{args.device}; {args.threads} threads; checkpoints bfloat16")
-    print("| shape | blocks | placement | mode | s/block by walk | s/block | peak RSS GiB | peak CUDA GiB "
-          "| whole model (projected) |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| shape | blocks | placement | mode | s/block by walk | s/block | estimated s/block | peak RSS GiB "
+          "| estimated GiB | peak CUDA GiB | whole model (projected) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     forwarded = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in
                  ("device", "dtype", "calib-samples", "calib-seqlen", "threads", "cache")]
     forwarded += [f"--vocab={args.vocab}"] if args.vocab else []
@@ -154,16 +162,19 @@ def main() -> None:
                     process = subprocess.run(command, capture_output=True, text=True)
                     if process.returncode:
                         print(f"| {shape} | {blocks} | {placement} | {mode} | failed: "
-                              f"{(process.stderr.strip().splitlines() or ['?'])[-1][:120]} | | | | |", flush=True)
+                              f"{(process.stderr.strip().splitlines() or ['?'])[-1][:120]} | | | | | | |", flush=True)
                         continue
                     row = json.loads(process.stdout.strip().splitlines()[-1])
                     per_walk = ", ".join(f"{name} {total / visits:.1f}" for name, (total, visits) in row["walks"].items())
                     per_block = row["compress_s"] / row["blocks"]
                     depth = SHAPES[shape][5]
                     cuda = f"{row['peak_cuda_gib']:.1f}" if row["peak_cuda_gib"] is not None else "-"
+                    estimated = row["estimated_s"] / row["blocks"]
+                    estimated_memory = row["estimated_device_gib"] if row["peak_cuda_gib"] is not None \
+                        else row["estimated_peak_gib"]
                     print(f"| {shape} | {blocks} | {placement} | {mode} | {per_walk} | {per_block:.1f} | "
-                          f"{row['peak_rss_gib']:.2f} | {cuda} | {per_block * depth / 60:.0f} min ({depth} blocks) |",
-                          flush=True)
+                          f"{estimated:.1f} | {row['peak_rss_gib']:.2f} | {estimated_memory:.2f} | {cuda} | "
+                          f"{per_block * depth / 60:.0f} min ({depth} blocks) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
-from lmslice.io.models import (check_finite, load_tokenizer, load_with_tokenizer, local_config, model_path,
+from lmslice.io.models import (check_finite, check_hub_id, load_tokenizer, load_with_tokenizer, local_config,
+                               model_path, read_config, read_layout,
                                resolve_dtype, source_dtype)
 from lmslice.io.offload import open_offloaded
+from lmslice.modeling import apply_layout
 from lmslice.walk import DeviceStreamed, InMemory, Placement
 
 PLACEMENTS = ("auto", "memory", "streamed", "offload")
@@ -24,19 +26,15 @@ DEVICE_SHARE = 0.6
 
 
 def model_bytes(source: str | os.PathLike[str], dtype: torch.dtype) -> int | None:
-    """The model's weights in `dtype`, from its config alone (a weightless build); None where the config
-    cannot be read without loading (a GGUF file)."""
-    path = model_path(source)
-    if path.suffix == ".gguf":
+    """The model's weights in `dtype`, from its config alone (`open_skeleton`); None for a GGUF file, whose
+    config takes as long to read as its vocabulary."""
+    if model_path(source).suffix == ".gguf":
         return None
     try:
-        config = local_config(path)
+        skeleton = open_skeleton(source, dtype)
     except (OSError, ValueError):
         return None
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    parameters = sum(p.numel() for p in {id(p): p for p in skeleton.parameters()}.values())
-    return parameters * torch.finfo(dtype).bits // 8
+    return sum(p.numel() for p in skeleton.parameters()) * torch.finfo(dtype).bits // 8
 
 
 def choose_placement(source: str | os.PathLike[str], placement: str, device: str, dtype: torch.dtype) -> str:
@@ -76,3 +74,28 @@ def open_placed(source: str | os.PathLike[str], placement: str, *, device: str, 
     model, tokenizer = load_with_tokenizer(source, dtype=stored, device="cpu")
     check_finite(model)
     return model, tokenizer, DeviceStreamed(device, compute_dtype, stored)
+
+
+def open_skeleton(source: str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+    """The model of `source` without its weights (from its config, and an lmslice output's layout): its
+    shapes, for a model of any size, before anything is loaded."""
+    path = model_path(source)
+    layout = None
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LmsliceError(f"GGUF file not found: {path}")
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
+        config = local_config(path)
+        layout = read_layout(read_config(path), path)
+    else:
+        check_hub_id(str(source))
+        config = AutoConfig.from_pretrained(str(source))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_pretrained ties the head as the config says; from_config alone does not
+    if layout is not None:
+        apply_layout(model, layout)
+    return model.eval()
