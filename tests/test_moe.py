@@ -145,7 +145,9 @@ def test_pruned_to_0_8_reloads_exactly_and_decodes_through_the_cache(family: str
 def test_measured_widths_beat_every_expert_pruned_alike_at_the_same_size(family: str) -> None:
     """The issue's target, on the calibration text itself: the relative error of the logits when the
     per-block expert widths are measured is lower than with the same width everywhere, at no more parameters.
-    (round_to 1: both plans land within a channel of each other's size.)"""
+    (round_to 1: both plans land within a channel of each other's size.) Not on every random model: with
+    model seed 1 Mixtral's measured plan has the larger error (see the branch's report); seed 0, as here,
+    and Qwen3-MoE at seeds 0-2 meet it."""
     dense = tiny_models.build(family)
     batches = tiny_models.random_batches(count=4, seed=1)
 
@@ -168,4 +170,16 @@ def test_slicing_a_mixture_of_experts_is_refused_in_one_line(family: str) -> Non
     model = tiny_models.build(family)
     with pytest.raises(LmsliceError, match="cannot be sliced: lmslice does not rotate a mixture of experts") as error:
         slice_model(model, tiny_models.random_batches(count=1), 0.25, progress=False)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_of_a_mixture_of_experts_is_refused_in_one_line_naming_llama_cpp_s_converter(family: str) -> None:
+    """Equal expert widths are the family's own architecture, which llama.cpp's converter writes; lmslice
+    does not write MoE GGUF itself."""
+    from lmslice.export.gguf import check_exportable
+
+    with pytest.raises(LmsliceError, match=f"not {family}: save the model with equal blocks .*convert_hf_to_gguf") \
+            as error:
+        check_exportable(family, config=tiny_models.MOE_FACTORIES[family]().config)
     assert "\n" not in str(error.value)
