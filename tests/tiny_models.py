@@ -130,8 +130,44 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+MOE = dict(num_experts_per_tok=2, num_key_value_heads=2)
+
+
+def eager_experts(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """transformers' default experts forward (grouped_mm) has no float64 kernel on the CPU: the loop over
+    the experts has."""
+    config._experts_implementation = "eager"
+    return config
+
+
+def qwen3_moe() -> nn.Module:
+    # block 1 keeps a dense MLP (mlp_only_layers), as Qwen3-MoE configs may
+    return transformers.Qwen3MoeForCausalLM(eager_experts(transformers.Qwen3MoeConfig(
+        **COMMON, **MOE, num_experts=4, moe_intermediate_size=48, intermediate_size=112, mlp_only_layers=[1],
+        head_dim=16, norm_topk_prob=True)))
+
+
+def mixtral() -> nn.Module:
+    return transformers.MixtralForCausalLM(eager_experts(transformers.MixtralConfig(
+        **COMMON, **MOE, num_local_experts=4, intermediate_size=48)))
+
+
+def olmoe() -> nn.Module:
+    return transformers.OlmoeForCausalLM(eager_experts(transformers.OlmoeConfig(
+        **COMMON, **MOE, num_experts=4, intermediate_size=48, pad_token_id=0, eos_token_id=1)))
+
+
+# Mixtures of experts: kept apart from FACTORIES, whose tests slice (refused for them) and check dense MLPs;
+# tests/test_moe.py covers them.
+MOE_FACTORIES: dict[str, Callable[[], nn.Module]] = {
+    "qwen3_moe": qwen3_moe,
+    "mixtral": mixtral,
+    "olmoe": olmoe,
+}
+
+
 def build(family: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
-    return randomised(FACTORIES[family], dtype, seed)
+    return randomised({**FACTORIES, **MOE_FACTORIES}[family], dtype, seed)
 
 
 @torch.no_grad()

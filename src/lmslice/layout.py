@@ -71,11 +71,33 @@ class ResidualPaths:
 
 
 @dataclass(frozen=True)
+class ExpertsPaths:
+    """A mixture of experts in place of a block's MLP (in the blocks that hold `module`): every expert's MLP
+    in 3-D parameters of `module`, `producers` [experts, fused x width, hidden] (gate and up stacked) and
+    `consumer` [experts, hidden, width], one width for every expert of a block (the module attribute
+    `width_attribute`, the config field `width_config`), the consumer reading activation(gate) x up (the
+    module attribute `activation_attribute`); `router` scores the experts."""
+
+    module: str
+    router: str
+    producers: str = "gate_up_proj"
+    consumer: str = "down_proj"
+    fused: int = 2
+    width_attribute: str = "intermediate_dim"
+    width_config: str = "moe_intermediate_size"
+    activation_attribute: str = "act_fn"
+
+
+EXPERTS_KEYS = tuple(item.name for item in fields(ExpertsPaths))
+
+
+@dataclass(frozen=True)
 class MlpPaths:
     producers: tuple[str, ...]
     consumer: str
     fused: int = 1
     width_config: str | None = None  # the config field of the dense MLP width
+    experts: ExpertsPaths | None = None  # where a block holds experts instead (its MLP width: each expert's)
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,8 @@ class Modules:
             record["mlp"] = {"producers": list(self.mlp.producers), "consumer": self.mlp.consumer,
                              "fused": self.mlp.fused,
                              **({"width_config": self.mlp.width_config} if self.mlp.width_config else {})}
+            if self.mlp.experts is not None:
+                record["mlp"]["experts"] = {key: getattr(self.mlp.experts, key) for key in EXPERTS_KEYS}
         if self.attention is not None:
             record["attention"] = {key: getattr(self.attention, key) for key in ATTENTION_KEYS
                                    if getattr(self.attention, key) != ATTENTION_DEFAULTS[key]}
@@ -161,10 +185,19 @@ class Modules:
         if "mlp" in record:
             entry = _mapping(record["mlp"], "modules.mlp")
             width_config = entry.get("width_config")
+            experts = None
+            if "experts" in entry:
+                experts_entry = _mapping(entry["experts"], "modules.mlp.experts")
+                experts = ExpertsPaths(**{
+                    key: _integer(_require(experts_entry, key, "modules.mlp.experts."), f"modules.mlp.experts.{key}")
+                    if key == "fused" else
+                    _text(_require(experts_entry, key, "modules.mlp.experts."), f"modules.mlp.experts.{key}")
+                    for key in EXPERTS_KEYS})
             mlp = MlpPaths(_texts(_require(entry, "producers", "modules.mlp."), "modules.mlp.producers"),
                            _text(_require(entry, "consumer", "modules.mlp."), "modules.mlp.consumer"),
                            _integer(entry.get("fused", 1), "modules.mlp.fused"),
-                           None if width_config is None else _text(width_config, "modules.mlp.width_config"))
+                           None if width_config is None else _text(width_config, "modules.mlp.width_config"),
+                           experts)
         if "attention" in record:
             entry = _mapping(record["attention"], "modules.attention")
             attention = _attention(entry)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmslice.layout import AttentionPaths, Layout, MlpPaths, Modules
+from lmslice.layout import AttentionPaths, ExpertsPaths, Layout, MlpPaths, Modules
 
 
 class ResidualChannel:
@@ -246,8 +246,36 @@ def apply_layout(model: nn.Module, layout: Layout) -> None:
     install_final_norm(model, modules, width, head_width, hidden, eps)
 
 
+def experts_of(block: nn.Module, mlp: MlpPaths) -> nn.Module | None:
+    """The block's mixture of experts, where the family has them and this block holds them (Qwen3-MoE may
+    keep a dense MLP in some blocks), else None."""
+    if mlp.experts is None:
+        return None
+    try:
+        return get_module(block, mlp.experts.module)
+    except AttributeError:
+        return None
+
+
+def set_experts(module: nn.Module, experts: ExpertsPaths, producers: torch.Tensor, consumer: torch.Tensor) -> None:
+    """Gives the experts these 3-D weights (their width: the consumer's last dimension), in place."""
+    requires_grad = getattr(module, experts.consumer).requires_grad
+    setattr(module, experts.producers, nn.Parameter(producers.contiguous(), requires_grad))
+    setattr(module, experts.consumer, nn.Parameter(consumer.contiguous(), requires_grad))
+    setattr(module, experts.width_attribute, consumer.shape[-1])
+
+
 def resize_mlp(block: nn.Module, mlp: MlpPaths, width: int) -> None:
-    """The block's MLP with `width` channels: producers write them (`fused` rows each), the consumer reads them."""
+    """The block's MLP with `width` channels: producers write them (`fused` rows each), the consumer reads
+    them; in a block of experts, every expert's."""
+    experts = experts_of(block, mlp)
+    if experts is not None:
+        producers, consumer = getattr(experts, mlp.experts.producers), getattr(experts, mlp.experts.consumer)
+        if consumer.shape[-1] != width:
+            set_experts(experts, mlp.experts, producers.new_empty(producers.shape[0], mlp.experts.fused * width,
+                                                                  producers.shape[2]),
+                        consumer.new_empty(*consumer.shape[:2], width))
+        return
     for path in mlp.producers:
         resize_linear(get_module(block, path), out_features=width * mlp.fused)
     resize_linear(get_module(block, mlp.consumer), in_features=width)

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmslice.adapters.base import Attention, Gguf, Mlp, ModelAdapter, Residual
+from lmslice.adapters.base import Attention, Experts, Gguf, Mlp, ModelAdapter, Residual
 from lmslice.adapters.gemma import GEMMA
 from lmslice.adapters.gemma2 import GEMMA2, GEMMA3
 from lmslice.adapters.gpt_neox import GPT_NEOX, GPT_NEOX_SEQUENTIAL
 from lmslice.adapters.granite import GRANITE
 from lmslice.adapters.llama import LLAMA
 from lmslice.adapters.mistral import MINISTRAL, MINISTRAL3, MISTRAL
+from lmslice.adapters.moe import MIXTRAL, OLMOE, QWEN3_MOE
 from lmslice.adapters.olmo2 import OLMO2
 from lmslice.adapters.opt import OPT
 from lmslice.adapters.phi import PHI
@@ -29,7 +30,8 @@ from lmslice.errors import LmsliceError
 from lmslice.layout import Layout, LayoutError, layout_of
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE, GEMMA,
-                                      GEMMA2, GEMMA3, OLMO2, OPT, PHI, PHI3, GPT_NEOX, GPT_NEOX_SEQUENTIAL)
+                                      GEMMA2, GEMMA3, OLMO2, OPT, PHI, PHI3, GPT_NEOX, GPT_NEOX_SEQUENTIAL,
+                                      QWEN3_MOE, MIXTRAL, OLMOE)
 
 
 def supported_architectures() -> list[str]:
@@ -128,6 +130,6 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise LmsliceError(f"{'; '.join(reasons)} (architecture {architecture})")
 
 
-__all__ = ["ADAPTERS", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture",
+__all__ = ["ADAPTERS", "Experts", "Gguf", "Mlp", "ModelAdapter", "Residual", "adapter_for", "adapter_for_architecture",
            "adapter_of_family", "adapters_for_architecture", "check_loadable", "closest_adapter",
            "find_adapter", "supported_architectures"]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmslice.layout import AttentionPaths, MlpPaths, Modules, ResidualPaths
+from lmslice.layout import AttentionPaths, ExpertsPaths, MlpPaths, Modules, ResidualPaths
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class Residual:
     output_norms: tuple[str, ...] = ()
 
 
+Experts = ExpertsPaths
+
+
 @dataclass(frozen=True)
 class Mlp:
     """The MLP's channels: `producers` write them (each output row of a producer is one channel, or
@@ -45,6 +48,10 @@ class Mlp:
     # scale comes between (Gemma 2, OLMo 2, Granite): pruning then runs the pruned block again to carry
     # the stream, instead of adding the change in the consumer's output.
     writes_stream: bool = True
+    # Where a block holds a mixture of experts instead (each expert's channels are pruned on its own tokens,
+    # every expert of a block keeping the same number); `producers` and `consumer` then name the dense MLP of
+    # the blocks that have one (Qwen3-MoE's mlp_only_layers).
+    experts: Experts | None = None
 
 
 # Where the heads are is the same record an adapter holds and a saved layout stores.
@@ -115,6 +122,9 @@ class ModelAdapter:
         carry it, since an RMSNorm with a per-feature scale g is not rotation-equivariant ((g ⊙ y/rms(y))Q
         ≠ g' ⊙ yQ/rms(yQ) for any per-feature g' unless g is constant), and once features are deleted
         rms(yQ) is not rms(y)."""
+        if self.mlp is not None and self.mlp.experts is not None:
+            return (f"{self.family} cannot be sliced: lmslice does not rotate a mixture of experts' 3-D weights and "
+                    "router; prune it with --target-params instead")
         output_norms = [norm for residual in self.residuals for norm in residual.output_norms]
         if not output_norms:
             return None
@@ -125,7 +135,7 @@ class ModelAdapter:
     def modules(self) -> Modules:
         """The paths, as the layout record of a saved model stores them."""
         mlp = None if self.mlp is None else MlpPaths(self.mlp.producers, self.mlp.consumer, self.mlp.fused,
-                                                      self.mlp.width_config)
+                                                      self.mlp.width_config, self.mlp.experts)
         return Modules(self.embeddings, self.blocks,
                        tuple(ResidualPaths(tuple(r.reads.items()), r.writes) for r in self.residuals),
                        self.final_norm, self.head, mlp, self.attention)

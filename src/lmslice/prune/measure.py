@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from lmslice.adapters import ModelAdapter
+from lmslice.adapters import Experts, Mlp, ModelAdapter
 from lmslice.calibration import BlockInput, StopForward, capture_block_inputs, run_block, walk, window_loss
 from lmslice.modeling import get_module
-from lmslice.prune.shapes import mlp_of
+from lmslice.prune.shapes import mlp_of, mlp_writers
 from lmslice.walk import Run, walk_blocks
 
 
@@ -32,6 +33,51 @@ def gram_of_input(consumer: nn.Linear) -> tuple[torch.Tensor, Callable[[torch.Te
         matrix.add_(rows.T @ rows)
 
     return matrix, add
+
+
+def expert_inputs(experts: nn.Module, paths: Experts, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+    """What the consumer (down projection) of expert `expert` reads for the tokens `hidden` [tokens, hidden]:
+    activation(gate) x up, gate and up the two stacked halves of its producer rows."""
+    gate, up = F.linear(hidden, getattr(experts, paths.producers)[expert]).chunk(2, dim=-1)
+    return getattr(experts, paths.activation_attribute)(gate) * up
+
+
+def gram_of_experts(experts: nn.Module, paths: Experts) -> tuple[torch.Tensor, Callable[[tuple[Any, ...], torch.Tensor], None]]:
+    """Each expert's G = Σ w² h hᵀ (float64, [experts, width, width], zero) over the tokens routed to it, h
+    what its down projection reads (`expert_inputs`), w the token's routing weight for it: the expert's
+    output reaches the block's scaled by w, so a cut's error there is w² ‖ΔW h‖². And the function adding
+    the experts' arguments (hidden [tokens, hidden], top-k expert indices, their weights) and the mask of
+    one batch to it."""
+    consumer = getattr(experts, paths.consumer)
+    count, width = consumer.shape[0], consumer.shape[-1]
+    matrices = torch.zeros(count, width, width, dtype=torch.float64, device=consumer.device)
+
+    def add(args: tuple[Any, ...], mask: torch.Tensor) -> None:
+        hidden, index, weights = (argument.detach() for argument in args[:3])
+        real = mask.reshape(-1).to(hidden.device).bool()
+        for expert in range(count):
+            token, slot = torch.where(index == expert)
+            routed = real[token]
+            token, slot = token[routed], slot[routed]
+            if len(token):
+                rows = (expert_inputs(experts, paths, expert, hidden[token]) * weights[token, slot, None]).float()
+                matrices[expert].add_(rows.T @ rows)
+
+    return matrices, add
+
+
+def observe_experts(block: nn.Module, paths: Experts, streams: list[BlockInput]) -> torch.Tensor:
+    """`gram_of_experts` of the block's experts over the calibration tokens of `streams` (the block's
+    input), run up to the experts: the streams stay where they are."""
+    matrices, add = gram_of_experts(get_module(block, paths.module), paths)
+
+    def accumulate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], stream: BlockInput) -> None:
+        add(args, stream.mask)
+        raise StopForward
+
+    walk(streams, lambda stream: run_block(block, stream, stream.hidden),
+         [(get_module(block, paths.module), accumulate)])
+    return matrices
 
 
 def observe_consumer(block: nn.Module, path: str, streams: list[BlockInput], *, keep_inputs: bool = False,
@@ -68,14 +114,15 @@ Observer = Callable[[int, nn.Module, dict[str, torch.Tensor | None], dict[str, t
 
 def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                        run: Run | None = None) -> list[torch.Tensor]:
-    """`consumer_sensitivity` of every block's MLP consumer."""
-    consumer = mlp_of(adapter).consumer
-    return consumer_sensitivity(model, adapter, batches, [consumer], run)[consumer]
+    """`consumer_sensitivity` of every block's MLP consumer (its experts, in a block of experts)."""
+    mlp = mlp_of(adapter)
+    return mlp_sensitivity(consumer_sensitivity(model, adapter, batches, mlp_writers(mlp), run), mlp)
 
 
 def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                          paths: list[str], run: Run | None = None, *, observe: Observer | None = None,
-                         grams: tuple[str, ...] = (), fisher: bool = True) -> Sensitivities:
+                         grams: tuple[str, ...] = (), fisher: bool = True,
+                         experts: Experts | None = None) -> Sensitivities:
     """For each linear layer `path` of every block that writes the residual stream, Σ over the
     calibration tokens of (∂L/∂y)² for each feature y it writes (L: the summed next-token loss of the
     model), float64: the diagonal Fisher that turns an error in what the layer writes into an estimate of
@@ -88,8 +135,8 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
     input with gradients, fed the gradient from the block after it. Equal to one backward through the
     whole model (`tests/test_prune.py`). In the backward walk, `observe(index, block, sensitivities,
     grams)` sees each block with its sensitivities and the Gram matrices (`gram_of_input`, on the
-    block's own input stream) of the linear layers at `grams`; without `fisher` nothing is
-    differentiated and the sensitivities are None."""
+    block's own input stream) of the linear layers at `grams` (at `experts.module`, the experts'
+    `gram_of_experts`); without `fisher` nothing is differentiated and the sensitivities are None."""
     run = run or Run(0)
     store = run.store()
     streams = capture_block_inputs(model, adapter, batches, store)
@@ -126,9 +173,14 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
                 handles.append(get_module(block, path).register_forward_hook(_squared_gradients(squares, path)))
             for path in grams:
                 if _holds(block, path):
-                    matrices[path], add = gram_of_input(get_module(block, path))
-                    handles.append(get_module(block, path).register_forward_pre_hook(
-                        lambda module, args, add=add: add(args[0], current[0].mask)))
+                    module = get_module(block, path)
+                    if experts is not None and path == experts.module:
+                        matrices[path], add = gram_of_experts(module, experts)
+                    else:
+                        matrices[path], add_input = gram_of_input(module)
+                        add = lambda args, mask, add_input=add_input: add_input(args[0], mask)  # noqa: E731
+                    handles.append(module.register_forward_pre_hook(
+                        lambda module, args, add=add: add(args, current[0].mask)))
             try:
                 for stream in streams:
                     current[:] = [stream]
@@ -157,6 +209,12 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
         if fisher:
             store.forget(_gradient(stream))
     return sums
+
+
+def mlp_sensitivity(sensitivities: Sensitivities, mlp: Mlp) -> list[torch.Tensor | None]:
+    """Per block, the sensitivity of what its MLP writes: its dense consumer's, or its experts'."""
+    per_writer = [sensitivities[path] for path in mlp_writers(mlp)]
+    return [next((found for found in block if found is not None), None) for block in zip(*per_writer)]
 
 
 def _block_input(stream: BlockInput, index: int) -> str:

@@ -17,9 +17,9 @@ from lmslice.io.data import check_batches
 from lmslice.layout import STANDARD
 from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
-from lmslice.prune.measure import PLANNING_WINDOWS, consumer_sensitivity, first_windows
+from lmslice.prune.measure import PLANNING_WINDOWS, consumer_sensitivity, first_windows, mlp_sensitivity
 from lmslice.prune.plan import WidthPlan, check_pruning, plan_by_importance, plan_uniform
-from lmslice.prune.shapes import attention_of, attention_removable, mlp_of
+from lmslice.prune.shapes import attention_of, attention_removable, mlp_of, mlp_width_configs, mlp_writers
 from lmslice.prune.solvers import DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING
 from lmslice.prune.surgery import prune_block_heads, prune_block_mlp
 from lmslice.slicing import layout_before
@@ -85,9 +85,15 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
     heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads
     layout = before.replace(mlp_pruning=pruning)
-    if len(set(plan.mlp_widths)) == 1 and heads is None:
-        setattr(model.config, mlp.width_config, plan.mlp_widths[0])
-    if len(set(plan.mlp_widths)) == 1 and heads is None and layout.stream is None:
+    # equal widths where the config holds one (experts and a dense MLP each have their own field)
+    configured: dict[str, set[int]] = {}
+    for field_name, width in zip(mlp_width_configs(blocks, mlp), plan.mlp_widths):
+        configured.setdefault(field_name, set()).add(width)
+    equal = all(len(widths) == 1 for widths in configured.values())
+    if equal and heads is None:
+        for field_name, widths in configured.items():
+            setattr(model.config, field_name, next(iter(widths)))
+    if equal and heads is None and layout.stream is None:
         # equal widths are the family's own config: no remote code needed
         layout = layout.replace(export=STANDARD, mlp_widths=None, attention_heads=None)
     else:  # per-block widths (or a sliced stream) need lmslice's layout (remote code)
@@ -111,7 +117,9 @@ def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tenso
     check_pruning(model, config.target_params, config.round_to, widths=config.widths, heads=heads,
                   parameters_dense=parameters_dense)
     batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
-    consumers = [mlp_of(adapter).consumer] + ([attention_of(adapter).output] if heads else [])
+    mlp = mlp_of(adapter)
+    attention = [attention_of(adapter).output] if heads else []
+    consumers = mlp_writers(mlp) + attention
     planning = first_windows(batches, config.planning_windows)
     if config.widths == "measured":
         plan, sensitivities = plan_by_importance(model, planning, config.target_params, round_to=config.round_to,
@@ -121,8 +129,8 @@ def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tenso
         plan = plan_uniform(model, config.target_params, config.round_to, parameters_dense=parameters_dense)
         sensitivities = consumer_sensitivity(model, adapter, planning, consumers, run)
     result = prune_model(model, batches, plan, criterion=config.criterion, damping=config.damping,
-                         sensitivity=sensitivities[consumers[0]],
-                         head_sensitivity=sensitivities[consumers[1]] if heads else None, run=run)
+                         sensitivity=mlp_sensitivity(sensitivities, mlp),
+                         head_sensitivity=sensitivities[attention[0]] if heads else None, run=run)
     return replace(result, seconds=time.perf_counter() - start)  # the plan's passes count too
 
 

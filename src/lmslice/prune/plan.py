@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmslice.adapters import ModelAdapter, find_adapter
+from lmslice.adapters import Mlp, ModelAdapter, find_adapter
 from lmslice.errors import LmsliceError
-from lmslice.modeling import get_module
+from lmslice.modeling import experts_of, get_module
 from lmslice.prune.measure import Sensitivities, consumer_sensitivity, consumer_weight
 from lmslice.slicing import count_parameters, layout_before, skeleton_of
 from lmslice.walk import Run
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
-                                  mlp_removable, mlp_width, narrowest_width)
+                                  mlp_removable, mlp_removable_in, mlp_width, mlp_width_configs, mlp_writers,
+                                  narrowest_width)
 from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, eliminate, head_elimination
 
 
@@ -65,19 +66,24 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
     for block in blocks:
         check_consumer(block, mlp)
     full = [mlp_width(block, mlp) for block in blocks]
-    if widths == "uniform" and len(set(full)) > 1:
-        raise LmsliceError(f"the blocks' MLPs differ in width ({min(full)}-{max(full)}: pruned per block); uniform "
-                           "pruning needs equal widths: use measured mlp_widths, or start from the dense model")
+    uneven = [group for group in _width_groups(blocks, mlp).values() if len({full[index] for index in group}) > 1]
+    if widths == "uniform" and uneven:
+        group_widths = [full[index] for index in uneven[0]]
+        raise LmsliceError(f"the blocks' MLPs differ in width ({min(group_widths)}-{max(group_widths)}: pruned per "
+                           "block); uniform pruning needs equal widths: use measured mlp_widths, or start from the "
+                           "dense model")
     dense = parameters_dense or count_parameters(model)
-    whole_mlps = widths == "measured" and mlp_removable(layout_before(model, adapter))
-    narrow = [index for index, width in enumerate(full) if 0 < width <= round_to]
+    layout = layout_before(model, adapter)
+    removable_mlps = [widths == "measured" and mlp_removable_in(block, mlp, layout) for block in blocks]
+    whole_mlps = any(removable_mlps)
+    narrow = [index for index, width in enumerate(full) if 0 < width <= round_to and removable_mlps[index]]
     if whole_mlps and narrow and count_parameters(model) > target_params * dense:
         raise LmsliceError(f"round_to {round_to} is no narrower than the MLP of block{'s' * (len(narrow) > 1)} "
                            f"{', '.join(map(str, narrow[:5]))}{' ...' if len(narrow) > 5 else ''} ({full[narrow[0]]} "
                            "channels): its only widths would be all or none (the whole MLP deleted); lower round_to "
                            "(--align gguf or none)")
-    removable = sum((width - narrowest_width(width, round_to, whole_mlps)) * channel_cost(block, mlp)
-                    for width, block in zip(full, blocks))
+    removable = sum((width - narrowest_width(width, round_to, whole)) * channel_cost(block, mlp)
+                    for width, block, whole in zip(full, blocks, removable_mlps))
     if heads:
         attention = attention_of(adapter)
         for block, shape in zip(blocks, head_shapes(model, adapter)):
@@ -117,16 +123,39 @@ def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
     blocks = list(get_module(model, adapter.blocks))
     dense = parameters_dense or count_parameters(model)
     current = count_parameters(model)
-    full = mlp_width(blocks[0], mlp)
-    per_channel = sum(channel_cost(block, mlp) for block in blocks)
     budget = target_params * dense
+    groups = list(_width_groups(blocks, mlp).values())
+    fulls = [mlp_width(blocks[group[0]], mlp) for group in groups]
+    per_channel = [sum(channel_cost(blocks[index], mlp) for index in group) for group in groups]
     if current <= budget:
-        width = full
-    else:  # reachable (checked above), so at least round_to
-        width = min(math.floor((budget - current + full * per_channel) / per_channel) // round_to * round_to,
-                    full // round_to * round_to)
-    planned = current - (full - width) * per_channel
-    return WidthPlan(target_params, dense, planned, [width] * len(blocks), round_to)
+        group_widths = fulls
+    elif len(groups) == 1:  # reachable (checked above), so at least round_to
+        full, cost = fulls[0], per_channel[0]
+        group_widths = [min(math.floor((budget - current + full * cost) / cost) // round_to * round_to,
+                            full // round_to * round_to)]
+    else:  # experts and a dense MLP (Qwen3-MoE's mlp_only_layers): each keeps the same fraction of its width
+        def kept(fraction: float) -> list[int]:
+            return [min(full, max(round_to, math.floor(fraction * full / round_to) * round_to)) for full in fulls]
+
+        fractions = sorted({min(1.0, width / full) for full in fulls
+                            for width in range(round_to, full + round_to, round_to)}, reverse=True)
+        group_widths = next((kept(fraction) for fraction in fractions
+                             if current - sum((full - width) * cost for full, width, cost in
+                                              zip(fulls, kept(fraction), per_channel)) <= budget), kept(0.0))
+    planned = current - sum((full - width) * cost for full, width, cost in zip(fulls, group_widths, per_channel))
+    widths = [0] * len(blocks)
+    for group, width in zip(groups, group_widths):
+        for index in group:
+            widths[index] = width
+    return WidthPlan(target_params, dense, planned, widths, round_to)
+
+
+def _width_groups(blocks: list[nn.Module], mlp: Mlp) -> dict[str, list[int]]:
+    """The blocks whose MLP widths one config field holds, by field (experts and a dense MLP differ)."""
+    groups: dict[str, list[int]] = {}
+    for index, field_name in enumerate(mlp_width_configs(blocks, mlp)):
+        groups.setdefault(field_name, []).append(index)
+    return groups
 
 
 @dataclass(frozen=True)
@@ -176,14 +205,24 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                 head_paths[index] = CutPath(errors, shape.step_costs(block, attention), shape.path()[1:])
             else:  # no attention left to cut
                 head_paths[index] = CutPath([], [], [])
+        experts = experts_of(block, mlp)
+        if experts is not None:  # every expert keeps the same width: the block's error is theirs summed
+            consumer = getattr(experts, mlp.experts.consumer)
+            matrices = grams.pop(mlp.experts.module)
+            paths = [mlp_path(_weighted(consumer[expert].double(), sensitivity[mlp.experts.module]), matrices[expert],
+                              consumer.shape[-1], round_to, channel_cost(block, mlp), damping)
+                     for expert in range(consumer.shape[0])]
+            mlp_paths[index] = CutPath([sum(errors) for errors in zip(*(path.errors for path in paths))],
+                                       paths[0].costs, paths[0].widths)
+            return
         consumer = get_module(block, mlp.consumer)
         weight = _weighted(consumer_weight(consumer), sensitivity[mlp.consumer])
         mlp_paths[index] = mlp_path(weight, grams.pop(mlp.consumer), consumer.in_features, round_to,
                                     channel_cost(block, mlp), damping, whole_mlps)
 
-    consumers = [mlp.consumer] + ([attention.output] if attention is not None else [])
+    consumers = mlp_writers(mlp) + ([attention.output] if attention is not None else [])
     sensitivities = consumer_sensitivity(model, adapter, batches, consumers, run, observe=measure_paths,
-                                         grams=tuple(consumers), fisher=weighted)
+                                         grams=tuple(consumers), fisher=weighted, experts=mlp.experts)
     paths = [path for path in mlp_paths + head_paths if path is not None]
     current = count_parameters(model)
     steps = spend(paths, current - target_params * dense, target_params)

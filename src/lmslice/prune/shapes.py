@@ -10,7 +10,7 @@ from torch import nn
 from lmslice.adapters import Attention, Mlp, ModelAdapter
 from lmslice.errors import LmsliceError
 from lmslice.layout import Layout
-from lmslice.modeling import get_module, head_counts
+from lmslice.modeling import experts_of, get_module, head_counts
 
 
 def mlp_of(adapter: ModelAdapter) -> Mlp:
@@ -19,17 +19,42 @@ def mlp_of(adapter: ModelAdapter) -> Mlp:
     return adapter.mlp
 
 
+def mlp_writers(mlp: Mlp) -> list[str]:
+    """What writes a block's MLP output, whose Fisher weighs its cuts: the dense consumer, and where the
+    family has them the experts (each block holds one of them)."""
+    return [mlp.consumer] + ([mlp.experts.module] if mlp.experts is not None else [])
+
+
+def mlp_width_configs(blocks: nn.ModuleList, mlp: Mlp) -> list[str]:
+    """The config field each block's MLP width is (its experts' or its dense MLP's)."""
+    return [mlp.width_config if experts_of(block, mlp) is None else mlp.experts.width_config for block in blocks]
+
+
 def mlp_width(block: nn.Module, mlp: Mlp) -> int:
+    """The block's MLP channels; in a block of experts, each expert's."""
+    experts = experts_of(block, mlp)
+    if experts is not None:
+        return getattr(experts, mlp.experts.consumer).shape[-1]
     return get_module(block, mlp.consumer).in_features
 
 
 def channel_cost(block: nn.Module, mlp: Mlp) -> int:
-    """Parameters one MLP channel of `block` holds: a row (and bias entry) of each producer, a consumer column."""
+    """Parameters one MLP channel of `block` holds: a row (and bias entry) of each producer, a consumer column;
+    in a block of experts, one channel of every expert (rows of its gate and up, a column of its down)."""
+    experts = experts_of(block, mlp)
+    if experts is not None:
+        count, hidden, _ = getattr(experts, mlp.experts.consumer).shape
+        return count * (mlp.experts.fused * getattr(experts, mlp.experts.producers).shape[-1] + hidden)
     cost = get_module(block, mlp.consumer).out_features
     for path in mlp.producers:
         producer = get_module(block, path)
         cost += mlp.fused * (producer.in_features + (producer.bias is not None))
     return cost
+
+
+def mlp_removable_in(block: nn.Module, mlp: Mlp, layout: Layout) -> bool:
+    """`mlp_removable`, for a block whose MLP is not a mixture of experts (experts keep `round_to` channels)."""
+    return mlp_removable(layout) and experts_of(block, mlp) is None
 
 
 def narrowest_width(width: int, round_to: int, removable: bool = False) -> int:
@@ -136,10 +161,13 @@ def attention_removable(index: int, layout: Layout) -> bool:
     return index > 0 and layout.stream is None
 
 
-def check_consumer(block: nn.Module, mlp: Mlp) -> nn.Linear:
-    """The block's MLP consumer, if it writes just the residual stream. In a model sliced without its
-    head, the last block's also writes the extra features the head reads (through the final norm),
-    which neither the Fisher pass nor the one-pass stream update follows."""
+def check_consumer(block: nn.Module, mlp: Mlp) -> nn.Module:
+    """The block's MLP consumer (its experts, in a block of experts), if it writes just the residual stream.
+    In a model sliced without its head, the last block's also writes the extra features the head reads
+    (through the final norm), which neither the Fisher pass nor the one-pass stream update follows."""
+    experts = experts_of(block, mlp)
+    if experts is not None:  # a model of experts is never sliced
+        return experts
     consumer = get_module(block, mlp.consumer)
     if getattr(consumer, "residual_width", consumer.out_features) != consumer.out_features:
         raise LmsliceError("pruning MLP channels of a sliced model needs its head sliced too: slice with "

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmslice.adapters import Attention, Mlp
+from lmslice.adapters import Attention, Experts, Mlp
 from lmslice.calibration import BlockInput, run_block
-from lmslice.modeling import get_module, remove_attention, set_head_counts
-from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, silent_inputs
+from lmslice.modeling import experts_of, get_module, remove_attention, set_experts, set_head_counts
+from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, observe_experts, silent_inputs
 from lmslice.prune.shapes import HeadShape, check_consumer, spans
 from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, head_elimination,
                                    keep_channels, refit)
@@ -76,6 +76,10 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     e.g. `output_sensitivity`) weigh the output error by which channels are chosen; the refit, a
     least-squares fit per output feature, does not depend on them. What a user should know (an MLP
     silent on the calibration text) is added to `notes`, naming the block by `name`."""
+    if experts_of(block, mlp) is not None:
+        return prune_block_experts(block, mlp.experts, streams, keep, criterion=criterion, damping=damping,
+                                   refit_damping=refit_damping, refit_consumer=refit_consumer,
+                                   output_weights=output_weights, notes=notes, name=name)
     consumer = check_consumer(block, mlp)
     channels = consumer.in_features
     # Where the consumer's output is added to the residual stream as it is, the pruned block's output is
@@ -115,6 +119,44 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     for stream in () if mlp.writes_stream else streams:  # they are still the block's input
         stream.hidden = run_block(block, stream, stream.hidden)
     return kept.cpu()
+
+
+@torch.no_grad()
+def prune_block_experts(block: nn.Module, paths: Experts, streams: list[BlockInput], keep: int, *,
+                        criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
+                        refit_damping: float = REFIT_DAMPING, refit_consumer: bool = True,
+                        output_weights: torch.Tensor | None = None, notes: list[str] | None = None,
+                        name: str = "block") -> torch.Tensor:
+    """`prune_block_mlp` for a block of experts: every expert keeps `keep` channels (one width for all, as
+    the 3-D weights hold them), each chosen on the tokens routed to it, weighted by their routing weights
+    (`gram_of_experts`), and its down projection refit by least squares on them; then the pruned block is
+    run again to carry `streams`. Returns the kept channels, one row per expert."""
+    experts = get_module(block, paths.module)
+    producers, consumer = getattr(experts, paths.producers), getattr(experts, paths.consumer)
+    count, _, channels = consumer.shape
+    if keep >= channels:
+        return torch.arange(channels).expand(count, channels).clone()
+    matrices = observe_experts(block, paths, streams)
+    silent = [expert for expert in range(count) if silent_inputs(matrices[expert], channels)]
+    if notes is not None and silent:
+        notes.append(f"{name}: no calibration token was routed to expert{'s' * (len(silent) > 1)} "
+                     f"{', '.join(map(str, silent))}: damping from the floor λ = {refit_damping:g}, their down "
+                     "projections' kept columns left as they were")
+    kept_rows, new_producers, new_consumers = [], [], []
+    for expert in range(count):
+        weight = consumer[expert].double()
+        selection = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
+        kept = keep_channels(selection, matrices[expert], channels, keep, criterion, damping)
+        new_weight = refit(weight, matrices[expert], kept, channels, refit_damping) if refit_consumer \
+            else weight[:, kept]
+        kept = kept.to(consumer.device)
+        kept_rows.append(kept.cpu())
+        new_consumers.append(new_weight.to(consumer.dtype))
+        new_producers.append(producers[expert][torch.cat([kept + part * channels for part in range(paths.fused)])])
+    set_experts(experts, paths, torch.stack(new_producers), torch.stack(new_consumers))
+    for stream in streams:
+        stream.hidden = run_block(block, stream, stream.hidden)
+    return torch.stack(kept_rows)
 
 
 def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
