@@ -20,6 +20,7 @@ from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_m
                                 peak_memory_gib, require_text_sources, require_tokenizer)
 from lmslice.cli.export_command import describe, gguf_bytes, write_gguf
 from lmslice.errors import LmsliceError
+from lmslice.estimate import Calibration, estimate, measure_speed
 from lmslice.export import TIE_BY_DEFAULT
 from lmslice.export.gguf import check_exportable
 from lmslice.io.data import mix_record
@@ -27,7 +28,7 @@ from lmslice.io.models import (DTYPES, model_path, out_of_range, resolve_dtype, 
                                source_dtype)
 from lmslice.io.outputs import GGUF, check_output, check_room, process_tag
 from lmslice.io.offload import OffloadedBlocks, partial_output_removed_on_failure, save_offloaded
-from lmslice.io.placement import open_placed
+from lmslice.io.placement import choose_placement, open_placed, open_skeleton
 from lmslice.layout import layout_of
 from lmslice.modeling import get_module, head_counts
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
@@ -360,3 +361,84 @@ def _describe_widths(widths: list[int]) -> str:
     if len(set(widths)) == 1:
         return f"{widths[0]} in every block"
     return f"{min(widths)}-{max(widths)} by block, {sum(widths) / len(widths):.0f} on average"
+
+
+def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype: torch.dtype | None,
+            output: Path, gguf: Path | None) -> dict:
+    """What the run would do and cost, from the model's config alone (no weight, no calibration text is
+    read): the steps, the parameters and bytes it reaches, where the result loads, and the peak memory and
+    compute time `estimate` expects on this device. Every refusal the structure allows is made as in a run."""
+    dtype = resolve_dtype(args.dtype)
+    model = open_skeleton(args.model, dtype)
+    adapter = find_adapter(model)
+    args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
+    steps = build_steps(args)
+    shape = check_command(args, model, steps, adapter, InMemory(), gguf=gguf is not None)
+    save_dtype = requested_save_dtype or source_dtype(args.model)
+    dense = count_parameters(model)
+    parameters = args.target_params * dense if args.target_params is not None else count_parameters(shape)
+    placement = choose_placement(args.model, placement_asked, args.device, dtype)
+    eval_seqlen = context_length(model, args.eval_seqlen)
+    eval_tokens = (args.eval_max_windows or 0) * eval_seqlen if args.eval_data else 0
+    calibration = Calibration(args.calib_samples, context_length(model, args.calib_seqlen), args.calib_batch_size,
+                              eval_tokens)
+    stored = min(source_dtype(args.model), dtype, key=lambda kind: torch.finfo(kind).bits)
+    cost = estimate(model, steps, placement, calibration, device=args.device, dtype=dtype, stored_dtype=stored,
+                    speed=measure_speed(args.device), activations_on_disk=args.offload_activations)
+    uniform = args.target_params is None or args.mlp_widths == "uniform"
+    plain = (args.sparsity is None or args.format == "standard") and uniform
+    try:
+        check_exportable(adapter.family, config=model.config,
+                         shortcuts=args.sparsity is not None and args.format != "standard", per_block=not uniform)
+        llama_cpp = adapter.gguf.architecture if adapter.gguf else None
+    except LmsliceError as refusal:
+        llama_cpp, why = None, str(refusal)
+    return {
+        "model": str(args.model), "family": adapter.family, "steps": [step.name for step in steps],
+        "parameters_dense": dense, "parameters": round(parameters),
+        "output": str(output), "output_bytes": parameters * torch.finfo(save_dtype).bits // 8,
+        "save_dtype": str(save_dtype).removeprefix("torch."),
+        "gguf": str(gguf) if gguf else None, "gguf_bytes": gguf_bytes(parameters, "f16"),
+        "loads_in": "transformers" if plain else "transformers (trust_remote_code=True) or lmslice.load",
+        "llama_cpp": llama_cpp or f"no: {why}",
+        "placement": placement, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+        "calibration": {"samples": calibration.samples, "seqlen": calibration.seqlen},
+        "estimated_peak_gib": round(cost.peak_bytes / 2**30, 2),
+        "estimated_device_peak_gib": round(cost.device_peak_bytes / 2**30, 2) if cost.device_peak_bytes else None,
+        "estimated_memory_gib": {part: round(size / 2**30, 2) for part, size in cost.memory.items()},
+        "estimated_seconds": {phase: round(seconds, 1) for phase, seconds in cost.seconds.items()},
+    }
+
+
+def format_dry_run(plan: dict) -> str:
+    def size(count: float) -> str:
+        return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+    seconds = plan["estimated_seconds"]
+    total = sum(seconds.values())
+    memory = ", ".join(f"{part} {gib:.2f}" for part, gib in plan["estimated_memory_gib"].items())
+    lines = [
+        f"dry run: nothing loaded, nothing written ({plan['model']}, {plan['family']})",
+        f"  steps          {' -> '.join(plan['steps'])}",
+        f"  parameters     {plan['parameters_dense'] / 1e6:.2f}M -> {plan['parameters'] / 1e6:.2f}M "
+        f"({100 * plan['parameters'] / plan['parameters_dense']:.1f}% of dense)",
+        f"  output         {plan['output']}: about {size(plan['output_bytes'])} ({plan['save_dtype']})"
+        + (f"; {plan['gguf']}: about {size(plan['gguf_bytes'])} (f16)" if plan["gguf"] else ""),
+        f"  loads in       {plan['loads_in']}; llama.cpp: {plan['llama_cpp']}",
+        f"  blocks         {plan['placement']} on {plan['device']}, computing in {plan['dtype']}; calibration "
+        f"{plan['calibration']['samples']} x {plan['calibration']['seqlen']} tokens",
+        f"  peak memory    about {plan['estimated_peak_gib']:.2f} GiB ({memory})"
+        + (f"; on the device about {plan['estimated_device_peak_gib']:.2f} GiB"
+           if plan["estimated_device_peak_gib"] else ""),
+        f"  compute time   about {_duration(total)} ("
+        + ", ".join(f"{phase} {_duration(value)}" for phase, value in seconds.items()) + "), not counting load and save",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
