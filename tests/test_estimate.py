@@ -3,15 +3,19 @@ placement, the steps and the calibration (benchmarks/scale.py holds it against m
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_models
+from lmslice.cli import main
 from lmslice.estimate import Calibration, Speed, block_shape, estimate, measure_speed
 from lmslice.prune.config import PruneConfig
 from lmslice.slicing import SliceConfig, count_parameters
+from test_failures import run_cli
 
 # round numbers, so that the expected times below are exact
 SPEED = Speed(gemm=1e9, gemm64=1e8, inverse=1e8, cholesky64=1e8, eigh64=1e7)
@@ -69,3 +73,31 @@ def test_each_step_has_its_phases(config, phases: set[str]) -> None:
     cost = estimate(model, [config], "memory", CALIBRATION, device="cpu", dtype=torch.float32, speed=SPEED,
                     base_bytes=0)
     assert set(cost.seconds) == phases and all(value > 0 for value in cost.seconds.values())
+
+
+def test_dry_run_reads_no_weight_and_no_text_writes_nothing_and_says_what_the_run_would_do(
+        capsys, dense_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    for loader in ("load_with_tokenizer", "open_offloaded"):
+        monkeypatch.setattr(f"lmslice.io.placement.{loader}", pytest.fail)
+    monkeypatch.setattr("lmslice.cli.slice_command.calibration_data", pytest.fail)
+    out = tmp_path / "out"
+    assert main(["compress", str(dense_dir), "--keep", "0.8", "--calib", "pydoc", "--dry-run", "--json",
+                 "-o", str(out), "--gguf", str(tmp_path / "out.gguf")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    dense = plan["parameters_dense"]
+    assert dense == count_parameters(tiny_models.build("llama")) and plan["parameters"] == round(0.8 * dense)
+    assert plan["steps"] == ["prune"] and plan["placement"] == "memory"
+    assert plan["loads_in"].startswith("transformers (trust_remote_code=True)")  # measured per-block widths
+    assert plan["estimated_peak_gib"] > 0 and plan["estimated_seconds"]["pruning"] > 0
+    assert list(tmp_path.iterdir()) == []
+    assert main(["compress", str(dense_dir), "--keep", "0.8", "--mlp-widths", "uniform", "--dry-run",
+                 "-o", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "loads in       transformers;" in report and "peak memory    about" in report
+
+
+def test_dry_run_refuses_what_the_run_refuses(capsys, dense_dir: Path, tmp_path: Path) -> None:
+    for dry in ([], ["--dry-run"]):
+        code, error = run_cli(capsys, "compress", dense_dir, "--keep", "0.8", "--round-to", "112", "--calib",
+                              "pydoc", "-o", tmp_path / "out", *dry)
+        assert code == 2 and "no narrower than the MLP" in error
