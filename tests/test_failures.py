@@ -1214,5 +1214,5 @@ def test_24_note_a_result_larger_than_its_source_says_why(capsys, dense_dir, tex
     note = next(note for note in larger["notes"] if "of the source's parameters" in note)
     assert re.fullmatch(r"the result holds 10\d% of the source's parameters \(the head keeps its full width, no longer "
                         r"tied to the \(sliced\) embedding it shared; each block adds shortcut matrices between its "
-                        r"bases\): slice the head too \(--slice-head\) or prune to a real budget \(--target-params\) "
+                        r"bases\): slice the head too \(--slice-head\) or prune to a real budget \(--keep\) "
                         r"for a smaller model", note), note
