@@ -25,19 +25,21 @@ from lmslice.walk import Placement
 
 def add_calibration_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The calibration text and its windows, for `compress` and `report`."""
-    parser.add_argument("--calib", default=DEFAULT_CALIBRATION,
+    parser.add_argument("--calib", default=DEFAULT_CALIBRATION, metavar="TEXT",
                         help=f"calibration text: {describe_sources()}; several mix in equal shares (wikitext2,pydoc) "
                              f"or stated ones (a.txt:0.7,pydoc:0.3) (default: {DEFAULT_CALIBRATION})")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048,
+    parser.add_argument("--calib-samples", type=int, default=128, metavar="N",
+                        help="calibration windows (default: 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, metavar="N",
                         help="tokens per calibration window, capped by the model context (default: 2048)")
-    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
+    parser.add_argument("--calib-batch-size", type=int, default=8, metavar="N",
+                        help="windows per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=42, metavar="N", help="seed for choosing the windows (default: 42)")
 
 
 def add_width_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """How kept widths are rounded and whether the head is sliced, for `compress` and `report`."""
-    parser.add_argument("--round-to", type=int, default=8,
+    parser.add_argument("--round-to", type=int, default=8, metavar="N",
                         help="round every kept width down to a multiple of this (default: 8)")
     parser.add_argument("--slice-head", action="store_true",
                         help="--sparsity: slice the head's input too (fewer parameters; by default the head keeps its "
@@ -45,8 +47,8 @@ def add_width_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def add_eval_window_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
-    parser.add_argument("--eval-max-windows", type=int, default=None,
+    parser.add_argument("--eval-seqlen", type=int, default=2048, metavar="N", help="perplexity window (default: 2048)")
+    parser.add_argument("--eval-max-windows", type=int, default=None, metavar="N",
                         help="evaluate only the first N windows (default: all)")
 
 

@@ -121,7 +121,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     output.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     evaluation_options = parser.add_argument_group("evaluation", "perplexity before and after, on held-out text")
-    evaluation_options.add_argument("--eval-data",
+    evaluation_options.add_argument("--eval-data", metavar="TEXT",
                                     help="report dense and compressed perplexity on this text's test split")
     add_eval_window_options(evaluation_options)
     parser.set_defaults(run=run)
