@@ -158,6 +158,10 @@ def test_every_spelling_of_an_option_sets_the_same_setting() -> None:
         assert parsed(verb, "M", "--keep", "0.7", "-o", "O").target_params == 0.7
         assert parsed(verb, "M", "--target-params", "0.6", "-o", "O").target_params == 0.6
     assert parsed("report", "M", "--keep", "0.9,0.8", "--eval-data", "pydoc", "-o", "O").target_params == "0.9,0.8"
+    for verb in ("compress", "report"):  # the text fitted on, as finetune names its training text
+        fitted = parsed(verb, "M", "--data", "a.txt", "--samples", "16", "--seqlen", "256", "--eval-data", "b.txt",
+                        "-o", "O")
+        assert (fitted.calib, fitted.calib_samples, fitted.calib_seqlen, fitted.eval_data) == ("a.txt", 16, 256, "b.txt")
     assert parsed("export", "M", "-o", "a.gguf").gguf == parsed("export", "M", "--gguf", "a.gguf").gguf == "a.gguf"
     assert parsed("export", "M", "--output", "b.gguf").gguf == "b.gguf"
     ppl = parsed("ppl", "M", "--eval-data", "pydoc", "--eval-seqlen", "64", "--eval-max-windows", "3")

@@ -24,13 +24,14 @@ from lmslice.walk import Placement
 
 
 def add_calibration_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The calibration text and its windows, for `compress` and `report`."""
-    parser.add_argument("--calib", default=DEFAULT_CALIBRATION, metavar="TEXT",
+    """The calibration text and its windows, for `compress` and `report`; also spelled as `finetune` spells its
+    training text and windows (--data, --samples, --seqlen)."""
+    parser.add_argument("--calib", "--data", dest="calib", default=DEFAULT_CALIBRATION, metavar="TEXT",
                         help=f"calibration text: {describe_sources()}; several mix in equal shares (wikitext2,pydoc) "
                              f"or stated ones (a.txt:0.7,pydoc:0.3) (default: {DEFAULT_CALIBRATION})")
-    parser.add_argument("--calib-samples", type=int, default=128, metavar="N",
+    parser.add_argument("--calib-samples", "--samples", dest="calib_samples", type=int, default=128, metavar="N",
                         help="calibration windows (default: 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, metavar="N",
+    parser.add_argument("--calib-seqlen", "--seqlen", dest="calib_seqlen", type=int, default=2048, metavar="N",
                         help="tokens per calibration window, capped by the model context (default: 2048)")
     parser.add_argument("--calib-batch-size", type=int, default=8, metavar="N",
                         help="windows per forward pass (default: 8)")
