@@ -19,13 +19,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "'wikitext2' is the test split joined by blank lines, as in the paper.")
     parser.add_argument("model", help="model directory (dense or compressed), .gguf file, hub id, or smollm2-135m")
     evaluation_options = parser.add_argument_group("evaluation")
-    evaluation_options.add_argument("--data", "--eval-data", dest="data", required=True,
+    evaluation_options.add_argument("--data", "--eval-data", dest="data", required=True, metavar="TEXT",
                                     help=f"text source, its test split: {describe_sources()}")
-    evaluation_options.add_argument("--seqlen", "--eval-seqlen", dest="seqlen", type=int, default=2048,
+    evaluation_options.add_argument("--seqlen", "--eval-seqlen", dest="seqlen", type=int, default=2048, metavar="N",
                                     help="window length, capped by the model context (default: 2048)")
-    evaluation_options.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    evaluation_options.add_argument("--batch-size", type=int, default=1, metavar="N",
+                                    help="windows per forward pass (default: 1)")
     evaluation_options.add_argument("--max-windows", "--eval-max-windows", dest="max_windows", type=int, default=None,
-                                    help="evaluate only the first N windows (default: all)")
+                                    metavar="N", help="evaluate only the first N windows (default: all)")
     add_model_options(placement_group(parser))
     parser.add_argument_group("output").add_argument("--json", action="store_true",
                                                      help="print one JSON object instead of a sentence")
