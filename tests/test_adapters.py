@@ -441,7 +441,7 @@ def test_a_norm_on_a_sublayer_s_output_refuses_slicing_in_one_line_and_says_why(
         slice_model(model, [], SPARSITY, progress=False)
     message = str(error.value)
     assert "\n" not in message and "cannot be sliced" in message and "rotation" in message
-    assert "post_feedforward_layernorm" in message and "--target-params" in message
+    assert "post_feedforward_layernorm" in message and "--keep" in message
 
 
 def test_why_a_norm_on_a_sublayer_s_output_is_not_rotation_invariant() -> None:

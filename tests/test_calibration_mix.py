@@ -81,6 +81,10 @@ def test_a_malformed_mix_is_refused_before_loading(tmp_path: Path, capsys) -> No
     assert code == 2 and "names a source twice" in capsys.readouterr().err
 
 
-def test_the_default_calibration_is_the_measured_mix() -> None:
-    for command in (["slice", "MODEL", "--sparsity", "0.25", "-o", "OUT"], ["report", "MODEL", "--eval-data", "pydoc", "-o", "OUT"]):
-        assert build_parser().parse_args(command).calib == "wikitext2,pydoc"
+def test_the_default_calibration_needs_no_network_or_extra() -> None:
+    from lmslice.io.data import HUB_SOURCES
+
+    for command in (["compress", "MODEL", "--keep", "0.8", "-o", "OUT"], ["slice", "MODEL", "--sparsity", "0.25", "-o", "OUT"],
+                    ["report", "MODEL", "--eval-data", "pydoc", "-o", "OUT"]):
+        default = build_parser().parse_args(command).calib
+        assert [part.source for part in parse_mix(default) if part.source in HUB_SOURCES] == [], command

@@ -490,6 +490,9 @@ def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text
          str(tmp_path / "report")],
         ["finetune", str(out), "--data", str(text_file), "-o", str(tmp_path / "finetuned")],
         ["eval", str(out)],
+        # the default calibration text, offline
+        ["compress", str(dense_dir), "--keep", "0.8", "--mlp-widths", "uniform", "--calib-samples", "4",
+         "--calib-seqlen", "32", "-o", str(tmp_path / "default-calibration")],
     ]
     hidden = optional_modules()
     assert {"peft", "lm_eval", "datasets", "matplotlib"} <= set(hidden)
@@ -497,7 +500,7 @@ def test_slice_and_ppl_run_with_only_the_base_dependencies(dense_dir: Path, text
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     assert process.stdout.strip(), process.stderr[-3000:]
     result = json.loads(process.stdout.strip().splitlines()[-1])
-    assert result == {"codes": [0, 0, 0, 2, 2, 2], "leaked": []}, process.stderr
+    assert result == {"codes": [0, 0, 0, 2, 2, 2, 0], "leaked": []}, process.stderr
     # the commands that need an extra say which, before any work (no output directory, no model loaded)
     errors = [line for line in process.stderr.splitlines() if line.startswith("lmslice: error:")]
     assert errors == ["lmslice: error: plotting the report needs matplotlib: pip install 'lmslice[plot]'",
@@ -1214,5 +1217,5 @@ def test_24_note_a_result_larger_than_its_source_says_why(capsys, dense_dir, tex
     note = next(note for note in larger["notes"] if "of the source's parameters" in note)
     assert re.fullmatch(r"the result holds 10\d% of the source's parameters \(the head keeps its full width, no longer "
                         r"tied to the \(sliced\) embedding it shared; each block adds shortcut matrices between its "
-                        r"bases\): slice the head too \(--slice-head\) or prune to a real budget \(--target-params\) "
+                        r"bases\): slice the head too \(--slice-head\) or prune to a real budget \(--keep\) "
                         r"for a smaller model", note), note

@@ -88,9 +88,11 @@ def test_steps_and_time_budget_stop_training(sliced_dir: Path) -> None:
     assert (by_time.steps, by_time.stopped_by) == (0, "time_budget")
 
 
-def test_dense_models_are_refused() -> None:
-    with pytest.raises(LmsliceError, match="sliced model"):
-        lora_targets(tiny_models.build("llama", torch.float32))
+def test_a_dense_model_gets_adapters_on_its_block_linears() -> None:
+    model = tiny_models.build("llama", torch.float32)
+    targets = lora_targets(model)
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert targets == [name for name in linears if name.startswith("model.layers.")] and "lm_head" not in targets
 
 
 def test_cli_saves_a_merged_model_that_reloads(sliced_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:

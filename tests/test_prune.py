@@ -535,7 +535,7 @@ def test_whole_key_value_groups_leave_a_multi_head_model_and_the_summary_says_so
 def test_cli_refuses_heads_without_measured_widths(capsys, tmp_path: Path) -> None:
     assert main(["slice", "m", "--target-params", "0.8", "--mlp-widths", "uniform", "--prune-heads", "--calib",
                  "pydoc", "-o", str(tmp_path / "out")]) == 2
-    assert "--prune-heads spends a --target-params budget on per-block widths" in capsys.readouterr().err
+    assert "--prune-heads spends a --keep budget on per-block widths" in capsys.readouterr().err
 
 
 def test_reported_time_includes_the_plan(monkeypatch) -> None:

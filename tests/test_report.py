@@ -207,11 +207,11 @@ def test_frontier_modes_and_budgets_are_refused_in_one_line(capsys, dense_dir: P
     out = tmp_path / "report"
     for extra, expected in [
         (["--target-params", "0.8", "--modes", "slicegpt,pruned"], "unknown mode 'pruned'; choose from slicegpt"),
-        (["--target-params", "0.8,1.5"], "--target-params must be in (0, 1], got 1.5"),
-        (["--target-params", "0"], "--target-params must be in (0, 1], got 0"),
-        (["--target-params", "0.8,x"], "--target-params must be comma-separated numbers"),
+        (["--keep", "0.8,1.5"], "--keep must be in (0, 1], got 1.5"),
+        (["--target-params", "0"], "--keep must be in (0, 1], got 0"),
+        (["--keep", "0.8,x"], "--keep must be comma-separated numbers"),
         (["--target-params", "0.8", "--slice-head"], "--slice-head applies to --sparsities"),
-        (["--modes", "slicegpt"], "--modes applies to --target-params"),
+        (["--modes", "slicegpt"], "--modes applies to --keep"),
     ]:
         code = main(frontier_args(dense_dir, text_file, out, *extra))
         stderr = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning (the paper's RFT): LoRA on a sliced model's block matrices, merged back in;
+"""Recovery fine-tuning (the paper's RFT): LoRA on a compressed (or dense) model's block matrices, merged back in;
 or every parameter trained; on the next-token loss or distilled from the dense model (`lmslice.distill`).
 
 The sliced structure is untouched: LoRA adds a low-rank delta to the weights of the attention and MLP
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmslice.adapters import find_adapter
 from lmslice.distill import Distillation
 from lmslice.errors import LmsliceError
 from lmslice.io.data import check_batches
@@ -97,12 +98,15 @@ def lora_targets(model: nn.Module) -> list[str]:
     when the head keeps its full width). It hands the surplus to the final norm and returns only the
     stream's part, which a LoRA delta of the full output width cannot be added to.
     """
-    layout = layout_of(model.config)
-    if layout is None:
-        raise LmsliceError("recovery fine-tuning expects a sliced model; slice it first with `lmslice slice`")
-    blocks = layout.modules.blocks + "."
+    blocks = block_path(model) + "."
     return [name for name, module in model.named_modules()
             if name.startswith(blocks) and isinstance(module, nn.Linear) and getattr(module, "widening", None) is None]
+
+
+def block_path(model: nn.Module) -> str:
+    """Where `model`'s decoder blocks are: as its lmslice record says, or for a dense model its family's adapter."""
+    layout = layout_of(model.config)
+    return layout.modules.blocks if layout is not None else find_adapter(model).blocks
 
 
 def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: TrainingConfig = TrainingConfig(),
@@ -126,7 +130,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     else:
         trained, targets = _with_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
         # "model.layers.3.mlp.up_proj" -> "mlp.up_proj": which kinds of matrix were adapted
-        prefix = len(layout_of(model.config).modules.blocks) + 1
+        prefix = len(block_path(model)) + 1
         kinds = sorted({name[prefix:].split(".", 1)[1] for name in targets})
     _set_checkpointing(model, config.checkpointing)
     trained.train()

@@ -5,11 +5,8 @@ reads the same sliced stream, so the sliced model is its family's own architectu
 hidden size. Q comes from one dense pass: the second moment of the stream at every norm input, summed.
 
 Each token is first scaled to unit RMS (what the norm that reads it does), because the stream's RMS
-grows along the depth and the deep blocks would otherwise choose the basis alone. Measured on
-SmolLM2-135M at 25% (width 432; pydoc calibration 32x256, perplexity on the pydoc test split, 40 windows
-of 256, ratio to dense): unit-RMS 2.04, unscaled ("raw") 3.06, unit-RMS weighted by the readers' gain
-("reader-gain") 2.28, the head's input weighted like all blocks together (30x) 2.15; without centring
-the embeddings 2.04 as well (`benchmarks/standard_format.py`).
+grows along the depth and the deep blocks would otherwise choose the basis alone; of the weightings
+measured (`benchmarks/standard_format.py`, docs/method.md) unit RMS gave the lowest perplexity.
 """
 
 from __future__ import annotations

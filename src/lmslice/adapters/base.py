@@ -130,7 +130,7 @@ class ModelAdapter:
             return None
         return (f"{self.family} cannot be sliced: its norms on each sublayer's output ({', '.join(output_norms)}) sit "
                 "between the writer and the residual stream, so the writer cannot absorb the rotation, and an "
-                "RMSNorm with a per-feature scale is not rotation-equivariant; prune it with --target-params instead")
+                "RMSNorm with a per-feature scale is not rotation-equivariant; prune it with --keep instead")
 
     def modules(self) -> Modules:
         """The paths, as the layout record of a saved model stores them."""

@@ -22,7 +22,7 @@ SUBCOMMANDS = ("slice_command", "ppl", "eval_command", "finetune_command", "repo
 
 # The library names settings as its configs do (`round_to`); on the command line they are flags.
 FLAGS = {"measured mlp_widths": "--mlp-widths measured", "round_to": "--round-to",
-         "target_params": "--target-params", "slice_head": "--slice-head"}
+         "target_params": "--keep", "slice_head": "--slice-head"}
 _SETTING = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, FLAGS)) + r")\b")
 
 
@@ -34,7 +34,9 @@ def in_flags(message: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmslice",
-        description="Make language models smaller and faster by slicing them (SliceGPT).",
+        description="Structured compression of language models: pruning to a real parameter budget (compress --keep) "
+                    "and SliceGPT slicing as published (compress --sparsity). The results are dense models that run "
+                    "in transformers and llama.cpp.",
     )
     parser.add_argument("--version", action="version", version=f"lmslice {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

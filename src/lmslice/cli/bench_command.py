@@ -1,4 +1,4 @@
-"""`lmslice bench`: speed of a dense and a sliced model side by side, against their FLOP ratio."""
+"""`lmslice bench`: speed of a dense and a compressed model side by side, against their FLOP ratio."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lmslice.bench import benchmark, benchmark_llamacpp, llamacpp_table
-from lmslice.cli.common import add_model_options, check_device, check_minimums, context_length
+from lmslice.cli.common import (add_model_options, check_minimums, context_length, placement_group,
+                                resolve_model_options)
 from lmslice.errors import LmsliceError
 from lmslice.layout import layout_of
 from lmslice.io.models import load
@@ -18,8 +19,8 @@ from lmslice.io.models import load
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "bench", help="throughput, decode latency and FLOPs of a dense and a sliced model",
-        description="Measures a dense model and its sliced version side by side, alternating between them: "
+        "bench", help="throughput, decode latency and FLOPs of a dense and a compressed model",
+        description="Measures a dense model and its compressed version side by side, alternating between them: "
                     "(1) forward-pass throughput in tokens/s over --seqlen-token sequences, the batch size "
                     "doubled from 1 until memory runs out, throughput stops rising (two doublings without a new "
                     "best) or --max-batch, best batch "
@@ -28,28 +29,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "counted from the models (linear layers, shortcut matrices, head, attention products), "
                     "whose ratio bounds the speed-up, and the achieved speed-ups as a share of it.")
     parser.add_argument("dense", help="the dense model: directory, .gguf file or hub id")
-    parser.add_argument("sliced", help="the sliced model directory (written by lmslice slice)")
-    parser.add_argument("--seqlen", type=int, default=128,
-                        help="tokens per sequence for throughput, capped by the model context (default: 128)")
-    parser.add_argument("--max-batch", type=int, default=None,
-                        help="largest batch size to try for throughput (default: no limit; doubling stops when "
-                             "throughput stops rising or, on a GPU, when memory runs out)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("sliced", metavar="compressed", help="the compressed model directory (from lmslice compress)")
+    throughput = parser.add_argument_group("throughput", "tokens/s of the forward pass at the best batch size")
+    throughput.add_argument("--seqlen", type=int, default=128,
+                            help="tokens per sequence, capped by the model context (default: 128)")
+    throughput.add_argument("--max-batch", type=int, default=None,
+                            help="largest batch size to try (default: no limit; doubling stops when throughput stops "
+                                 "rising or, on a GPU, when memory runs out)")
+    latency = parser.add_argument_group("latency", "ms per generated token at batch 1, prefill excluded")
+    latency.add_argument("--prompt-len", type=int, default=32,
+                         help="prompt tokens prefilled before the timed decode steps (default: 32)")
+    latency.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run (default: 32)")
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--repeats", type=int, default=5,
                         help="timed runs per measurement; the median is reported (default: 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default: 1)")
-    parser.add_argument("--prompt-len", type=int, default=32,
-                        help="prompt tokens prefilled before the timed decode steps (default: 32)")
-    parser.add_argument("--new-tokens", type=int, default=32,
-                        help="decode steps timed per latency run (default: 32)")
-    parser.add_argument("--threads", type=int, default=None,
+    timing.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default: 1)")
+    timing.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (torch.set_num_threads); default: torch's current setting")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random input tokens (default: 0)")
-    parser.add_argument("--runtime", choices=("transformers", "llamacpp"), default="transformers",
-                        help="llamacpp: DENSE and SLICED are .gguf files (lmslice export), timed with llama.cpp's "
-                             "llama-bench (--prompt-len prompt tokens, --new-tokens generated, --threads, default 2), "
-                             "beside the bounds their sizes set (default: transformers)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    add_model_options(parser)
+    timing.add_argument("--seed", type=int, default=0, help="seed for the random input tokens (default: 0)")
+    timing.add_argument("--runtime", choices=("transformers", "llamacpp"), default="transformers",
+                        help="transformers (default): the models in torch; llamacpp: DENSE and COMPRESSED are .gguf "
+                             "files (lmslice export), timed with llama.cpp's llama-bench (--prompt-len, "
+                             "--new-tokens, --threads, default 2)")
+    add_model_options(placement_group(parser))
+    parser.add_argument_group("output").add_argument("--json", action="store_true",
+                                                     help="print one JSON object instead of a table")
     parser.set_defaults(run=run)
 
 
@@ -63,7 +67,7 @@ def check_same_model(dense: nn.Module, sliced: nn.Module, dense_name: str, slice
     layout = layout_of(sliced.config)
     if layout is None:
         raise LmsliceError(f"{sliced_name} is not a sliced model; give a dense model and a slice of it "
-                           "(from `lmslice slice`)")
+                           "(from `lmslice compress`)")
     if layout_of(dense.config) is not None:
         raise LmsliceError(f"{dense_name} is itself a sliced model; give the dense model it was sliced from first")
     differences = [
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
-    check_device(args.device)
+    resolve_model_options(args, args.dense)
     check_minimums(args, {"seqlen": 1, "repeats": 1, "prompt_len": 1, "new_tokens": 1, "threads": 1,
                           "max_batch": 1, "warmup": 0})
     if args.runtime == "llamacpp":

@@ -19,38 +19,75 @@ from lmslice.evaluation.perplexity import Perplexity, perplexity
 from lmslice.evaluation.zeroshot import PAPER_TASKS
 from lmslice.io.data import (DEFAULT_CALIBRATION, HUB_SOURCES, describe_sources, load_text, local_text_files,
                              mixed_calibration_batches, parse_mix, tokenize)
-from lmslice.io.models import DTYPES
+from lmslice.io.models import DTYPES, source_dtype
 from lmslice.walk import Placement
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="dtype to load and run the model in (default: float32)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-
-
-def add_slicing_options(parser: argparse.ArgumentParser) -> None:
-    """Calibration and width options of `slice` and `report`."""
-    parser.add_argument("--calib", default=DEFAULT_CALIBRATION,
-                        help=f"calibration text: {describe_sources()}; or several mixed, in equal shares "
-                             f"(wikitext2,pydoc) or stated ones (a.txt:0.7,pydoc:0.3) (default: {DEFAULT_CALIBRATION}, "
-                             "which generalises across domains better than either alone)")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048,
+def add_calibration_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The calibration text and its windows, for `compress` and `report`; also spelled as `finetune` spells its
+    training text and windows (--data, --samples, --seqlen)."""
+    parser.add_argument("--calib", "--data", dest="calib", default=DEFAULT_CALIBRATION, metavar="TEXT",
+                        help=f"calibration text: {describe_sources()}; several mix in equal shares (wikitext2,pydoc) "
+                             f"or stated ones (a.txt:0.7,pydoc:0.3) (default: {DEFAULT_CALIBRATION})")
+    parser.add_argument("--calib-samples", "--samples", dest="calib_samples", type=int, default=128, metavar="N",
+                        help="calibration windows (default: 128)")
+    parser.add_argument("--calib-seqlen", "--seqlen", dest="calib_seqlen", type=int, default=2048, metavar="N",
                         help="tokens per calibration window, capped by the model context (default: 2048)")
-    parser.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for choosing the windows (default: 42)")
-    parser.add_argument("--round-to", type=int, default=8,
-                        help="round the kept width down to a multiple of this (default: 8)")
+    parser.add_argument("--calib-batch-size", type=int, default=8, metavar="N",
+                        help="windows per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=42, metavar="N", help="seed for choosing the windows (default: 42)")
+
+
+def add_width_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How kept widths are rounded and whether the head is sliced, for `compress` and `report`."""
+    parser.add_argument("--round-to", type=int, default=8, metavar="N",
+                        help="round every kept width down to a multiple of this (default: 8)")
     parser.add_argument("--slice-head", action="store_true",
-                        help="also slice the head's input (smaller model; by default the head keeps its "
-                             "full width, as in the reference implementation)")
+                        help="--sparsity: slice the head's input too (fewer parameters; by default the head keeps its "
+                             "full width, as in the SliceGPT reference implementation)")
 
 
-def add_eval_window_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (default: 2048)")
-    parser.add_argument("--eval-max-windows", type=int, default=None,
+def add_eval_window_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--eval-seqlen", type=int, default=2048, metavar="N", help="perplexity window (default: 2048)")
+    parser.add_argument("--eval-max-windows", type=int, default=None, metavar="N",
                         help="evaluate only the first N windows (default: all)")
+
+
+# The dtypes `--dtype auto` keeps from a checkpoint on an accelerator; anything else computes in float32.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device and --dtype, with `auto` defaults that `resolve_model_options` turns into a device and dtype."""
+    parser.add_argument("--device", default="auto",
+                        help="torch device: cpu, cuda, cuda:N, mps, or auto (default: cuda where there is one, "
+                             "else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype the model's weights are loaded and run in; auto (default): float32 on the CPU, "
+                             "the checkpoint's float16/bfloat16 on a GPU. Statistics and solves stay float32/float64")
+
+
+def placement_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    return parser.add_argument_group("placement", "where the model's weights live and what dtype they compute in")
+
+
+def resolve_model_options(args: argparse.Namespace, source: str) -> None:
+    """Replaces `--device auto` and `--dtype auto` (`add_model_options`) by what they choose for `source`,
+    and refuses a device that is not there, before any model is loaded."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(args.device)
+    if args.dtype == "auto":
+        args.dtype = auto_dtype(source, args.device)
+
+
+def auto_dtype(source: str, device: str) -> str:
+    """float32 on the CPU (whose half-precision matrix products are slow and inexact); on an accelerator the
+    checkpoint's own half-precision dtype, which halves the weights' memory, else float32."""
+    if torch.device(device).type == "cpu":
+        return "float32"
+    stored = source_dtype(source)
+    return str(stored).removeprefix("torch.") if stored in HALF_DTYPES else "float32"
 
 
 def check_device(device: str) -> None:
@@ -70,7 +107,7 @@ def check_device(device: str) -> None:
         raise LmsliceError(f"device {device} is not supported; give cpu, cuda, cuda:N or mps")
 
 
-# The least value of each numeric option of `add_slicing_options` and `add_eval_window_options`.
+# The least value of each numeric option of `add_calibration_options` and `add_eval_window_options`.
 SLICING_MINIMUMS = {"calib_samples": 1, "calib_seqlen": 2, "calib_batch_size": 1, "eval_seqlen": 2,
                     "eval_max_windows": 1}
 
@@ -102,7 +139,7 @@ def require_text_sources(*sources: str | None) -> list[tuple[str, Path]]:
 
 def calibration_data(args: argparse.Namespace, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                      ) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """The calibration batches `add_slicing_options` describe, and their sequence length."""
+    """The calibration batches `add_calibration_options` describe, and their sequence length."""
     seqlen = context_length(model, args.calib_seqlen)
     return mixed_calibration_batches(tokenizer, args.calib, args.calib_samples, seqlen, args.calib_batch_size,
                                      args.seed), seqlen
@@ -151,7 +188,7 @@ def peak_memory_gib(device: str) -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
-def add_zero_shot_options(parser: argparse.ArgumentParser, optional: bool) -> None:
+def add_zero_shot_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, optional: bool) -> None:
     """The lm-eval options of `eval` (tasks default to the paper's) and `report` (no tasks by default)."""
     paper = ",".join(PAPER_TASKS)
     parser.add_argument("--tasks", default=None if optional else paper,
@@ -159,7 +196,7 @@ def add_zero_shot_options(parser: argparse.ArgumentParser, optional: bool) -> No
                              + f"; the paper's are {paper})")
     parser.add_argument("--include-path", help="directory of extra lm-eval task YAML files (local data, offline)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
-    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval items per forward pass (default: 8)")
 
 
 def task_list(tasks: str) -> list[str]:

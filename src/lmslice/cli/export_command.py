@@ -20,16 +20,19 @@ from lmslice.slicing import count_parameters
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export", help="write a model as a GGUF file for llama.cpp",
-        description="Per-block MLP widths and query heads (--target-params) become llama.cpp's deci "
+        description="Per-block MLP widths and query heads (compress --keep) become llama.cpp's deci "
                     "architecture; models whose blocks are equal (dense, --mlp-widths uniform, --format standard) "
                     "the family's own (llama, qwen2, gemma). K-quants: run llama.cpp's llama-quantize on the result "
                     "(widths from --align gguf-k quantise without falling back).")
     parser.add_argument("model", help="model directory (dense, pruned or standard format), .gguf file, or smollm2-135m")
-    parser.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                        help="weight type: matrices in it, norms and biases float32 (default: f16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
-    parser.add_argument("--json", action="store_true", help="print what was written as one JSON object")
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--output", "--gguf", dest="gguf", required=True, metavar="OUT.gguf",
+                        help="the GGUF file to write")
+    output.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                        help="weight type of the matrices (norms and biases stay float32): f32, f16, bf16, or q8_0 = "
+                             "8-bit blocks of 32 with a float16 scale (default: f16)")
+    output.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    output.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     parser.set_defaults(run=run)
 
 
@@ -60,7 +63,7 @@ def recorded_source(source: str) -> Path | None:
 
 def source_gguf(source: str, model: nn.Module) -> Path | None:
     """The GGUF whose tokenizer the export copies: the source itself, or the one the model was compressed
-    from (recorded by `lmslice slice`), if it is still there."""
+    from (recorded by `lmslice compress`), if it is still there."""
     layout = layout_of(model.config)
     recorded = layout.source_model if layout is not None else None
     for candidate in (source, recorded):

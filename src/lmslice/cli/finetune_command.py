@@ -1,13 +1,14 @@
-"""`lmslice finetune`: recovery fine-tuning of a sliced model (LoRA, saved merged, or every parameter),
-on the next-token loss or distilled from the dense model."""
+"""`lmslice finetune`: recovery fine-tuning of a compressed or dense model (LoRA, saved merged, or every
+parameter), on the next-token loss or distilled from the dense model."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from lmslice.cli.common import (add_eval_window_options, add_model_options, check_device, check_minimums,
-                                context_length, evaluation, require_extra, require_text_sources, require_tokenizer)
+from lmslice.cli.common import (add_eval_window_options, add_model_options, check_minimums, context_length, evaluation,
+                                placement_group, require_extra, require_text_sources, require_tokenizer,
+                                resolve_model_options)
 from lmslice.distill import Distillation, check_same_vocabulary, check_settings
 from lmslice.errors import LmsliceError
 from lmslice.finetune import (FULL_LEARNING_RATE, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, SCHEDULES,
@@ -18,69 +19,79 @@ from lmslice.io.outputs import check_output, check_room
 from lmslice.layout import layout_of
 from lmslice.slicing import count_parameters
 
+# Where the settings of a dense model's fine-tune are recorded (a compressed model records them in its config).
+FINETUNE_FILE = "lmslice_finetune.json"
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "finetune", help="recovery fine-tuning of a sliced model (LoRA, merged), or distillation from the dense one",
-        description="Recovery fine-tuning (RFT) as in the paper: LoRA adapters on every attention and MLP "
+        "finetune", help="fine-tune a compressed or dense model (LoRA, merged), or distil from the dense one",
+        description="Recovery fine-tuning (RFT) as in the SliceGPT paper: LoRA adapters on every attention and MLP "
                     "linear of the blocks, trained for one pass over random windows of --data with AdamW, "
                     "then merged into the weights. The defaults are the paper's Alpaca recipe: 8000 windows "
                     "of 1024 tokens, r=32, alpha=10, dropout=0.05. With --distill-from DENSE the target is "
                     "the dense teacher's next-token distribution (KL at --temperature, optionally over its "
                     "--top-k tokens, plus --lm-weight times the usual loss), as in Minitron; the teacher runs "
                     "alongside, batch by batch, without gradients. --full-parameters trains every weight "
-                    "instead of LoRA. Prints perplexity before and after and writes a sliced model directory "
-                    "(the settings are recorded in config.json).")
-    parser.add_argument("model", help="sliced model directory (from `lmslice slice`)")
-    parser.add_argument("--data", required=True, help=f"training text: {describe_sources()}")
-    parser.add_argument("-o", "--output", required=True, help="directory to write the fine-tuned model to")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    parser.add_argument("--eval-data", help="perplexity text, test split (default: --data's test split; "
-                                            "alpaca and local files have only one)")
-    parser.add_argument("--samples", type=int, default=8000, help="training windows (default: 8000)")
-    parser.add_argument("--seqlen", type=int, default=1024,
-                        help="tokens per training window, capped by the model context (default: 1024)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default: 1)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"AdamW learning rate, the peak of --schedule (default: {LEARNING_RATE} with LoRA, "
-                             f"{FULL_LEARNING_RATE} with --full-parameters)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                        help="learning-rate schedule: constant (the paper's), or cosine decay to 0 at the last step "
-                             "after a linear --warmup (default: constant)")
-    parser.add_argument("--warmup", type=float, default=0.0,
-                        help="share of the steps that warm the rate up linearly with --schedule cosine (default: 0)")
-    parser.add_argument("--no-checkpointing", action="store_true",
-                        help="keep every block's activations for the backward pass instead of recomputing them: "
-                             "about a third faster, more memory (on CUDA, training runs in bfloat16 autocast)")
-    parser.add_argument("--full-parameters", action="store_true",
-                        help="train every parameter instead of LoRA adapters (more memory: AdamW keeps two "
-                             "copies of the model)")
-    parser.add_argument("--distill-from", metavar="DENSE",
-                        help="distil from this teacher (the dense model the input was sliced from, or any model "
-                             "with the same tokenizer)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="softmax temperature of the distillation target (default: 1)")
-    parser.add_argument("--top-k", type=int, default=None,
-                        help="distil only the teacher's k most likely tokens at each position (default: all)")
-    parser.add_argument("--lm-weight", type=float, default=0.0,
-                        help="weight of the next-token loss added to the distillation loss (default: 0)")
-    parser.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
-    parser.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help=f"LoRA alpha (default: {LORA_ALPHA:g})")
-    parser.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT,
-                        help=f"LoRA dropout (default: {LORA_DROPOUT})")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (default: one "
-                                                                    "pass over the windows)")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="start no new step after this many seconds of training (default: no limit)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for the windows and LoRA (default: 42)")
-    add_eval_window_options(parser)
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    add_model_options(parser)
+                    "instead of LoRA. A dense model (no lmslice record) is fine-tuned the same way. Prints "
+                    "perplexity before and after and writes a model directory of the input's kind (the settings "
+                    "are recorded in config.json, or for a dense model in lmslice_finetune.json).")
+    parser.add_argument("model", help="model directory (from `lmslice compress`, or dense), .gguf file or hub id")
+    training = parser.add_argument_group("training", "the text and the optimiser")
+    training.add_argument("--data", required=True, help=f"training text: {describe_sources()}")
+    training.add_argument("--samples", type=int, default=8000, help="training windows (default: 8000)")
+    training.add_argument("--seqlen", type=int, default=1024,
+                          help="tokens per training window, capped by the model context (default: 1024)")
+    training.add_argument("--batch-size", type=int, default=1,
+                          help="windows per forward pass and optimizer step (default: 1)")
+    training.add_argument("--lr", type=float, default=None,
+                          help=f"AdamW learning rate, the peak of --schedule (default: {LEARNING_RATE} with LoRA, "
+                               f"{FULL_LEARNING_RATE} with --full-parameters)")
+    training.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                          help="learning-rate schedule: constant (the paper's), or cosine = decay to 0 at the last "
+                               "step after a linear --warmup (default: constant)")
+    training.add_argument("--warmup", type=float, default=0.0,
+                          help="share of the steps that warm the rate up linearly with --schedule cosine (default: 0)")
+    training.add_argument("--max-steps", type=int, default=None,
+                          help="stop after N optimizer steps (default: one pass over the windows)")
+    training.add_argument("--time-budget", type=float, default=None,
+                          help="start no new step after this many seconds of training (default: no limit)")
+    training.add_argument("--seed", type=int, default=42, help="seed for the windows and LoRA (default: 42)")
+    training.add_argument("--full-parameters", action="store_true",
+                          help="train every parameter instead of LoRA adapters (more memory: AdamW keeps two "
+                               "copies of the model)")
+    training.add_argument("--no-checkpointing", action="store_true",
+                          help="keep every block's activations for the backward pass instead of recomputing them: "
+                               "faster, more memory (on CUDA, training runs in bfloat16 autocast)")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
+    lora.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help=f"LoRA alpha (default: {LORA_ALPHA:g})")
+    lora.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT,
+                      help=f"LoRA dropout (default: {LORA_DROPOUT})")
+    distill = parser.add_argument_group("distillation")
+    distill.add_argument("--distill-from", metavar="DENSE",
+                         help="distil from this teacher (the dense model the input was compressed from, or any model "
+                              "with the same tokenizer)")
+    distill.add_argument("--temperature", type=float, default=1.0,
+                         help="softmax temperature of the distillation target (default: 1)")
+    distill.add_argument("--top-k", type=int, default=None,
+                         help="distil only the teacher's k most likely tokens at each position (default: all)")
+    distill.add_argument("--lm-weight", type=float, default=0.0,
+                         help="weight of the next-token loss added to the distillation loss (default: 0)")
+    add_model_options(placement_group(parser))
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--output", required=True, help="directory to write the fine-tuned model to")
+    output.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    output.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    evaluation_options = parser.add_argument_group("evaluation", "perplexity before and after")
+    evaluation_options.add_argument("--eval-data", help="perplexity text, test split (default: --data's test split; "
+                                                        "alpaca and local files have only one)")
+    add_eval_window_options(evaluation_options)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_device(args.device)
+    resolve_model_options(args, args.model)
     check_minimums(args, {"samples": 1, "seqlen": 2, "batch_size": 1, "lora_r": 1, "max_steps": 1,
                           "eval_seqlen": 2, "eval_max_windows": 1})
     check_settings(args.temperature, args.top_k, args.lm_weight)
@@ -100,9 +111,6 @@ def run(args: argparse.Namespace) -> int:
         reads.append(("the teacher", model_path(args.distill_from)))
     output = check_output(args.output, args.overwrite, reads)
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    if getattr(model.config, "lmslice", None) is None:
-        raise LmsliceError(f"{args.model} is not a sliced model; slice it first with `lmslice slice` "
-                           "(--sparsity 0 keeps every component)")
     # training runs in --dtype; the output keeps the precision its source was stored in
     save_dtype = source_dtype(args.model)
     check_room([(output, count_parameters(model) * save_dtype.itemsize)])
@@ -140,10 +148,14 @@ def run(args: argparse.Namespace) -> int:
         "eval_data": eval_source, "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
         "save_dtype": str(save_dtype).removeprefix("torch."),
     }
-    model.config.lmslice = layout_of(model.config).replace(finetune=record).to_json()
+    layout = layout_of(model.config)
+    if layout is not None:
+        model.config.lmslice = layout.replace(finetune=record).to_json()
+    # a dense model stays a plain checkpoint of its family: the record goes beside it, not into its config
+    extra_files = {} if layout is not None else {FINETUNE_FILE: json.dumps(record) + "\n"}
     # the reload is checked on training text, as slice checks on calibration text (not on token ids 0-15, a
     # tokenizer's control tokens, which no training window holds)
-    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype,
+    save_sliced(model, tokenizer, output, overwrite=args.overwrite, dtype=save_dtype, extra_files=extra_files,
                 check_ids=batches[0]["input_ids"][:1, :16])
     summary = {"model": str(args.model), "output": str(output), **record,
                "perplexity_before": before, "perplexity_after": after}

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from lmslice.calibration import check_calibration
-from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
-                                add_zero_shot_options, calibration_data, check_device, check_minimums,
-                                evaluation, require_extra, require_text_sources, require_tokenizer, task_list)
+from lmslice.cli.common import (SLICING_MINIMUMS, add_calibration_options, add_eval_window_options, add_model_options,
+                                add_width_options, add_zero_shot_options, calibration_data, check_minimums,
+                                evaluation, placement_group, require_extra, require_text_sources, require_tokenizer,
+                                resolve_model_options, task_list)
 from lmslice.errors import LmsliceError
 from lmslice.evaluation.zeroshot import task_manager, zero_shot
 from lmslice.frontier import MODES, check_budget, check_frontier, parse_modes, supported_modes
@@ -34,29 +35,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(and the zero-shot average with --tasks). The dense model is always measured as sparsity 0. "
                     "Writes report.json, report.md, perplexity.png (perplexity against the fraction of "
                     "parameters kept) and spectra.png (eigenvalue spectra of the block outputs, from the "
-                    "smallest sparsity above 0) into the output directory. With --target-params instead, "
+                    "smallest sparsity above 0) into the output directory. With --keep instead, "
                     "compresses a fresh copy per budget and mode to that fraction of the real parameters "
                     "and writes report.json, report.md and frontier.png (perplexity against real "
                     "parameters, a line per mode): which mode to use at which size.")
     parser.add_argument("model", help="dense model directory, .gguf file or hub id")
-    sweep = parser.add_mutually_exclusive_group()
+    budget = parser.add_argument_group("budget", "the sizes to measure (--sparsities or --keep)")
+    sweep = budget.add_mutually_exclusive_group()
     sweep.add_argument("--sparsities", default="0,0.1,0.2,0.25,0.3",
-                       help="comma-separated sparsities, at least one above 0 (default: 0,0.1,0.2,0.25,0.3)")
-    sweep.add_argument("--target-params", metavar="F,...",
+                       help="comma-separated SliceGPT sparsities (fractions of the hidden width deleted), at least "
+                            "one above 0 (default: 0,0.1,0.2,0.25,0.3)")
+    sweep.add_argument("--keep", "--target-params", dest="target_params", metavar="F,...",
                        help="comma-separated fractions, in (0, 1], of the dense model's real parameters (every "
-                            "tensor once): compare the compression modes at these sizes instead")
-    parser.add_argument("--modes",
-                        help="with --target-params: comma-separated modes, of " + "; ".join(
+                            "tensor once) to keep: compare the compression modes at these sizes instead")
+    budget.add_argument("--modes",
+                        help="with --keep: comma-separated modes, of " + "; ".join(
                             f"{name} ({mode.summary})" for name, mode in MODES.items())
                         + " (default: every mode the model's family supports)")
-    parser.add_argument("--eval-data", required=True, help="perplexity text (its test split)")
-    parser.add_argument("-o", "--output", required=True, help="directory to write the report to")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    add_slicing_options(parser)
-    add_eval_window_options(parser)
-    add_zero_shot_options(parser, optional=True)
-    parser.add_argument("--json", action="store_true", help="print the report's rows as one JSON object")
-    add_model_options(parser)
+    add_width_options(budget)
+    add_calibration_options(parser.add_argument_group("calibration", "the text the statistics are measured on"))
+    add_model_options(placement_group(parser))
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--output", required=True, help="directory to write the report to")
+    output.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    output.add_argument("--json", action="store_true", help="print the report's rows as one JSON object")
+    evaluation_options = parser.add_argument_group("evaluation")
+    evaluation_options.add_argument("--eval-data", required=True, help="perplexity text (its test split)")
+    add_eval_window_options(evaluation_options)
+    add_zero_shot_options(evaluation_options, optional=True)
     parser.set_defaults(run=run)
 
 
@@ -77,9 +83,9 @@ def parse_budgets(text: str) -> list[float]:
     try:
         values = sorted({float(part) for part in text.split(",") if part.strip()}, reverse=True)
     except ValueError as error:
-        raise LmsliceError(f"--target-params must be comma-separated numbers, got {text!r}") from error
+        raise LmsliceError(f"--keep must be comma-separated numbers, got {text!r}") from error
     if not values:
-        raise LmsliceError("--target-params is empty; give comma-separated fractions such as 0.9,0.8,0.7")
+        raise LmsliceError("--keep is empty; give comma-separated fractions such as 0.9,0.8,0.7")
     for value in values:
         check_budget(value)
     return values
@@ -87,7 +93,7 @@ def parse_budgets(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    check_device(args.device)
+    resolve_model_options(args, args.model)
     check_minimums(args, {**SLICING_MINIMUMS, "limit": 1, "batch_size": 1})
     require_extra("matplotlib", "plot", "plotting the report")
     texts = require_text_sources(args.calib, args.eval_data)
@@ -96,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
         budgets = parse_budgets(args.target_params)
         modes = parse_modes(args.modes) if args.modes is not None else None
         if args.slice_head:
-            raise LmsliceError("--slice-head applies to --sparsities; with --target-params the slicing modes "
+            raise LmsliceError("--slice-head applies to --sparsities; with --keep the slicing modes "
                                "always slice the head")
     else:
         if args.modes is not None:
-            raise LmsliceError("--modes applies to --target-params")
+            raise LmsliceError("--modes applies to --keep")
         sparsities = parse_sparsities(args.sparsities, args.round_to)
     reads = [("the source model", model_path(args.model)), *texts, ("the task files", args.include_path)]
     output = check_output(args.output, args.overwrite, reads)

@@ -1,4 +1,4 @@
-"""`lmslice slice`: slice a model, save it, and say what was done."""
+"""`lmslice compress` (or `lmslice slice`): prune or slice a model, save it, and say what was done."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from torch import nn
 
 from lmslice.adapters import ModelAdapter, find_adapter
 from lmslice.calibration import check_calibration
-from lmslice.cli.common import (SLICING_MINIMUMS, add_eval_window_options, add_model_options, add_slicing_options,
-                                calibration_data, check_device, check_minimums, context_length, evaluation,
-                                peak_memory_gib, require_text_sources, require_tokenizer)
+from lmslice.cli.common import (SLICING_MINIMUMS, add_calibration_options, add_eval_window_options, add_model_options,
+                                add_width_options, calibration_data, check_minimums, context_length, evaluation,
+                                peak_memory_gib, placement_group, require_text_sources, require_tokenizer,
+                                resolve_model_options)
 from lmslice.cli.export_command import describe, gguf_bytes, write_gguf
 from lmslice.errors import LmsliceError
 from lmslice.estimate import Calibration, estimate, measure_speed
@@ -47,90 +48,100 @@ REPORT_FILE = "lmslice_report.json"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "slice", help="slice a model and save it",
-        description="Fuse norms, rotate every block into the principal components of its calibration "
-                    "signal and delete the trailing ones (SliceGPT). Prints a summary and writes a model "
-                    "directory loadable with lmslice.load or transformers (trust_remote_code=True).")
+        "compress", aliases=["slice"], help="compress a model (prune to a parameter budget, or SliceGPT) and save it",
+        description="Compress a model and save it. --keep F prunes MLP channels and attention heads, with "
+                    "least-squares refits, to the fraction F of the model's real parameters; --sparsity S slices "
+                    "the residual stream as SliceGPT publishes it (rotate every block into the principal components "
+                    "of its calibration signal, delete the trailing fraction S). Prints a summary and writes a "
+                    "model directory loadable with lmslice.load or transformers (plain, or trust_remote_code=True "
+                    "for lmslice's per-block layout). `lmslice slice` is the same command.")
     parser.add_argument("model", help="model directory, .gguf file, hub id, or smollm2-135m (built in)")
-    parser.add_argument("--sparsity", type=float,
-                        help="fraction of the hidden width to delete, in [0, 1); 0 keeps the dense model")
-    parser.add_argument("--target-params", type=float, metavar="F",
-                        help="keep this fraction, in (0, 1], of the model's real parameters (every tensor once): "
-                             "prunes MLP channels, with a least-squares refit of the down projection; with "
-                             "--sparsity too, the residual stream (and the head) is sliced first and the MLPs pruned "
-                             "to the rest of the budget")
-    parser.add_argument("--mlp-widths", choices=WIDTHS, default="measured",
-                        help="with --target-params: per-block widths from each block's measured cost (measured: "
-                             "lmslice's layout, loads with trust_remote_code; SmolLM2-135M at 0.8: perplexity ratio "
-                             "1.18 with heads), or the same width in every block (uniform: the family's own architecture, "
-                             "served by any runtime; 1.33) (default: measured)")
-    parser.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --target-params and measured widths: attention heads (one query head from every "
-                             "key/value group at a time, then whole key/value groups; the output projection refit) "
-                             "compete with MLP channels for the budget (default: yes where lmslice knows the "
-                             "family's heads: every supported family; SmolLM2-135M at 0.8: perplexity ratio 1.18 "
-                             "with, 1.20 without)")
-    parser.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
-                        help=f"with --target-params: how MLP channels are chosen (default: {DEFAULT_CRITERION})")
-    parser.add_argument("-o", "--output", required=True, help="directory to write the sliced model to")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    add_slicing_options(parser)
-    parser.add_argument("--eval-data", help="also report dense and sliced perplexity on this text's test split")
-    add_eval_window_options(parser)
-    parser.add_argument("--offload", action="store_true",
-                        help="keep the blocks on disk: each walk over the blocks reads one from the safetensors "
-                             "checkpoint (or the output's shard of it), works on it, writes it to its own shard of "
-                             "the output if it changed, and frees it (peak memory about one block plus the "
-                             "calibration activations; needs a local model directory)")
-    parser.add_argument("--stream-blocks", action="store_true",
-                        help="keep the blocks in CPU memory and move one at a time to --device (chosen by itself "
-                             "with --device cuda when the model does not fit the GPU)")
-    parser.add_argument("--offload-activations", action="store_true",
-                        help="keep the calibration activations on disk, one file per batch, next to the output "
-                             "(removed at the end): one batch resident instead of all of them")
-    parser.add_argument("--format", choices=("sliced", "standard"), default="sliced",
-                        help="sliced (default): a basis per block joined by shortcut matrices, loaded with "
-                             "lmslice or trust_remote_code; standard: one basis for the whole stream, written as "
-                             "the family's own architecture with a smaller hidden_size (head sliced), loadable "
-                             "by plain transformers and convertible to GGUF (RMSNorm families)")
-    parser.add_argument("--basis-weighting", choices=WEIGHTINGS, default="unit-rms",
-                        help="--format standard: how the norm inputs enter the shared basis (default: unit-rms)")
-    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                        help="--format standard, source with tied embeddings: keep the head tied to the "
-                             "embedding (smaller, approximate: the final norm's scale is refitted) or untie it "
-                             f"(exact) (default: {'tied' if TIE_BY_DEFAULT else 'untied'})")
-    parser.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
-                        help="dtype of the saved weights (default: auto, the dtype the source checkpoint stores; "
-                             "float16 for GGUF files, bfloat16 where a tensor exceeds float16's range). Slicing itself "
-                             "computes in --dtype")
-    parser.add_argument("--align", choices=ALIGNMENTS, default="auto",
-                        help="widths (MLP widths, the planner's step, the sliced hidden size) that llama.cpp quantises "
-                             "without falling back to a larger type: gguf = multiples of 32 (Q8_0, Q4_0), gguf-k = "
-                             "256 (K-quants such as Q4_K_M); combined with --round-to. auto (default): gguf-k for "
-                             "per-block MLP widths where the dense width is a multiple of 256 (SmolLM2-135M at 0.8: "
-                             "perplexity 1.932x dense instead of 1.929x, Q4_K_M file 0.825x dense instead of 0.945x), "
-                             "none elsewhere (a uniform width rounded to 256 misses the budget by up to a whole step)")
-    parser.add_argument("--gguf", metavar="OUT.gguf",
+
+    budget = parser.add_argument_group("budget", "how much to remove (give --keep, --sparsity, or both)")
+    budget.add_argument("--keep", "--target-params", dest="target_params", type=float, metavar="F",
+                        help="keep this fraction, in (0, 1], of the real parameters (every tensor once) by pruning "
+                             "MLP channels and attention heads; with --sparsity, slicing comes first")
+    budget.add_argument("--sparsity", type=float, metavar="S",
+                        help="SliceGPT: delete this fraction, in [0, 1), of the hidden width. The result can hold "
+                             "MORE parameters than the source (shortcut matrices, a full-width untied head) unless "
+                             "--slice-head or --keep")
+    budget.add_argument("--mlp-widths", choices=WIDTHS, default="measured",
+                        help="--keep: measured = per-block widths from each block's measured cost (lmslice's layout, "
+                             "loads with trust_remote_code); uniform = one width in every block (the family's own "
+                             "architecture, any runtime) (default: measured)")
+    budget.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=None,
+                        help="--keep with measured widths: attention heads compete with MLP channels for the budget, "
+                             "output projection refit (default: yes where lmslice knows the family's heads)")
+    budget.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                        help="--keep: how MLP channels are chosen. obs = optimal brain surgeon: drop the channel whose "
+                             "removal, the rest refit, raises the output error least, repeat; energy = what each "
+                             "channel writes alone; leverage = ridge leverage of its activations, blind to weights "
+                             f"(default: {DEFAULT_CRITERION})")
+    add_width_options(budget)
+
+    calibration = parser.add_argument_group("calibration", "the text the statistics are measured on")
+    add_calibration_options(calibration)
+
+    placement = placement_group(parser)
+    add_model_options(placement)
+    placement.add_argument("--offload", action="store_true",
+                           help="keep the blocks on disk, one in memory at a time, read from the safetensors "
+                                "checkpoint and written to the output (needs a local model directory)")
+    placement.add_argument("--stream-blocks", action="store_true",
+                           help="keep the blocks in CPU memory and move one at a time to --device (chosen by itself "
+                                "on a GPU the model does not fit)")
+    placement.add_argument("--offload-activations", action="store_true",
+                           help="keep the calibration activations on disk next to the output, one batch in memory "
+                                "(removed at the end)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--output", required=True, help="directory to write the compressed model to")
+    output.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    output.add_argument("--format", choices=("sliced", "standard"), default="sliced",
+                        help="--sparsity: sliced = a basis per block joined by shortcut matrices (lmslice or "
+                             "trust_remote_code); standard = one basis for the whole stream, written as the family's "
+                             "own architecture with a smaller hidden_size (plain transformers, GGUF) (default: sliced)")
+    output.add_argument("--basis-weighting", choices=WEIGHTINGS, default="unit-rms",
+                        help="--format standard: how tokens enter the shared basis. unit-rms = each scaled to unit "
+                             "RMS; raw = as they are; reader-gain = also weighted by the gain of the layers that "
+                             "read them (default: unit-rms)")
+    output.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="--format standard, tied source: keep the head tied to the embedding (smaller, "
+                             "approximate: the final norm is refitted) or untie it (exact) "
+                             f"(default: {'tied' if TIE_BY_DEFAULT else 'untied'})")
+    output.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype of the saved weights; auto (default) = the source checkpoint's (float16 for GGUF, "
+                             "bfloat16 where a tensor exceeds float16's range). Computing uses --dtype")
+    output.add_argument("--align", choices=ALIGNMENTS, default="auto",
+                        help="widths llama.cpp quantises without falling back to a larger type: gguf = multiples of "
+                             "32 (Q8_0, Q4_0), gguf-k = 256 (K-quants such as Q4_K_M), none = --round-to alone; "
+                             "auto (default) = gguf-k for measured widths where the dense width is a multiple of 256, "
+                             "else none")
+    output.add_argument("--gguf", metavar="OUT.gguf",
                         help="also write the result as a float16 GGUF for llama.cpp (as `lmslice export`)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    add_model_options(parser)
+    output.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    evaluation_options = parser.add_argument_group("evaluation", "perplexity before and after, on held-out text")
+    evaluation_options.add_argument("--eval-data", metavar="TEXT",
+                                    help="report dense and compressed perplexity on this text's test split")
+    add_eval_window_options(evaluation_options)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    check_device(args.device)
+    resolve_model_options(args, args.model)
     check_minimums(args, SLICING_MINIMUMS)
     if args.sparsity is None and args.target_params is None:
-        raise LmsliceError("say how much to remove: --sparsity (SliceGPT: a fraction of the hidden width) or "
-                           "--target-params (a fraction of the parameters to keep), or both")
+        raise LmsliceError("say how much to remove: --keep (the fraction of the parameters to keep) or --sparsity "
+                           "(SliceGPT: the fraction of the hidden width to delete), or both")
     if args.sparsity is not None:
         check_sparsity(args.sparsity, args.round_to)
     if args.prune_heads and (args.target_params is None or args.mlp_widths != "measured"):
-        raise LmsliceError("--prune-heads spends a --target-params budget on per-block widths: give --target-params "
-                           "and keep --mlp-widths measured")
+        raise LmsliceError("--prune-heads spends a --keep budget on per-block widths: give --keep and keep "
+                           "--mlp-widths measured")
     if args.target_params is not None and args.format == "standard":
-        raise LmsliceError("--target-params prunes per block, in lmslice's layout; --format standard applies to "
+        raise LmsliceError("--keep prunes per block, in lmslice's layout; --format standard applies to "
                            "--sparsity alone (then --mlp-widths uniform is the family's own architecture too)")
     if args.offload and args.stream_blocks:
         raise LmsliceError("choose one place for the blocks: --offload (on disk) or --stream-blocks (CPU memory)")
@@ -139,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     gguf = check_output(args.gguf, args.overwrite, [*reads, ("the output", output)], kind=GGUF) if args.gguf else None
     if gguf and args.offload:
         raise LmsliceError("--gguf needs the result in memory; with --offload write it afterwards with "
-                           "`lmslice export OUTPUT --gguf OUT.gguf`")
+                           "`lmslice export OUTPUT -o OUT.gguf`")
     requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     placement_asked = "offload" if args.offload else "streamed" if args.stream_blocks else "auto"
     model, tokenizer, placement = open_placed(args.model, placement_asked, device=args.device, dtype=args.dtype,
@@ -209,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         "output": str(output),
         # measured before saving: the report is written with the model, so it cannot include the save
         "total_seconds": round(time.perf_counter() - started, 2),
+        "device": args.device,
+        "dtype": args.dtype,
         "peak_memory_gib": round(peak_memory_gib(args.device), 3),
         "notes": notes,
     }
@@ -289,7 +302,7 @@ def larger_than_source(model: nn.Module, ratio: float) -> str:
         causes.append("each block adds shortcut matrices between its bases")
     why = f" ({'; '.join(causes)})" if causes else ""
     return (f"the result holds {ratio:.0%} of the source's parameters{why}: slice the head too (--slice-head) or "
-            "prune to a real budget (--target-params) for a smaller model")
+            "prune to a real budget (--keep) for a smaller model")
 
 
 def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter) -> int:
@@ -341,7 +354,8 @@ def format_summary(summary: dict) -> str:
     lines += [
         f"  calibration    {calibration['source']}, {calibration['samples']} x {calibration['seqlen']} tokens, "
         f"seed {calibration['seed']}",
-        f"  time           slicing {summary['slicing_seconds']:.1f} s, total {summary['total_seconds']:.1f} s",
+        f"  time           compression {summary['slicing_seconds']:.1f} s, total {summary['total_seconds']:.1f} s",
+        f"  computed on    {summary['device']} in {summary['dtype']}",
         f"  peak memory    {summary['peak_memory_gib']:.2f} GiB",
         f"  saved to       {summary['output']} ({summary['save_dtype']})",
     ]

@@ -7,7 +7,7 @@ Which llama.cpp architecture a model becomes is decided by its blocks:
   `smollm3`, `granite`, `olmo2`, `phi3` for Phi-3 and Phi-4, `gemma`, `gemma2`, `gemma3`), as llama.cpp's
   `convert_hf_to_gguf.py` writes it, with the architecture's own keys (softcaps, windows, multipliers).
   Its loader reads layer 0's widths for every layer;
-* per-block MLP widths and query heads (`--target-params` with measured widths): `deci`, the
+* per-block MLP widths and query heads (`--keep` with measured widths): `deci`, the
   architecture of the Nemotron-NAS models, whose loader (`src/models/deci.cpp`) reads
   `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays
   (a block whose attention was pruned away is `head_count` 0 and has no attention tensors). No other
@@ -87,7 +87,7 @@ ARCHITECTURES = {
 
 
 NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut matrices: slice with --format "
-                "standard (one basis, the family's own architecture) or prune with --target-params (per-block "
+                "standard (one basis, the family's own architecture) or prune with --keep (per-block "
                 "widths are exported as llama.cpp's deci)")
 
 

@@ -24,11 +24,11 @@ HUB_SOURCES = {
 }
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 BUILTIN_SOURCES = ("pydoc",)
-# The default calibration: encyclopedic and technical prose in equal shares. Calibrating on one domain
-# overfits it (SmolLM2-135M at --target-params 0.8, 32x256 windows: WikiText-2 alone 1.929x dense on
-# WikiText-2 but 4.03x on pydoc); this mix keeps both within 15% of their own-domain calibration
-# (2.170x against 1.929x, 1.294x against 1.178x).
-DEFAULT_CALIBRATION = "wikitext2,pydoc"
+# The default calibration: Python's documentation, which ships with Python, so that the base install
+# calibrates offline. Calibrating on one domain fits that domain best; give text like the model's use
+# (a local file, or a mix such as wikitext2,pydoc) for other domains. docs/results.md has the measured
+# trade-off.
+DEFAULT_CALIBRATION = "pydoc"
 # Above this share of undecodable bytes a .txt file is not UTF-8 text (binary, or another encoding such as
 # Latin-1 outside ASCII) and calibrating on it would calibrate on replacement characters.
 MAX_UNDECODABLE = 0.01

@@ -55,11 +55,8 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
 # A quantised GGUF has no float type of its own; its blocks' scales are float16. Saved in bfloat16 (8 bits
-# of mantissa), the rotated weights lose what float16 (11 bits) keeps: SmolLM2-135M (Q4_1) sliced at
-# sparsity 0 (calibration wikitext-2 32 x 256, perplexity over 40 held-out windows of 256), perplexity
-# ratio to dense 1.00025 saved in float16, 0.99837 in bfloat16 (largest logit difference 0.11 and 0.49
-# of 33.5); computed in float16 throughout (what dtype="auto" loads) it matched the float32 computation.
-# float16's range is checked on every saved tensor (`out_of_range`); the default falls back to bfloat16
+# of mantissa), the rotated weights lose what float16 (11 bits) keeps (docs/method.md has the measured
+# logits and perplexities). float16's range is checked on every saved tensor (`out_of_range`); the default falls back to bfloat16
 # where it is exceeded.
 GGUF_SAVE_DTYPE = torch.float16
 

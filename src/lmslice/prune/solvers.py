@@ -19,12 +19,8 @@ DEFAULT_CRITERION = "obs"
 
 # λ = DEFAULT_DAMPING · mean diag G where channels and heads are chosen (OBS on G + λI), REFIT_DAMPING · mean
 # diag G[S, S] in the consumer's refit toward its own weights (`refit`): the objective ‖ΔY‖² + λ‖ΔW‖².
-# SmolLM2-135M at 0.8 of its parameters, calibrated on WikiText-2 (32 x 256), perplexity ratio to dense on
-# WikiText-2 / pydoc (benchmarks/cross_domain.py), choice / refit λ: 1.680 / 2.161 at 0.1 / 0.3; 1.694 /
-# 2.163 at 0.3 / 0.3, 1.695 / 2.216 at 0.1 / 0.1, 1.922 / 2.234 at 1 / 1, 1.783 / 3.310 at 0.01 / 0.3; the
-# ridge toward zero at 0.01 (the default before) 1.929 / 4.026. A larger λ makes the choice see less of
-# the calibration text's own correlations. In-domain at 0.6 / 0.9: 3.687 / 1.244 (before 3.839 / 1.323;
-# 0.3 / 0.3: 4.000 / 1.273). Calibrated on pydoc, at 0.8, WikiText-2 / pydoc: 3.046 / 1.182 (before 4.219 / 1.178).
+# A larger λ makes the choice see less of the calibration text's own correlations; these values did best
+# in and across domains of the grid measured with benchmarks/cross_domain.py (docs/method.md).
 DEFAULT_DAMPING = 0.1
 
 
@@ -76,8 +72,8 @@ def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, kee
     elif criterion == "leverage":  # diag(G (G + λI)⁻¹), both symmetric
         scores = (matrix * damped_inverse(matrix, channels, damping, matrix.dtype)).sum(0)[:channels]
     else:
-        # Channels leave in steps of about 1/16 of the cut: 16 block updates instead of one per channel.
-        # SmolLM2-135M, 1536 -> 1016 channels: output error within 0.15% of 64 steps, in half the time.
+        # Channels leave in steps of about 1/16 of the cut: 16 block updates instead of one per channel,
+        # at an output error close to finer steps' (docs/method.md).
         step = max(1, math.ceil((channels - keep) / 16))
         return eliminate(weight.to(ELIMINATION_DTYPE), damped_inverse(matrix, channels, damping), channels,
                          channels - keep, step)[0]
@@ -158,9 +154,9 @@ def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channe
     the damped G + λI (there λ is from every channel's mean diagonal). The ridge toward zero,
     W G[:, S] (G[S, S] + λI)⁻¹, learns the calibration text instead: see REFIT_DAMPING.
 
-    Measured against a target of the dense model's consumer output on the dense stream (which would
-    also undo the earlier blocks' error): SmolLM2-135M at 0.8 of its parameters, perplexity ratio
-    2.008 instead of 1.330; reproducing the block's own dense output generalises better."""
+    The target is the block's own dense output on the stream it reads now: it generalises better than a
+    target of the dense model's consumer output on the dense stream (which would also undo the earlier
+    blocks' error; measured in docs/method.md)."""
     columns = torch.cat([kept, torch.arange(channels, len(matrix), device=kept.device)])
     # one gathered copy of G[S, S], factorised in place, and W G[:, S] as (W G)[:, S]: at Llama-3-70B's MLP
     # width G[S, S] alone is gigabytes
