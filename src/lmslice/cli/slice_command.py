@@ -120,6 +120,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     output.add_argument("--gguf", metavar="OUT.gguf",
                         help="also write the result as a float16 GGUF for llama.cpp (as `lmslice export`)")
     output.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    output.add_argument("--dry-run", action="store_true",
+                        help="print the plan and stop: the steps, the parameters and bytes reached, where the result "
+                             "loads, the estimated peak memory and time; no weight or text is read, nothing written")
 
     evaluation_options = parser.add_argument_group("evaluation", "perplexity before and after, on held-out text")
     evaluation_options.add_argument("--eval-data", metavar="TEXT",
@@ -153,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
                            "`lmslice export OUTPUT -o OUT.gguf`")
     requested_save_dtype = None if args.save_dtype == "auto" else resolve_dtype(args.save_dtype)
     placement_asked = "offload" if args.offload else "streamed" if args.stream_blocks else "auto"
+    if args.dry_run:
+        plan = dry_run(args, placement_asked, requested_save_dtype, output, gguf)
+        print(json.dumps(plan) if args.json else format_dry_run(plan))
+        return 0
     model, tokenizer, placement = open_placed(args.model, placement_asked, device=args.device, dtype=args.dtype,
                                               out=output, overwrite=args.overwrite, save_dtype=requested_save_dtype)
     storage = placement if isinstance(placement, OffloadedBlocks) else None
@@ -432,7 +439,7 @@ def format_dry_run(plan: dict) -> str:
     total = sum(seconds.values())
     memory = ", ".join(f"{part} {gib:.2f}" for part, gib in plan["estimated_memory_gib"].items())
     lines = [
-        f"dry run: nothing loaded, nothing written ({plan['model']}, {plan['family']})",
+        f"dry run: no weight or text read, nothing written ({plan['model']}, {plan['family']})",
         f"  steps          {' -> '.join(plan['steps'])}",
         f"  parameters     {plan['parameters_dense'] / 1e6:.2f}M -> {plan['parameters'] / 1e6:.2f}M "
         f"({100 * plan['parameters'] / plan['parameters_dense']:.1f}% of dense)",
