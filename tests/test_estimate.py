@@ -62,7 +62,7 @@ def test_time_grows_with_the_calibration_and_the_evaluation_adds_its_own() -> No
     single, double = seconds(CALIBRATION), seconds(Calibration(32, 32, 8))
     assert set(single) == {"pruning"}  # uniform widths: no Fisher pass, no plan
     assert single["pruning"] < double["pruning"] < 2 * single["pruning"]  # the solvers do not grow with it
-    evaluated = seconds(Calibration(16, 32, 8, eval_tokens=1024))
+    evaluated = seconds(Calibration(16, 32, 8, eval_tokens=1024, eval_seqlen=32))
     assert evaluated["pruning"] == single["pruning"] and evaluated["evaluation"] > 0
 
 

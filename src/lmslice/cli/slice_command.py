@@ -402,7 +402,7 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
     eval_seqlen = context_length(model, args.eval_seqlen)
     eval_tokens = (args.eval_max_windows or 0) * eval_seqlen if args.eval_data else 0
     calibration = Calibration(args.calib_samples, context_length(model, args.calib_seqlen), args.calib_batch_size,
-                              eval_tokens)
+                              eval_tokens, eval_seqlen)
     stored = min(source_dtype(args.model), dtype, key=lambda kind: torch.finfo(kind).bits)
     cost = estimate(model, steps, placement, calibration, device=args.device, dtype=dtype, stored_dtype=stored,
                     speed=measure_speed(args.device), activations_on_disk=args.offload_activations)
