@@ -86,7 +86,7 @@ def test_dry_run_reads_no_weight_and_no_text_writes_nothing_and_says_what_the_ru
     plan = json.loads(capsys.readouterr().out)
     dense = plan["parameters_dense"]
     assert dense == count_parameters(tiny_models.build("llama")) and plan["parameters"] == round(0.8 * dense)
-    assert plan["steps"] == ["prune"] and plan["placement"] == "memory"
+    assert plan["steps"] == ["prune"] and plan["placement"] == "memory" and plan["llama_cpp"] == "deci"
     assert plan["loads_in"].startswith("transformers (trust_remote_code=True)")  # measured per-block widths
     assert plan["estimated_peak_gib"] > 0 and plan["estimated_seconds"]["pruning"] > 0
     assert list(tmp_path.iterdir()) == []

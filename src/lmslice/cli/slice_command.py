@@ -411,9 +411,10 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
     try:
         check_exportable(adapter.family, config=model.config,
                          shortcuts=args.sparsity is not None and args.format != "standard", per_block=not uniform)
-        llama_cpp = adapter.gguf.architecture if adapter.gguf else None
+        # measured per-block widths are written as llama.cpp's deci, equal blocks as the family's own
+        llama_cpp = ("deci" if not uniform else adapter.gguf.architecture) if adapter.gguf else "no"
     except LmsliceError as refusal:
-        llama_cpp, why = None, str(refusal)
+        llama_cpp = f"no: {refusal}"
     return {
         "model": str(args.model), "family": adapter.family, "steps": [step.name for step in steps],
         "parameters_dense": dense, "parameters": round(parameters),
@@ -421,7 +422,7 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
         "save_dtype": str(save_dtype).removeprefix("torch."),
         "gguf": str(gguf) if gguf else None, "gguf_bytes": gguf_bytes(parameters, "f16"),
         "loads_in": "transformers" if plain else "transformers (trust_remote_code=True) or lmslice.load",
-        "llama_cpp": llama_cpp or f"no: {why}",
+        "llama_cpp": llama_cpp,
         "placement": placement, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
         "calibration": {"samples": calibration.samples, "seqlen": calibration.seqlen},
         "estimated_peak_gib": round(cost.peak_bytes / 2**30, 2),
