@@ -25,11 +25,11 @@ from lmslice.estimate import Calibration, estimate, measure_speed
 from lmslice.export import TIE_BY_DEFAULT
 from lmslice.export.gguf import check_exportable
 from lmslice.io.data import mix_record
-from lmslice.io.models import (DTYPES, model_path, out_of_range, resolve_dtype, round_to_dtype, save_sliced,
-                               source_dtype)
+from lmslice.io.models import (DTYPES, model_path, open_skeleton, out_of_range, resolve_dtype, round_to_dtype,
+                               save_sliced, source_dtype)
 from lmslice.io.outputs import GGUF, check_output, check_room, process_tag
 from lmslice.io.offload import OffloadedBlocks, partial_output_removed_on_failure, save_offloaded
-from lmslice.io.placement import choose_placement, open_placed, open_skeleton
+from lmslice.io.placement import choose_placement, open_placed, streamed_dtype
 from lmslice.layout import layout_of
 from lmslice.modeling import get_module, head_counts
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
@@ -403,8 +403,8 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
     eval_tokens = (args.eval_max_windows or 0) * eval_seqlen if args.eval_data else 0
     calibration = Calibration(args.calib_samples, context_length(model, args.calib_seqlen), args.calib_batch_size,
                               eval_tokens, eval_seqlen)
-    stored = min(source_dtype(args.model), dtype, key=lambda kind: torch.finfo(kind).bits)
-    cost = estimate(model, steps, placement, calibration, device=args.device, dtype=dtype, stored_dtype=stored,
+    cost = estimate(model, steps, placement, calibration, device=args.device, dtype=dtype,
+                    stored_dtype=streamed_dtype(args.model, dtype),
                     speed=measure_speed(args.device), activations_on_disk=args.offload_activations)
     uniform = args.target_params is None or args.mlp_widths == "uniform"
     plain = (args.sparsity is None or args.format == "standard") and uniform

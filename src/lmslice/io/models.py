@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -287,6 +288,31 @@ def gguf_architecture(path: Path) -> str | None:
                 return file.read(length()).decode()
             skip(value_type)
     return None
+
+
+def open_skeleton(source: str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+    """The model of `source` without its weights (from its config, and an lmslice output's layout): its
+    shapes, for a model of any size, before anything is loaded."""
+    path = model_path(source)
+    layout = None
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LmsliceError(f"GGUF file not found: {path}")
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
+        config = local_config(path)
+        layout = read_layout(read_config(path), path)
+    else:
+        check_hub_id(str(source))
+        config = AutoConfig.from_pretrained(str(source))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_pretrained ties the head as the config says; from_config alone does not
+    if layout is not None:
+        modeling.apply_layout(model, layout)
+    return model.eval()
 
 
 # What a local model file is named like, never a hub id.

@@ -19,19 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
 from lmslice.adapters import find_adapter
-from lmslice.io.models import (cast_floating, check_finite, discarded_on_failure, finish_output, local_config,
-                               read_config, read_layout, record_saved_dtype, source_dtype, staging_dir,
-                               stored_once)
+from lmslice.io.models import (cast_floating, check_finite, discarded_on_failure, finish_output, open_skeleton,
+                               record_saved_dtype, source_dtype, staging_dir, stored_once)
 from lmslice.io.outputs import check_output
-from lmslice.modeling import apply_layout, base_key_mapping
+from lmslice.layout import layout_of
+from lmslice.modeling import base_key_mapping
 from lmslice.slicing import SliceResult, check_can_slice, slice_model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -163,20 +162,17 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise LmsliceError(f"--offload needs a local model directory with config.json, got {source}")
-    config = local_config(directory)
-    layout = read_layout(read_config(directory), directory)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if layout is not None:  # an lmslice output: its pruned blocks' shapes (a sliced stream is refused)
+    model = open_skeleton(directory, dtype)  # an lmslice output with its pruned blocks' shapes
+    if layout_of(model.config) is not None:  # an lmslice output: a sliced stream is refused
         check_can_slice(model)
-        apply_layout(model, layout)
+    config = model.config
     checkpoint = Checkpoint(directory, base_key_mapping(type(model)))
     blocks = model.get_submodule(blocks_path_of(model))
     tied = {}
     if getattr(config, "tie_word_embeddings", False):
-        input_name = _parameter_name(model, model.get_input_embeddings().weight)
-        output_name = _parameter_name(model, model.get_output_embeddings().weight)
-        tied = {output_name: input_name}
+        # by module: the skeleton's head already shares the embedding's parameter, so names cannot tell them apart
+        tied = {f"{_module_name(model, model.get_output_embeddings())}.weight":
+                f"{_module_name(model, model.get_input_embeddings())}.weight"}
     materialise(model, "", checkpoint, dtype, device, skip=blocks, tied=tied)
     check_finite(model)
     if tied:
@@ -184,9 +180,8 @@ def load_skeleton(source: str | os.PathLike[str], dtype: torch.dtype, device: to
     return model.eval(), checkpoint
 
 
-def _parameter_name(model: nn.Module, parameter: nn.Parameter) -> str:
-    return next(name for name, candidate in model.named_parameters(remove_duplicate=False)
-                if candidate is parameter)
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 def save_offloaded(model: nn.Module, storage: OffloadedBlocks, tokenizer: PreTrainedTokenizerBase | None,

@@ -7,16 +7,13 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lmslice.errors import LmsliceError
-from lmslice.io.models import (check_finite, check_hub_id, load_tokenizer, load_with_tokenizer, local_config,
-                               model_path, read_config, read_layout,
+from lmslice.io.models import (check_finite, load_tokenizer, load_with_tokenizer, model_path, open_skeleton,
                                resolve_dtype, source_dtype)
 from lmslice.io.offload import open_offloaded
-from lmslice.modeling import apply_layout
 from lmslice.walk import DeviceStreamed, InMemory, Placement
 
 PLACEMENTS = ("auto", "memory", "streamed", "offload")
@@ -51,6 +48,12 @@ def choose_placement(source: str | os.PathLike[str], placement: str, device: str
     return "streamed" if size is not None and size > DEVICE_SHARE * free else "memory"
 
 
+def streamed_dtype(source: str | os.PathLike[str], compute_dtype: torch.dtype) -> torch.dtype:
+    """What streamed blocks are kept in, in CPU memory: as the checkpoint stores them (half the bytes of
+    float32 for most), unless they compute in fewer bits."""
+    return min(source_dtype(source), compute_dtype, key=lambda kind: torch.finfo(kind).bits)
+
+
 def open_placed(source: str | os.PathLike[str], placement: str, *, device: str, dtype: str, out: Path | None = None,
                 overwrite: bool = False, save_dtype: torch.dtype | None = None,
                 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None, Placement]:
@@ -69,33 +72,8 @@ def open_placed(source: str | os.PathLike[str], placement: str, *, device: str, 
         model, tokenizer = load_with_tokenizer(source, dtype=compute_dtype, device=device)
         check_finite(model)
         return model, tokenizer, InMemory(device)
-    # in CPU memory as the checkpoint stores them (half the bytes of float32 for most), computed in `dtype`
-    stored = min(source_dtype(source), compute_dtype, key=lambda kind: torch.finfo(kind).bits)
+    stored = streamed_dtype(source, compute_dtype)
     model, tokenizer = load_with_tokenizer(source, dtype=stored, device="cpu")
     check_finite(model)
     return model, tokenizer, DeviceStreamed(device, compute_dtype, stored)
 
-
-def open_skeleton(source: str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
-    """The model of `source` without its weights (from its config, and an lmslice output's layout): its
-    shapes, for a model of any size, before anything is loaded."""
-    path = model_path(source)
-    layout = None
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise LmsliceError(f"GGUF file not found: {path}")
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LmsliceError(f"{path} has no config.json: give a save_pretrained directory or a .gguf file")
-        config = local_config(path)
-        layout = read_layout(read_config(path), path)
-    else:
-        check_hub_id(str(source))
-        config = AutoConfig.from_pretrained(str(source))
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # from_pretrained ties the head as the config says; from_config alone does not
-    if layout is not None:
-        apply_layout(model, layout)
-    return model.eval()
