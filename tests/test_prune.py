@@ -84,7 +84,7 @@ def test_unreachable_budget_is_refused() -> None:
         plan_uniform(tiny_models.build("llama"), 0.1)
 
 
-@pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))
+@pytest.mark.parametrize("family", sorted({**tiny_models.FACTORIES, **tiny_models.MOE_FACTORIES}))
 def test_full_budget_leaves_the_model_exact(family: str) -> None:
     model = tiny_models.build(family)
     reference = copy.deepcopy(model)
