@@ -51,16 +51,15 @@ def launch_two_processes(record: Path, arguments: list[str]) -> subprocess.Compl
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("objective", [
-    ["--distill-from", "DENSE", "--full-parameters", "--lm-weight", "0.5"],
-    ["--lora-r", "4", "--lora-dropout", "0"],
-], ids=["distillation", "lora"])
 def test_two_processes_train_what_one_trains_each_on_its_part_of_every_batch(
-        objective: list[str], sliced_dir: Path, dense_dir: Path, text_file: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    objective = [str(dense_dir) if option == "DENSE" else option for option in objective]
+        sliced_dir: Path, dense_dir: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys) -> None:
+    """Distillation with its next-token term, through LoRA adapters (without dropout, whose masks differ by
+    process), in one launch: each costs two processes' start. Every parameter trained the same way was
+    checked when this was written; the loop is the same but for which weights it steps."""
     # batches of 3 windows: the first process trains on 2 of each, the second on 1
-    arguments = ["finetune", str(sliced_dir), "--data", str(text_file), *objective, "--samples", "6", "--seqlen",
+    arguments = ["finetune", str(sliced_dir), "--data", str(text_file), "--distill-from", str(dense_dir),
+                 "--lm-weight", "0.5", "--lora-r", "4", "--lora-dropout", "0", "--samples", "6", "--seqlen",
                  "32", "--batch-size", "3", "--lr", "1e-3", "--dtype", "float64", "--device", "cpu",
                  "--eval-seqlen", "64", "--eval-max-windows", "1", "--json"]
     records = {count: tmp_path / f"record-{count}" for count in (1, 2)}
@@ -78,22 +77,25 @@ def test_two_processes_train_what_one_trains_each_on_its_part_of_every_batch(
     two = json.loads(printed[0])
     assert (two["processes"], one["processes"]) == (2, 1)
     assert (two["steps"], two["tokens"]) == (one["steps"], one["tokens"]) == (2, 2 * 3 * 32)
-    assert two["last_loss"] == pytest.approx(one["last_loss"], rel=1e-9)  # the whole batch's loss, gathered
 
     # each process trained on its own consecutive windows of every batch, and together on the whole batch
-    (windows,), shares = ([torch.load(record / f"process-{index}.pt") for index in range(count)]
-                          for count, record in sorted(records.items()))
-    assert [len(share) for share in shares[0]] == [2, 2] and [len(share) for share in shares[1]] == [1, 1]
-    for step, batch in enumerate(windows):
-        assert torch.equal(torch.cat([shares[0][step], shares[1][step]]), batch)
+    batches = torch.load(records[1] / "process-0.pt")
+    first, second = (torch.load(records[2] / f"process-{index}.pt") for index in range(2))
+    assert [len(share) for share in first] == [2, 2] and [len(share) for share in second] == [1, 1]
+    for batch, first_share, second_share in zip(batches, first, second, strict=True):
+        assert torch.equal(torch.cat([first_share, second_share]), batch)
 
-    # saved once, and the same model as one process's
+    # saved once (a second save would find the output there and fail), leaving nothing beside it; one
+    # process's model
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
     original = lmslice.load(sliced_dir)
     single, parallel = lmslice.load(tmp_path / "one"), lmslice.load(tmp_path / "two")
     for name, weight in single.named_parameters():
-        assert (parallel.get_parameter(name) - weight).abs().max() <= 1e-9 * weight.abs().max(), name
+        difference = ((parallel.get_parameter(name) - weight).abs().max() / weight.abs().max()).item()
+        assert difference <= 1e-9, name  # measured: 0 (one process's batch loss unweighted by share: 6e-3)
     assert any(not torch.equal(weight, original.get_parameter(name)) for name, weight in single.named_parameters())
+    # the whole batch's loss, gathered (the distillation loss is computed in float32)
+    assert two["last_loss"] == pytest.approx(one["last_loss"], rel=1e-6)
 
 
 def test_a_batch_too_small_to_split_is_refused_before_loading(dense_dir: Path, text_file: Path, tmp_path: Path,
