@@ -1,6 +1,6 @@
 """Data-parallel recovery: `lmslice finetune` started by `accelerate launch` in two CPU processes (gloo)
 trains each process on its own part of every batch and saves, once, the model one process trains on the
-same batches; a batch too small to split is refused before any work."""
+same batches; a batch too small to split, and a launch that shards the model (FSDP), are refused."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 import launched_finetune
 import lmslice
 import tiny_models
 from lmslice.cli import main
 from lmslice.errors import LmsliceError
-from lmslice.finetune import check_shares
+from lmslice.finetune import check_data_parallel, check_shares
 from lmslice.slicing import slice_model
 
 # Two processes importing torch and training a tiny model take about 20 s on a busy two-core machine; a
@@ -102,7 +103,8 @@ def test_a_batch_too_small_to_split_is_refused_before_loading(dense_dir: Path, t
                                                                monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import lmslice.cli.finetune_command as command
 
-    monkeypatch.setattr(command, "PartialState", lambda cpu: SimpleNamespace(num_processes=2))
+    monkeypatch.setattr(command, "Accelerator", lambda cpu, device_placement: SimpleNamespace(
+        num_processes=2, distributed_type=DistributedType.MULTI_CPU))
     monkeypatch.setattr(command, "load_with_tokenizer", None)  # loading would fail the test
     code = main(["finetune", str(dense_dir), "--data", str(text_file), "-o", str(tmp_path / "out"),
                  "--device", "cpu", "--samples", "5", "--batch-size", "2"])
@@ -111,3 +113,9 @@ def test_a_batch_too_small_to_split_is_refused_before_loading(dense_dir: Path, t
         "2 and --samples a multiple of it\n")
     with pytest.raises(LmsliceError, match="training batch 1 has 1 windows, fewer than the 2 processes"):
         check_shares([2, 1], 2)
+
+
+def test_launches_that_shard_the_model_are_refused() -> None:
+    with pytest.raises(LmsliceError, match="trains data-parallel, not with FSDP: launch it with `accelerate launch"):
+        check_data_parallel(DistributedType.FSDP)
+    check_data_parallel(DistributedType.MULTI_GPU)

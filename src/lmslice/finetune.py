@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,6 +35,9 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT, LEARNING_RATE = 32, 10.0, 0.05, 2e-4
 # Training every parameter moves far more weights per step than LoRA's low-rank deltas: a smaller rate.
 FULL_LEARNING_RATE = 2e-5
 SCHEDULES = ("constant", "cosine")
+# Launches that split the model itself between processes: training could step the shards, but merging LoRA and
+# saving work on the whole model in one process's memory.
+SHARDED_TRAINING = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     device = next(model.parameters()).device
     # The caller placed the model: one process keeps it where it is (the CPU on a CUDA machine, say).
     accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
+    check_data_parallel(accelerator.distributed_type)
     check_shares([len(batch["input_ids"]) for batch in batches], accelerator.num_processes)
     torch.manual_seed(config.seed)  # LoRA's initialisation and dropout
     if config.full_parameters:
@@ -204,6 +209,13 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     else:
         result = trained.merge_and_unload().eval()
     return result, FinetuneResult(len(losses), losses, time.perf_counter() - start, kinds, stopped_by, tokens)
+
+
+def check_data_parallel(launch: DistributedType) -> None:
+    if launch in SHARDED_TRAINING:
+        raise LmsliceError(f"lmslice finetune trains data-parallel, not with {launch.value}: launch it with "
+                           "`accelerate launch --multi_gpu` (each GPU holds the whole model; LoRA and gradient "
+                           "checkpointing keep the rest of its training state small)")
 
 
 def check_shares(batch_sizes: Sequence[int], processes: int) -> None:

@@ -7,7 +7,7 @@ import argparse
 import json
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator
 
 from lmslice.cli.common import (add_eval_window_options, add_model_options, check_minimums, context_length, evaluation,
                                 placement_group, require_extra, require_text_sources, require_tokenizer,
@@ -15,7 +15,7 @@ from lmslice.cli.common import (add_eval_window_options, add_model_options, chec
 from lmslice.distill import Distillation, check_same_vocabulary, check_settings
 from lmslice.errors import LmsliceError
 from lmslice.finetune import (FULL_LEARNING_RATE, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, SCHEDULES,
-                              TrainingConfig, finetune)
+                              TrainingConfig, check_data_parallel, finetune)
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
 from lmslice.io.models import load_with_tokenizer, model_path, save_sliced, source_dtype
 from lmslice.io.outputs import check_output, check_room
@@ -174,11 +174,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def training_processes(args: argparse.Namespace) -> PartialState:
+def training_processes(args: argparse.Namespace) -> Accelerator:
     """The processes `accelerate launch` (or torchrun) started, each set to train on its own device (--device
     cuda: cuda:0, cuda:1, ...; --device cpu: the CPU, gloo between processes), or this process alone."""
     device = torch.device(args.device)
-    processes = PartialState(cpu=device.type == "cpu")
+    processes = Accelerator(cpu=device.type == "cpu", device_placement=False)
+    check_data_parallel(processes.distributed_type)
     if processes.num_processes > 1:
         if device.index is not None:
             raise LmsliceError(f"--device {args.device}: under accelerate launch each process trains on its own "
