@@ -166,9 +166,9 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     with tqdm(total=total, desc="distilling" if distillation else "fine-tuning", unit="step",
               disable=not (progress and accelerator.is_main_process)) as bar:
         for batch in batches[:total]:
-            out_of_time = config.time_budget is not None and time.perf_counter() - start > config.time_budget
             # every process must stop at the same step, or the others wait for it forever
-            if config.time_budget is not None and _on_any_process(accelerator, out_of_time):
+            if config.time_budget is not None and _on_any_process(
+                    accelerator, time.perf_counter() - start > config.time_budget):
                 stopped_by = "time_budget"
                 break
             ids = batch["input_ids"]
