@@ -4,6 +4,9 @@ or every parameter trained; on the next-token loss or distilled from the dense m
 The sliced structure is untouched: LoRA adds a low-rank delta to the weights of the attention and MLP
 linears (the shortcut projections included, since `ShortcutLinear` is an `nn.Linear`), and merging
 folds it into those weights, so the result saves and loads like any sliced model.
+
+Started by `accelerate launch` (or torchrun) in several processes, training is data-parallel: every process
+holds the whole model and trains on its own share of each batch, and their gradients are averaged.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +35,9 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT, LEARNING_RATE = 32, 10.0, 0.05, 2e-4
 # Training every parameter moves far more weights per step than LoRA's low-rank deltas: a smaller rate.
 FULL_LEARNING_RATE = 2e-5
 SCHEDULES = ("constant", "cosine")
+# Launches that split the model itself between processes: training could step the shards, but merging LoRA and
+# saving work on the whole model in one process's memory.
+SHARDED_TRAINING = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 @dataclass(frozen=True)
@@ -120,9 +128,19 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     The loss is the next-token cross-entropy, or with `distillation` the teacher's KL term (see
     `lmslice.distill`). LoRA adapters are trained and merged into the weights, or with
     `config.full_parameters` every parameter is trained. `on_step(model, steps, tokens)` runs after each
-    step (e.g. to measure the model mid-run; it may switch the model to eval mode)."""
+    step (e.g. to measure the model mid-run; it may switch the model to eval mode).
+
+    In several processes (`accelerate launch`), each batch is split between them: the model (and the
+    teacher) must be on each process's device, every batch needs a window per process, and the result is
+    the one process's up to rounding (exactly its gradient where every window counts the same number of
+    positions, as the CLI's windows do). Every process returns the trained model."""
     batches = check_batches(batches, model.get_input_embeddings().weight.shape[0], "training")
     start = time.perf_counter()
+    device = next(model.parameters()).device
+    # The caller placed the model: one process keeps it where it is (the CPU on a CUDA machine, say).
+    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
+    check_data_parallel(accelerator.distributed_type)
+    check_shares([len(batch["input_ids"]) for batch in batches], accelerator.num_processes)
     torch.manual_seed(config.seed)  # LoRA's initialisation and dropout
     if config.full_parameters:
         trained, kinds = model, ["all parameters"]
@@ -132,38 +150,49 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
         # "model.layers.3.mlp.up_proj" -> "mlp.up_proj": which kinds of matrix were adapted
         prefix = len(block_path(model)) + 1
         kinds = sorted({name[prefix:].split(".", 1)[1] for name in targets})
+    if accelerator.process_index:  # dropout masks of their own for the other shares; the first keeps one process's
+        torch.manual_seed(config.seed + accelerator.process_index)
     _set_checkpointing(model, config.checkpointing)
     trained.train()
-    device = next(model.parameters()).device
+    wrapped = accelerator.prepare(trained)  # data-parallel across processes; in one process, `trained` itself
     total = len(batches) if config.max_steps is None else min(len(batches), config.max_steps)
-    weights = [p for p in trained.parameters() if p.requires_grad]
+    weights = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(weights, lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.rate_factor(step, total))
+    optimizer = accelerator.prepare(optimizer)  # not the schedule: it counts optimizer steps, not processes' steps
     losses: list[float] = []
     tokens = 0
     stopped_by = "data" if total == len(batches) else "max_steps"
     with tqdm(total=total, desc="distilling" if distillation else "fine-tuning", unit="step",
-              disable=not progress) as bar:
+              disable=not (progress and accelerator.is_main_process)) as bar:
         for batch in batches[:total]:
-            if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+            # every process must stop at the same step, or the others wait for it forever
+            if config.time_budget is not None and _on_any_process(
+                    accelerator, time.perf_counter() - start > config.time_budget):
                 stopped_by = "time_budget"
                 break
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask", torch.ones_like(ids)).to(device)
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask", torch.ones_like(ids))
+            share_ids, share_mask = (_share(tensor, accelerator).to(device) for tensor in (ids, mask))
             with _autocast(device, config.mixed_precision):
                 if distillation is None:
-                    loss = trained(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+                    loss = wrapped(input_ids=share_ids, attention_mask=share_mask, labels=share_ids,
+                                   use_cache=False).loss
                 else:
-                    loss = distillation.loss(trained, ids, mask)
-            if not torch.isfinite(loss):
-                raise diverged(len(losses) + 1, f"its loss is {loss.item()}")
-            loss.backward()
+                    loss = distillation.loss(wrapped, share_ids, share_mask)
+            # The processes' gradients are averaged: weighting each share's mean loss by its part of the batch's
+            # windows makes that average the whole batch's gradient when the batch does not split evenly.
+            loss = loss * (accelerator.num_processes * len(share_ids) / len(ids))
+            batch_loss = accelerator.gather(loss.detach()[None]).mean()
+            if not torch.isfinite(batch_loss):
+                raise diverged(len(losses) + 1, f"its loss is {batch_loss.item()}")
+            accelerator.backward(loss)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if not torch.stack([weight.isfinite().all() for weight in weights]).all():
                 raise diverged(len(losses) + 1, "it left NaN or inf in the trained weights")
-            losses.append(loss.item())
+            losses.append(batch_loss.item())
             tokens += int(mask.sum())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -171,13 +200,39 @@ def finetune(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
                 on_step(trained, len(losses), tokens)
                 trained.train()
     _set_checkpointing(model, False)
-    del optimizer, schedule  # AdamW's two copies of the trained weights, before the caller saves or measures
+    # AdamW's two copies of the trained weights (which the accelerator holds too), before the caller saves or measures
+    accelerator.free_memory()
+    del optimizer, schedule, wrapped
     if config.full_parameters:
         model.requires_grad_(False)
         result = model.eval()
     else:
         result = trained.merge_and_unload().eval()
     return result, FinetuneResult(len(losses), losses, time.perf_counter() - start, kinds, stopped_by, tokens)
+
+
+def check_data_parallel(launch: DistributedType) -> None:
+    if launch in SHARDED_TRAINING:
+        raise LmsliceError(f"lmslice finetune trains data-parallel, not with {launch.value}: launch it with "
+                           "`accelerate launch --multi_gpu` (each GPU holds the whole model; LoRA and gradient "
+                           "checkpointing keep the rest of its training state small)")
+
+
+def check_shares(batch_sizes: Sequence[int], processes: int) -> None:
+    """Refuses a batch with fewer windows than the processes that split it: each must have one to train on."""
+    for index, size in enumerate(batch_sizes):
+        if size < processes:
+            raise LmsliceError(f"training batch {index} has {size} windows, fewer than the {processes} processes "
+                               "that split it: give every batch at least one window per process")
+
+
+def _share(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """This process's consecutive rows of a batch (the first processes take one more when it does not split evenly)."""
+    return tensor.tensor_split(accelerator.num_processes)[accelerator.process_index]
+
+
+def _on_any_process(accelerator: Accelerator, flag: bool) -> bool:
+    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), "sum"))
 
 
 def diverged(step: int, how: str) -> LmsliceError:

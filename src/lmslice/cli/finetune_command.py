@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+from accelerate import Accelerator
+
 from lmslice.cli.common import (add_eval_window_options, add_model_options, check_minimums, context_length, evaluation,
                                 placement_group, require_extra, require_text_sources, require_tokenizer,
                                 resolve_model_options)
 from lmslice.distill import Distillation, check_same_vocabulary, check_settings
 from lmslice.errors import LmsliceError
 from lmslice.finetune import (FULL_LEARNING_RATE, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, SCHEDULES,
-                              TrainingConfig, finetune)
+                              TrainingConfig, check_data_parallel, finetune)
 from lmslice.io.data import calibration_batches, describe_sources, load_text, tokenize
 from lmslice.io.models import load_with_tokenizer, model_path, save_sliced, source_dtype
 from lmslice.io.outputs import check_output, check_room
@@ -35,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "alongside, batch by batch, without gradients. --full-parameters trains every weight "
                     "instead of LoRA. A dense model (no lmslice record) is fine-tuned the same way. Prints "
                     "perplexity before and after and writes a model directory of the input's kind (the settings "
-                    "are recorded in config.json, or for a dense model in lmslice_finetune.json).")
+                    "are recorded in config.json, or for a dense model in lmslice_finetune.json). Started by "
+                    "`accelerate launch` in several processes (one per GPU), each process trains on its share of "
+                    "every batch and the first one measures and saves.")
     parser.add_argument("model", help="model directory (from `lmslice compress`, or dense), .gguf file or hub id")
     training = parser.add_argument_group("training", "the text and the optimiser")
     training.add_argument("--data", required=True, help=f"training text: {describe_sources()}")
@@ -43,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--seqlen", type=int, default=1024,
                           help="tokens per training window, capped by the model context (default: 1024)")
     training.add_argument("--batch-size", type=int, default=1,
-                          help="windows per forward pass and optimizer step (default: 1)")
+                          help="windows per optimizer step, split between the processes of `accelerate launch` "
+                               "(default: 1)")
     training.add_argument("--lr", type=float, default=None,
                           help=f"AdamW learning rate, the peak of --schedule (default: {LEARNING_RATE} with LoRA, "
                                f"{FULL_LEARNING_RATE} with --full-parameters)")
@@ -110,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.distill_from:
         reads.append(("the teacher", model_path(args.distill_from)))
     output = check_output(args.output, args.overwrite, reads)
+    processes = training_processes(args)
     model, tokenizer = load_with_tokenizer(args.model, dtype=args.dtype, device=args.device)
     # training runs in --dtype; the output keeps the precision its source was stored in
     save_dtype = source_dtype(args.model)
@@ -128,15 +135,19 @@ def run(args: argparse.Namespace) -> int:
                            f"windows of {seqlen}; give more text, fewer --samples or a shorter --seqlen")
     batches = calibration_batches(train_tokens, args.samples, seqlen, args.batch_size, args.seed)
     eval_source = args.eval_data or args.data
+    main_process = processes.is_main_process
     evaluate = evaluation(args, model, tokenizer, eval_source, not args.json)
-    before = evaluate(model).as_dict()
+    before = evaluate(model).as_dict() if main_process else None
     model, result = finetune(model, batches, training, distillation=distillation, progress=not args.json)
     del distillation  # the teacher's memory, before saving
+    processes.wait_for_everyone()
+    if not main_process:  # every process holds the same trained model: the first measures and saves it
+        return 0
     after = evaluate(model).as_dict()
     record = {
         "data": args.data, "samples": args.samples, "seqlen": seqlen, "batch_size": args.batch_size,
         "lr": training.learning_rate, "schedule": args.schedule, "warmup": args.warmup, "seed": args.seed,
-        "optimizer": "AdamW",
+        "optimizer": "AdamW", "processes": processes.num_processes,
         "lora": None if args.full_parameters else {"r": args.lora_r, "alpha": args.lora_alpha,
                                                    "dropout": args.lora_dropout, "target_modules": result.target_modules},
         "distill": None if args.distill_from is None else {
@@ -163,6 +174,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_processes(args: argparse.Namespace) -> Accelerator:
+    """The processes `accelerate launch` (or torchrun) started, each set to train on its own device (--device
+    cuda: cuda:0, cuda:1, ...; --device cpu: the CPU, gloo between processes), or this process alone."""
+    device = torch.device(args.device)
+    processes = Accelerator(cpu=device.type == "cpu", device_placement=False)
+    check_data_parallel(processes.distributed_type)
+    if processes.num_processes > 1:
+        if device.index is not None:
+            raise LmsliceError(f"--device {args.device}: under accelerate launch each process trains on its own "
+                               f"device; give --device {device.type}")
+        # `calibration_batches` groups the windows into full batches, then what is left
+        smallest = args.samples % args.batch_size or args.batch_size
+        if smallest < processes.num_processes:
+            raise LmsliceError(f"{processes.num_processes} processes split every batch of windows, but one has "
+                               f"{smallest}: give a --batch-size of at least {processes.num_processes} and --samples "
+                               "a multiple of it")
+        args.device = str(processes.device)
+    return processes
+
+
 def format_summary(summary: dict) -> str:
     before, after = summary["perplexity_before"], summary["perplexity_after"]
     lora, distill = summary["lora"], summary["distill"]
@@ -173,11 +204,12 @@ def format_summary(summary: dict) -> str:
                  f"distillation from {distill['teacher']} (T={distill['temperature']:g}, "
                  f"{'top ' + str(distill['top_k']) if distill['top_k'] else 'full'} distribution, "
                  f"LM weight {distill['lm_weight']:g})")
+    processes = f" on {summary['processes']} processes" if summary["processes"] > 1 else ""
     return "\n".join([
         f"fine-tuned {summary['model']} with {how} on {summary['data']}",
         f"  objective      {objective}, lr {summary['lr']:g} {summary['schedule']}",
         f"  training       {summary['steps']} steps of {summary['batch_size']} x {summary['seqlen']} tokens"
-        f"{loss} ({summary['seconds']:.1f} s, stopped by {summary['stopped_by'].replace('_', ' ')})",
+        f"{loss}{processes} ({summary['seconds']:.1f} s, stopped by {summary['stopped_by'].replace('_', ' ')})",
         f"  adapted        {', '.join(lora['target_modules']) if lora else 'all parameters'}",
         f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on {summary['eval_data']} "
         f"({after['tokens']} tokens, windows of {after['seqlen']})",
