@@ -82,7 +82,9 @@ def parse_size(text: str) -> int:
 
 
 def format_size(size: float) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    if size >= 1e9:
+        return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,8 @@ def _gguf_tensor_places(model: nn.Module) -> list[tuple[str, tuple[int, ...], _P
     values = [name for name, shape in listed if "attn_v.weight" in name and len(shape) >= 2]
     places = []
     for name, shape in listed:
-        role = next((role for role in ("output.weight", "token_embd.weight", "attn_qkv.weight", "attn_v.weight",
-                                       "ffn_down") if role in name), "")
+        role = name if name in ("output.weight", "token_embd.weight") else \
+            next((role for role in ("attn_qkv.weight", "attn_v.weight", "ffn_down") if role in name), "")
         index, count = (values.index(name), len(values)) if role == "attn_v.weight" else (0, 1)
         if role == "ffn_down":
             index, count = int(name.split(".")[1]), blocks
