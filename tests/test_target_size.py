@@ -50,30 +50,28 @@ def saved_model(tmp_path: Path, tokenizer: transformers.PreTrainedTokenizerBase,
     return path
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(("tied", "file_format", "save_dtype"), [(True, "safetensors", "float16"),
+                                                               (False, "safetensors", "float32"),
+                                                               (True, "gguf-f16", "float16"),
+                                                               (False, "gguf-f16", "float16")],
+                         ids=["tied-float16", "untied-float32", "tied-gguf", "untied-gguf"])
 def test_the_written_files_are_within_the_target_size(capsys, tmp_path: Path, tiny_tokenizer, text_file: Path,
-                                                      tied: bool) -> None:
+                                                      tied: bool, file_format: str, save_dtype: str) -> None:
     dense = saved_model(tmp_path, tiny_tokenizer, tied)
-    dense_bytes = (dense / "model.safetensors").stat().st_size  # float32
-    common = ["--calib", text_file, "--calib-samples", "4", "--calib-seqlen", "32", "--align", "none"]
-    for save_dtype, itemsize in (("float16", 2), ("float32", 4)):
-        target = int(0.7 * dense_bytes * itemsize / 4)
-        out = tmp_path / f"out-{save_dtype}"
-        code, stdout, stderr = run_cli(capsys, "compress", dense, "--target-size", str(target), "--save-dtype",
-                                       save_dtype, *common, "-o", out)
-        assert code == 0, stderr
-        written = (out / "model.safetensors").stat().st_size
-        assert (1 - UNDER_TARGET) * target <= written <= target, (save_dtype, written, target)
-        assert "file size" in stdout
-
-    gguf_dense = tmp_path / "dense.gguf"
-    assert run_cli(capsys, "export", dense, "-o", gguf_dense)[0] == 0
-    target = int(0.7 * gguf_dense.stat().st_size)
-    out, gguf = tmp_path / "out-gguf", tmp_path / "out.gguf"
-    code, _, stderr = run_cli(capsys, "compress", dense, "--target-size", str(target), "--target-format", "gguf-f16",
-                              *common, "-o", out, "--gguf", gguf)
+    if file_format == "safetensors":
+        dense_bytes = (dense / "model.safetensors").stat().st_size * {"float16": 2, "float32": 4}[save_dtype] / 4
+    else:
+        assert run_cli(capsys, "export", dense, "-o", tmp_path / "dense.gguf")[0] == 0
+        dense_bytes = (tmp_path / "dense.gguf").stat().st_size
+    target = int(0.7 * dense_bytes)
+    out, gguf = tmp_path / "out", tmp_path / "out.gguf"
+    code, stdout, stderr = run_cli(capsys, "compress", dense, "--target-size", str(target), "--target-format",
+                                   file_format, "--save-dtype", save_dtype, "--calib", text_file, "--calib-samples",
+                                   "4", "--calib-seqlen", "32", "--align", "none", "-o", out, "--gguf", gguf)
     assert code == 0, stderr
-    assert (1 - UNDER_TARGET) * target <= gguf.stat().st_size <= target, (gguf.stat().st_size, target)
+    written = (out / "model.safetensors" if file_format == "safetensors" else gguf).stat().st_size
+    assert (1 - UNDER_TARGET) * target <= written <= target, (written, target)
+    assert "file size" in stdout
 
 
 def test_the_dry_run_shows_the_size_it_reaches(capsys, tmp_path: Path, tiny_tokenizer) -> None:

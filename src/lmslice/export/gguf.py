@@ -47,7 +47,7 @@ from torch import nn
 
 from lmslice.adapters import ADAPTERS, adapter_of_family, find_adapter
 from lmslice.errors import LmsliceError, first_line
-from lmslice.io.outputs import GGUF, check_output, process_tag
+from lmslice.io.outputs import GGUF, check_output, make_parents, process_tag
 from lmslice.export.standard import standard_model
 from lmslice.layout import layout_of
 from lmslice.modeling import ShortcutLinear, get_module, head_counts
@@ -324,6 +324,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any =
 
     # named as `clear_leftovers` recognises, so the next run removes what a killed one left
     temporary = path.with_name(f".{path.name}.partial-{process_tag()}")
+    make_parents(path)
     try:
         writer = gguf.GGUFWriter(temporary, layout.architecture)
         _write_metadata(writer, layout, vocab_rows, outtype, name)
