@@ -111,7 +111,7 @@ def llama_quantize() -> Path:
         pytest.skip(str(error))
 
 
-@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q8_0", "Q5_K_M", "Q4_K_S", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q8_0", "Q5_K_M", "Q5_K_S", "Q4_K_S", "Q6_K", "Q4_0"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_quantised_sizes_match_llama_quantize(tmp_path: Path, tiny_tokenizer, mixture: str, tied: bool) -> None:
     """A model whose rows divide into 256-blocks (the K-quants' own types) and one whose MLP rows do not

@@ -71,10 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="prune as --keep does until the model file is at most SIZE (300MB, 4GB, 4GiB or bytes) "
                              "in --target-format; refused if pruning cannot reach it")
     budget.add_argument("--target-format", choices=FORMATS, metavar="FORMAT",
-                        help="the file --target-size measures: safetensors (the saved weights in --save-dtype), "
-                             "gguf-f32/f16/bf16/q8_0 (as lmslice writes them), or a llama-quantize type: "
-                             "gguf-q6_k, gguf-q5_k_m, gguf-q5_k_s, gguf-q4_k_m, gguf-q4_k_s, gguf-q4_0 "
-                             "(default: safetensors)")
+                        help="the file --target-size measures: safetensors (the saved weights, default); gguf-f32, "
+                             "gguf-f16, gguf-bf16, gguf-q8_0 (as lmslice writes them); gguf-q6_k, gguf-q5_k_m, "
+                             "gguf-q5_k_s, gguf-q4_k_m, gguf-q4_k_s, gguf-q4_0 (after llama-quantize)")
     budget.add_argument("--mlp-widths", choices=WIDTHS, default="measured",
                         help="--keep: measured = per-block widths from each block's measured cost (lmslice's layout, "
                              "loads with trust_remote_code); uniform = one width in every block (the family's own "
