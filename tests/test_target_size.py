@@ -16,6 +16,7 @@ import transformers
 
 from lmslice.budget import file_bytes, parse_size
 from lmslice.errors import LmsliceError
+from lmslice.estimate import Speed
 from lmslice.export.gguf import export_gguf, gguf_vocabulary
 from tests.test_cli import run_cli
 from tests.tiny_models import VOCAB
@@ -74,7 +75,9 @@ def test_the_written_files_are_within_the_target_size(capsys, tmp_path: Path, ti
     assert "file size" in stdout
 
 
-def test_the_dry_run_shows_the_size_it_reaches(capsys, tmp_path: Path, tiny_tokenizer) -> None:
+def test_the_dry_run_shows_the_size_it_reaches(capsys, tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
+    # the device's speed only times the plan, which this test does not read: not measured on a busy machine
+    monkeypatch.setattr("lmslice.cli.slice_command.measure_speed", lambda device: Speed(*[1e10] * 5))
     dense = saved_model(tmp_path, tiny_tokenizer, tied=True)
     code, stdout, stderr = run_cli(capsys, "compress", dense, "--target-size", "150kB", "--target-format",
                                    "gguf-q8_0", "--align", "none", "--dry-run", "-o", tmp_path / "out")
@@ -93,6 +96,15 @@ def test_a_size_pruning_cannot_reach_is_refused_before_any_work(capsys, tmp_path
     assert error.startswith("lmslice: error: --target-size 50.0 kB is below what pruning MLP channels")
     assert "the smallest safetensors file is about" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_size_the_dense_file_meets_is_refused(capsys, tmp_path: Path, tiny_tokenizer) -> None:
+    dense = saved_model(tmp_path, tiny_tokenizer, tied=True)
+    capsys.readouterr()
+    code, _, stderr = run_cli(capsys, "compress", dense, "--target-size", "1GB", "--dry-run", "-o", tmp_path / "out")
+    assert code == 2
+    assert stderr.splitlines()[-1].startswith("lmslice: error: --target-size 1.00 GB: the dense model's safetensors "
+                                              "file is already about")
 
 
 @pytest.mark.parametrize("flags", [["--keep", "0.8"], ["--sparsity", "0.2"]])

@@ -107,8 +107,9 @@ def size_budget(model: nn.Module, target_bytes: int, file_format: str, *, save_d
                 vocabulary: Vocabulary | None = None, round_to: int = 8, widths: str = "measured",
                 heads: bool = False) -> SizeBudget:
     """The pruning budget that makes `model`'s file in `file_format` (safetensors in `save_dtype`, or a
-    GGUF whose `vocabulary` is given) at most `target_bytes`. Refuses, in one line, a target below the
-    file of the fewest parameters pruning can leave (`round_to`, `widths`, `heads` as the plan's)."""
+    GGUF whose `vocabulary` is given) at most `target_bytes`. Refuses, in one line, a target the dense
+    file already meets, or one below the file of the fewest parameters pruning can leave (`round_to`,
+    `widths`, `heads` as the plan's)."""
     dense_bytes, removed_rate = file_bytes(model, file_format, save_dtype=save_dtype, vocabulary=vocabulary)
     dense = count_parameters(model)
     smallest = dense_bytes - (dense - fewest_parameters(model, round_to, widths=widths, heads=heads)) * removed_rate
@@ -116,7 +117,10 @@ def size_budget(model: nn.Module, target_bytes: int, file_format: str, *, save_d
         raise LmsliceError(f"--target-size {format_size(target_bytes)} is below what pruning MLP channels"
                            f"{' and attention heads' if heads else ''} can reach: the smallest {file_format} file "
                            f"is about {format_size(math.ceil(smallest))} (the dense one {format_size(dense_bytes)})")
-    keep = min(1.0, 1 - (dense_bytes - target_bytes) / (dense * removed_rate))
+    if target_bytes >= dense_bytes:
+        raise LmsliceError(f"--target-size {format_size(target_bytes)}: the dense model's {file_format} file is already "
+                           f"about {format_size(dense_bytes)}, nothing to prune; give a smaller size")
+    keep = 1 - (dense_bytes - target_bytes) / (dense * removed_rate)
     estimated = dense_bytes - (1 - keep) * dense * removed_rate
     return SizeBudget(target_bytes, file_format, keep, dense_bytes, math.floor(estimated))
 

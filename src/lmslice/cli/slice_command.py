@@ -232,9 +232,8 @@ def run(args: argparse.Namespace) -> int:
             "attention_heads": pruned.plan.attention_heads, "key_value_heads": _key_value_heads(model, pruned),
             "prune_criterion": args.prune_criterion}
            if pruned else {}),
-        **({"target_size": {**budget.as_dict(), "reached_bytes": round(file_bytes(
-            model, budget.file_format, save_dtype=save_dtype, vocabulary=budget_vocabulary(args, model, tokenizer))[0])}}
-           if budget else {}),
+        **({"target_size": {**budget.as_dict(), "reached_bytes": reached_bytes(args, model, budget, save_dtype,
+                                                                                tokenizer)}} if budget else {}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
         "calibration": calibration,
@@ -284,6 +283,13 @@ def apply_size_budget(args: argparse.Namespace, model: nn.Module, save_dtype: to
                          round_to=args.round_to, widths=args.mlp_widths, heads=heads)
     args.target_params = budget.keep
     return budget
+
+
+def reached_bytes(args: argparse.Namespace, model: nn.Module, budget: SizeBudget, save_dtype: torch.dtype,
+                  tokenizer: object) -> int:
+    """The size of the compressed model's file in the format --target-size measured, tensor by tensor."""
+    vocabulary = budget_vocabulary(args, model, tokenizer)
+    return round(file_bytes(model, budget.file_format, save_dtype=save_dtype, vocabulary=vocabulary)[0])
 
 
 def budget_vocabulary(args: argparse.Namespace, model: nn.Module, tokenizer: object) -> dict | None:
