@@ -111,7 +111,8 @@ def test_a_size_the_dense_file_meets_is_refused(capsys, tmp_path: Path, tiny_tok
 def test_one_budget_at_a_time(capsys, tmp_path: Path, flags: list[str]) -> None:
     code, _, stderr = run_cli(capsys, "compress", "M", "--target-size", "1GB", *flags, "-o", tmp_path / "out")
     assert code == 2
-    assert stderr == "lmslice: error: give one budget: --target-size (the bytes of the model file) or --keep/--sparsity\n"
+    assert stderr == ("lmslice: error: give one budget: --target-size (the bytes of the model file) or "
+                      "--keep/--sparsity\n")
 
 
 def llama_quantize() -> Path:

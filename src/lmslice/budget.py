@@ -118,8 +118,8 @@ def size_budget(model: nn.Module, target_bytes: int, file_format: str, *, save_d
                            f"{' and attention heads' if heads else ''} can reach: the smallest {file_format} file "
                            f"is about {format_size(math.ceil(smallest))} (the dense one {format_size(dense_bytes)})")
     if target_bytes >= dense_bytes:
-        raise LmsliceError(f"--target-size {format_size(target_bytes)}: the dense model's {file_format} file is already "
-                           f"about {format_size(dense_bytes)}, nothing to prune; give a smaller size")
+        raise LmsliceError(f"--target-size {format_size(target_bytes)}: the dense model's {file_format} file is "
+                           f"already about {format_size(dense_bytes)}, nothing to prune; give a smaller size")
     keep = 1 - (dense_bytes - target_bytes) / (dense * removed_rate)
     estimated = dense_bytes - (1 - keep) * dense * removed_rate
     return SizeBudget(target_bytes, file_format, keep, dense_bytes, math.floor(estimated))
@@ -271,4 +271,5 @@ def _metadata_bytes(fields: Vocabulary) -> int:
             return 4 + 8 + sum(value_bytes(item_kind, item, None) for item in value)
         return _VALUE_BYTES[kind.name]
 
-    return sum(8 + len(key) + 4 + value_bytes(kind, value, item_kind) for key, (kind, value, item_kind) in fields.items())
+    return sum(8 + len(key) + 4 + value_bytes(kind, value, item_kind)
+               for key, (kind, value, item_kind) in fields.items())
