@@ -104,6 +104,17 @@ def test_unusable_output_locations_fail_before_any_work(capsys, dense_dir, text_
         assert code == 2 and expected in error
 
 
+def test_outputs_create_their_missing_parent_directories(capsys, dense_dir, text_file, tmp_path) -> None:
+    """-o and --gguf follow one rule: directories above the output that do not exist yet are created."""
+    out, gguf = tmp_path / "a" / "b" / "out", tmp_path / "c" / "d" / "out.gguf"
+    code, error = run_cli(capsys, "compress", dense_dir, "--keep", "0.8", "--mlp-widths", "uniform", "--calib",
+                          text_file, "--calib-samples", "4", "--calib-seqlen", "32", "-o", out, "--gguf", gguf)
+    assert code == 0, error
+    assert (out / "model.safetensors").is_file() and gguf.is_file()
+    exported = tmp_path / "e" / "f" / "exported.gguf"
+    assert run_cli(capsys, "export", out, "-o", exported) == (0, "") and exported.is_file()
+
+
 # --------------------------------------------------- 2. non-finite weights and signals are refused
 
 

@@ -337,6 +337,13 @@ def test_slice_refuses_what_it_cannot_write_before_the_work(extra: list[str], me
     (512, dict(target_params=0.8, sparsity=None, mlp_widths="uniform", align="auto"), 1),
     (512, dict(target_params=None, sparsity=0.25, mlp_widths="measured", align="auto"), 1),
     (112, dict(target_params=0.8, sparsity=None, mlp_widths="uniform", align="gguf"), 32),
+    # a --target-size counted in a quantised type keeps the down projection in that type's blocks
+    (512, dict(target_params=None, target_size="1GB", target_format="gguf-q4_k_m", sparsity=None,
+               mlp_widths="uniform", align="auto"), 256),
+    (512, dict(target_params=None, target_size="1GB", target_format="gguf-q8_0", sparsity=None,
+               mlp_widths="uniform", align="auto"), 32),
+    (112, dict(target_params=None, target_size="1GB", target_format="gguf-q4_k_m", sparsity=None,
+               mlp_widths="measured", align="auto"), 1),
 ])
 def test_auto_alignment_is_k_quant_rows_for_per_block_widths_of_an_aligned_model(width: int, options: dict,
                                                                                  expected: int) -> None:
@@ -348,7 +355,8 @@ def test_auto_alignment_is_k_quant_rows_for_per_block_widths_of_an_aligned_model
 
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **{**tiny_models.COMMON, "num_hidden_layers": 1}, intermediate_size=width))
-    assert alignment(argparse.Namespace(**options), model, find_adapter(model)) == expected
+    args = argparse.Namespace(**{"target_size": None, "target_format": None, **options})
+    assert alignment(args, model, find_adapter(model)) == expected
 
 
 def test_slice_refuses_a_config_llamacpp_computes_otherwise_before_the_work(text_file: Path, tmp_path: Path,

@@ -14,19 +14,20 @@ import torch
 from torch import nn
 
 from lmslice.adapters import ModelAdapter, find_adapter
+from lmslice.budget import FORMATS, SizeBudget, file_bytes, format_size, parse_size, row_block, size_budget
 from lmslice.calibration import check_calibration
 from lmslice.cli.common import (SLICING_MINIMUMS, add_calibration_options, add_eval_window_options, add_model_options,
                                 add_width_options, calibration_data, check_minimums, context_length, evaluation,
                                 peak_memory_gib, placement_group, require_text_sources, require_tokenizer,
                                 resolve_model_options)
-from lmslice.cli.export_command import describe, gguf_bytes, write_gguf
+from lmslice.cli.export_command import describe, gguf_bytes, source_gguf, write_gguf
 from lmslice.errors import LmsliceError
 from lmslice.estimate import Calibration, estimate, measure_speed
 from lmslice.export import TIE_BY_DEFAULT
-from lmslice.export.gguf import check_exportable
+from lmslice.export.gguf import check_exportable, gguf_vocabulary
 from lmslice.io.data import mix_record
-from lmslice.io.models import (DTYPES, model_path, open_skeleton, out_of_range, resolve_dtype, round_to_dtype,
-                               save_sliced, source_dtype)
+from lmslice.io.models import (DTYPES, load_tokenizer, model_path, open_skeleton, out_of_range, resolve_dtype,
+                               round_to_dtype, save_sliced, source_dtype)
 from lmslice.io.outputs import GGUF, check_output, check_room, process_tag
 from lmslice.io.offload import OffloadedBlocks, partial_output_removed_on_failure, save_offloaded
 from lmslice.io.placement import choose_placement, open_placed, streamed_dtype
@@ -57,7 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "for lmslice's per-block layout). `lmslice slice` is the same command.")
     parser.add_argument("model", help="model directory, .gguf file, hub id, or smollm2-135m (built in)")
 
-    budget = parser.add_argument_group("budget", "how much to remove (give --keep, --sparsity, or both)")
+    budget = parser.add_argument_group("budget", "how much to remove (give --keep, --sparsity, or both; or "
+                                                 "--target-size)")
     budget.add_argument("--keep", "--target-params", dest="target_params", type=float, metavar="F",
                         help="keep this fraction, in (0, 1], of the real parameters (every tensor once) by pruning "
                              "MLP channels and attention heads; with --sparsity, slicing comes first")
@@ -65,6 +67,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="SliceGPT: delete this fraction, in [0, 1), of the hidden width. The result can hold "
                              "MORE parameters than the source (shortcut matrices, a full-width untied head) unless "
                              "--slice-head or --keep")
+    budget.add_argument("--target-size", metavar="SIZE",
+                        help="prune as --keep does until the model file is at most SIZE (300MB, 4GB, 4GiB or bytes) "
+                             "in --target-format; refused if pruning cannot reach it")
+    budget.add_argument("--target-format", choices=FORMATS, metavar="FORMAT",
+                        help="the file --target-size measures: safetensors (the saved weights, default); gguf-f32, "
+                             "gguf-f16, gguf-bf16, gguf-q8_0 (as lmslice writes them); gguf-q6_k, gguf-q5_k_m, "
+                             "gguf-q5_k_s, gguf-q4_k_m, gguf-q4_k_s, gguf-q4_0 (after llama-quantize)")
     budget.add_argument("--mlp-widths", choices=WIDTHS, default="measured",
                         help="--keep: measured = per-block widths from each block's measured cost (lmslice's layout, "
                              "loads with trust_remote_code); uniform = one width in every block (the family's own "
@@ -115,8 +124,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     output.add_argument("--align", choices=ALIGNMENTS, default="auto",
                         help="widths llama.cpp quantises without falling back to a larger type: gguf = multiples of "
                              "32 (Q8_0, Q4_0), gguf-k = 256 (K-quants such as Q4_K_M), none = --round-to alone; "
-                             "auto (default) = gguf-k for measured widths where the dense width is a multiple of 256, "
-                             "else none")
+                             "auto (default) = gguf-k for measured widths, or the blocks of --target-format's type, "
+                             "where the dense MLP width is a multiple of them, else none")
     output.add_argument("--gguf", metavar="OUT.gguf",
                         help="also write the result as a float16 GGUF for llama.cpp (as `lmslice export`)")
     output.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -135,15 +144,22 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     resolve_model_options(args, args.model)
     check_minimums(args, SLICING_MINIMUMS)
-    if args.sparsity is None and args.target_params is None:
+    if args.target_size is not None and (args.target_params is not None or args.sparsity is not None):
+        raise LmsliceError("give one budget: --target-size (the bytes of the model file) or --keep/--sparsity")
+    if args.target_format is not None and args.target_size is None:
+        raise LmsliceError("--target-format says what --target-size measures: give --target-size too")
+    if args.target_size is not None:
+        parse_size(args.target_size)  # a malformed size is refused before the model is opened
+    if args.sparsity is None and not prunes(args):
         raise LmsliceError("say how much to remove: --keep (the fraction of the parameters to keep) or --sparsity "
-                           "(SliceGPT: the fraction of the hidden width to delete), or both")
+                           "(SliceGPT: the fraction of the hidden width to delete), or both; or --target-size "
+                           "(the bytes of the model file)")
     if args.sparsity is not None:
         check_sparsity(args.sparsity, args.round_to)
-    if args.prune_heads and (args.target_params is None or args.mlp_widths != "measured"):
+    if args.prune_heads and (not prunes(args) or args.mlp_widths != "measured"):
         raise LmsliceError("--prune-heads spends a --keep budget on per-block widths: give --keep and keep "
                            "--mlp-widths measured")
-    if args.target_params is not None and args.format == "standard":
+    if prunes(args) and args.format == "standard":
         raise LmsliceError("--keep prunes per block, in lmslice's layout; --format standard applies to "
                            "--sparsity alone (then --mlp-widths uniform is the family's own architecture too)")
     if args.offload and args.stream_blocks:
@@ -167,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     save_dtype = storage.save_dtype if storage else requested_save_dtype or source_dtype(args.model)
     adapter = find_adapter(model)  # an unsupported model fails before the slow work
     args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
+    budget = apply_size_budget(args, model, save_dtype, tokenizer)
     steps = build_steps(args)
     shape = check_command(args, model, steps, adapter, placement, gguf=gguf is not None)
     check_room(output_sizes(args, model, shape, save_dtype, output, gguf))
@@ -215,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
             "attention_heads": pruned.plan.attention_heads, "key_value_heads": _key_value_heads(model, pruned),
             "prune_criterion": args.prune_criterion}
            if pruned else {}),
+        **({"target_size": {**budget.as_dict(), "reached_bytes": reached_bytes(args, model, budget, save_dtype,
+                                                                                tokenizer)}} if budget else {}),
         "parameters_dense": dense_parameters,
         "parameters_sliced": count_parameters(model),
         "calibration": calibration,
@@ -245,6 +264,40 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(describe(layout, gguf, "f16"))
     return 0
+
+
+def prunes(args: argparse.Namespace) -> bool:
+    """Whether the command prunes: to a fraction of the parameters (--keep) or to a file size."""
+    return args.target_params is not None or args.target_size is not None
+
+
+def apply_size_budget(args: argparse.Namespace, model: nn.Module, save_dtype: torch.dtype,
+                      tokenizer: object) -> SizeBudget | None:
+    """Turns --target-size into the fraction of the parameters it keeps in this model (`args.target_params`,
+    as --keep gives it), at the widths' rounding the plan uses; refuses a size pruning cannot reach."""
+    if args.target_size is None:
+        return None
+    heads = PruneConfig(1.0, args.mlp_widths, args.prune_heads, args.round_to).prunes_heads(model)
+    budget = size_budget(model, parse_size(args.target_size), args.target_format or "safetensors",
+                         save_dtype=save_dtype, vocabulary=budget_vocabulary(args, model, tokenizer),
+                         round_to=args.round_to, widths=args.mlp_widths, heads=heads)
+    args.target_params = budget.keep
+    return budget
+
+
+def reached_bytes(args: argparse.Namespace, model: nn.Module, budget: SizeBudget, save_dtype: torch.dtype,
+                  tokenizer: object) -> int:
+    """The size of the compressed model's file in the format --target-size measured, tensor by tensor."""
+    vocabulary = budget_vocabulary(args, model, tokenizer)
+    return round(file_bytes(model, budget.file_format, save_dtype=save_dtype, vocabulary=vocabulary)[0])
+
+
+def budget_vocabulary(args: argparse.Namespace, model: nn.Module, tokenizer: object) -> dict | None:
+    """The vocabulary a GGUF of the result holds (sized by --target-size), as the export writes it."""
+    if not (args.target_format or "").startswith("gguf-"):
+        return None
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    return gguf_vocabulary(tokenizer, vocab_rows, source_gguf(args.model, model))
 
 
 def build_steps(args: argparse.Namespace) -> list[Step]:
@@ -313,14 +366,17 @@ def larger_than_source(model: nn.Module, ratio: float) -> str:
 
 
 def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter) -> int:
-    """The row length `--align` asks widths to be multiples of; see its help for what auto chooses."""
+    """The row length `--align` asks widths to be multiples of; see its help for what auto chooses. A
+    --target-format's type asks for its own blocks, so that the down projection keeps the type its size
+    was counted in."""
     if args.align != "auto":
         return ALIGNMENTS[args.align]
-    per_block = args.target_params is not None and args.sparsity is None and args.mlp_widths == "measured"
-    if per_block and adapter.mlp is not None:
+    per_block = prunes(args) and args.sparsity is None and args.mlp_widths == "measured"
+    wanted = max(ALIGNMENTS["gguf-k"] if per_block else 1, row_block(args.target_format))
+    if wanted > 1 and adapter.mlp is not None:
         dense_width = get_module(get_module(model, adapter.blocks)[0], adapter.mlp.consumer).in_features
-        if dense_width % ALIGNMENTS["gguf-k"] == 0:
-            return ALIGNMENTS["gguf-k"]
+        if dense_width % wanted == 0:
+            return wanted
     return 1
 
 
@@ -352,6 +408,8 @@ def format_summary(summary: dict) -> str:
     lines += [
         f"  parameters     {dense / 1e6:.2f}M -> {sliced / 1e6:.2f}M ({100 * sliced / dense:.1f}% of dense)",
     ]
+    if "target_size" in summary:
+        lines.append(f"  file size      {_size_reached(summary['target_size'], 'reached_bytes')}")
     if summary["perplexity_dense"]:
         before, after = summary["perplexity_dense"], summary["perplexity_sliced"]
         lines.append(f"  perplexity     {before['perplexity']:.3f} -> {after['perplexity']:.3f} on "
@@ -368,6 +426,11 @@ def format_summary(summary: dict) -> str:
     ]
     lines += [f"  note           {note}" for note in summary["notes"]]
     return "\n".join(lines)
+
+
+def _size_reached(budget: dict, reached: str) -> str:
+    return (f"about {format_size(budget[reached])} as {budget['format']} (target {format_size(budget['target_bytes'])}"
+            f", dense {format_size(budget['dense_bytes'])})")
 
 
 def _key_value_heads(model: nn.Module, pruned: PruneResult) -> list[int] | None:
@@ -393,9 +456,13 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
     model = open_skeleton(args.model, dtype)
     adapter = find_adapter(model)
     args.round_to = math.lcm(args.round_to, alignment(args, model, adapter))
+    save_dtype = requested_save_dtype or source_dtype(args.model)
+    sized_as_gguf = (args.target_format or "").startswith("gguf-")
+    tokenizer = load_tokenizer(str(model_path(args.model))) \
+        if sized_as_gguf and source_gguf(args.model, model) is None else None
+    budget = apply_size_budget(args, model, save_dtype, tokenizer)
     steps = build_steps(args)
     shape = check_command(args, model, steps, adapter, InMemory(), gguf=gguf is not None)
-    save_dtype = requested_save_dtype or source_dtype(args.model)
     dense = count_parameters(model)
     parameters = args.target_params * dense if args.target_params is not None else count_parameters(shape)
     placement = choose_placement(args.model, placement_asked, args.device, dtype)
@@ -418,6 +485,7 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
     return {
         "model": str(args.model), "family": adapter.family, "steps": [step.name for step in steps],
         "parameters_dense": dense, "parameters": round(parameters),
+        "target_size": budget.as_dict() if budget else None,
         "output": str(output), "output_bytes": parameters * torch.finfo(save_dtype).bits // 8,
         "save_dtype": str(save_dtype).removeprefix("torch."),
         "gguf": str(gguf) if gguf else None, "gguf_bytes": gguf_bytes(parameters, "f16"),
@@ -444,6 +512,7 @@ def format_dry_run(plan: dict) -> str:
         f"  steps          {' -> '.join(plan['steps'])}",
         f"  parameters     {plan['parameters_dense'] / 1e6:.2f}M -> {plan['parameters'] / 1e6:.2f}M "
         f"({100 * plan['parameters'] / plan['parameters_dense']:.1f}% of dense)",
+        *([f"  file size      {_size_reached(plan['target_size'], 'estimated_bytes')}"] if plan["target_size"] else []),
         f"  output         {plan['output']}: about {size(plan['output_bytes'])} ({plan['save_dtype']})"
         + (f"; {plan['gguf']}: about {size(plan['gguf_bytes'])} (f16)" if plan["gguf"] else ""),
         f"  loads in       {plan['loads_in']}; llama.cpp: {plan['llama_cpp']}",

@@ -47,7 +47,7 @@ from torch import nn
 
 from lmslice.adapters import ADAPTERS, adapter_of_family, find_adapter
 from lmslice.errors import LmsliceError, first_line
-from lmslice.io.outputs import GGUF, check_output, process_tag
+from lmslice.io.outputs import GGUF, check_output, make_parents, process_tag
 from lmslice.export.standard import standard_model
 from lmslice.layout import layout_of
 from lmslice.modeling import ShortcutLinear, get_module, head_counts
@@ -319,15 +319,12 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any =
     model = gguf_source(model)
     layout = gguf_layout(model)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
-    vocabulary = (_copied_vocabulary(source_gguf) if source_gguf is not None
-                  else _hf_vocabulary(tokenizer, vocab_rows))
-    if len(vocabulary["tokenizer.ggml.tokens"][1]) != vocab_rows:
-        raise LmsliceError(f"the tokenizer has {len(vocabulary['tokenizer.ggml.tokens'][1])} tokens, the embedding "
-                           f"{vocab_rows} rows")
+    vocabulary = gguf_vocabulary(tokenizer, vocab_rows, source_gguf)
     tensors = gguf_tensors(model, layout)
 
     # named as `clear_leftovers` recognises, so the next run removes what a killed one left
     temporary = path.with_name(f".{path.name}.partial-{process_tag()}")
+    make_parents(path)
     try:
         writer = gguf.GGUFWriter(temporary, layout.architecture)
         _write_metadata(writer, layout, vocab_rows, outtype, name)
@@ -388,6 +385,16 @@ def _value_type(value: Any) -> tuple[Any, Any]:
 
 
 Vocabulary = dict[str, tuple[Any, Any, Any]]  # GGUF key -> (value type, value, array element type)
+
+
+def gguf_vocabulary(tokenizer: Any, vocab_rows: int, source_gguf: str | os.PathLike[str] | None) -> Vocabulary:
+    """The vocabulary fields a GGUF of an embedding with `vocab_rows` rows gets: `source_gguf`'s copied
+    when given, else `tokenizer`'s."""
+    vocabulary = _copied_vocabulary(source_gguf) if source_gguf is not None else _hf_vocabulary(tokenizer, vocab_rows)
+    if len(vocabulary["tokenizer.ggml.tokens"][1]) != vocab_rows:
+        raise LmsliceError(f"the tokenizer has {len(vocabulary['tokenizer.ggml.tokens'][1])} tokens, the embedding "
+                           f"{vocab_rows} rows")
+    return vocabulary
 
 
 def _copied_vocabulary(source: str | os.PathLike[str]) -> Vocabulary:

@@ -27,7 +27,7 @@ from lmslice import layout as layout_module
 from lmslice import modeling
 from lmslice.adapters import ADAPTERS, check_loadable
 from lmslice.errors import LmsliceError, first_line
-from lmslice.io.outputs import check_output, process_tag
+from lmslice.io.outputs import check_output, make_parents, process_tag
 from lmslice.layout import Layout, LayoutError, layout_of
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -473,7 +473,7 @@ def save_sliced(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out
 
 def staging_dir(out: Path) -> Path:
     """An empty directory beside `out` that becomes `out` once everything is written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(out)
     staging = out.parent / f".{out.name}.partial-{process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -5,7 +5,9 @@ An output never replaces or deletes what the run reads (the source model, the te
 and evaluation texts, task files) nor the working directory, and an existing output is replaced (with
 `overwrite`) only if lmslice wrote it: a directory whose config.json carries an `lmslice` record or that
 holds an lmslice report, an empty one, or a file of the output's own type (a GGUF file). Anything else is
-refused in one line, `overwrite` or not. The place must accept a new entry (probed, not guessed) and, once
+refused in one line, `overwrite` or not. Directories above an output that do not exist yet are created
+when it is written (`make_parents`), for a file as for a directory; the nearest one that exists must
+accept a new entry (probed, not guessed) and, once
 the size is known, have room for it (`check_room`). What killed runs left beside an output is cleared
 (`clear_leftovers`).
 """
@@ -84,8 +86,6 @@ def _check_file_name(out: Path, kind: FileKind) -> None:
                            f"{out / ('model' + kind.suffix)})")
     if out.suffix != kind.suffix:
         raise LmsliceError(f"{out}: a {kind.name} file name ends in {kind.suffix}")
-    if not out.absolute().parent.is_dir():
-        raise LmsliceError(f"cannot write {out}: its directory {out.absolute().parent} does not exist")
 
 
 def _written_by_lmslice(out: Path, kind: FileKind | None) -> bool:
@@ -119,8 +119,15 @@ def nearest_existing(path: Path) -> Path:
     return existing
 
 
+def make_parents(out: Path) -> None:
+    """Creates the directories above `out` that do not exist yet, when it is written (`check_output`
+    probed the nearest existing one)."""
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+
+
 def _check_writable(out: Path, kind: FileKind | None) -> None:
-    """The directory `out` goes into accepts a new entry: a directory, or for a file a file (probed)."""
+    """The nearest existing directory above `out` (where its missing parents would be created) accepts a
+    new entry: a directory, or for a file a file (probed)."""
     existing = nearest_existing(out.absolute().parent)
     if not existing.is_dir():
         raise LmsliceError(f"cannot create output {out}: {existing} is a file, not a directory")

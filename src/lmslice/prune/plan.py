@@ -82,13 +82,7 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
                            f"{', '.join(map(str, narrow[:5]))}{' ...' if len(narrow) > 5 else ''} ({full[narrow[0]]} "
                            "channels): its only widths would be all or none (the whole MLP deleted); lower round_to "
                            "(--align gguf or none)")
-    removable = sum((width - narrowest_width(width, round_to, whole)) * channel_cost(block, mlp)
-                    for width, block, whole in zip(full, blocks, removable_mlps))
-    if heads:
-        attention = attention_of(adapter)
-        for block, shape in zip(blocks, head_shapes(model, adapter)):
-            removable += sum(shape.step_costs(block, attention))
-    smallest = count_parameters(model) - removable
+    smallest = fewest_parameters(model, round_to, widths=widths, heads=heads)
     if smallest > target_params * dense:
         what = "no MLP" if whole_mlps else f"the narrowest MLP ({round_to} channels)"
         if heads:
@@ -96,6 +90,25 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
                                                      else " (one per key/value group)")
         raise LmsliceError(f"pruning MLP channels cannot reach {target_params:g} of the parameters: {what} keeps "
                            f"{smallest / dense:.3f}")
+
+
+def fewest_parameters(model: nn.Module, round_to: int = 8, *, widths: str = "measured", heads: bool = False) -> int:
+    """The fewest parameters pruning can leave in `model`: every MLP at its narrowest width (none where
+    measured widths may delete it whole, `mlp_removable_in`) and, with `heads`, every block at the fewest
+    query heads its path reaches."""
+    adapter = find_adapter(model)
+    mlp = mlp_of(adapter)
+    blocks = list(get_module(model, adapter.blocks))
+    layout = layout_before(model, adapter)
+    removable = 0
+    for block in blocks:
+        width, whole = mlp_width(block, mlp), widths == "measured" and mlp_removable_in(block, mlp, layout)
+        removable += (width - narrowest_width(width, round_to, whole)) * channel_cost(block, mlp)
+    if heads:
+        attention = attention_of(adapter)
+        for block, shape in zip(blocks, head_shapes(model, adapter)):
+            removable += sum(shape.step_costs(block, attention))
+    return count_parameters(model) - removable
 
 
 def per_block_skeleton(model: nn.Module, heads: bool) -> nn.Module:
