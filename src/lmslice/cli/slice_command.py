@@ -90,6 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     placement.add_argument("--stream-blocks", action="store_true",
                            help="keep the blocks in CPU memory and move one at a time to --device (chosen by itself "
                                 "on a GPU the model does not fit)")
+    placement.add_argument("--resume", action="store_true",
+                           help="with --offload: keep what this run finishes if it is interrupted, and continue an "
+                                "interrupted run of the same command (finished blocks read back, not redone)")
     placement.add_argument("--offload-activations", action="store_true",
                            help="keep the calibration activations on disk next to the output, one batch in memory "
                                 "(removed at the end)")
@@ -148,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
                            "--sparsity alone (then --mlp-widths uniform is the family's own architecture too)")
     if args.offload and args.stream_blocks:
         raise LmsliceError("choose one place for the blocks: --offload (on disk) or --stream-blocks (CPU memory)")
+    if args.resume and not args.offload:
+        raise LmsliceError("--resume continues an --offload run (only there are finished blocks on disk before the "
+                           "end): add --offload")
     reads = [("the source model", model_path(args.model)), *require_text_sources(args.calib, args.eval_data)]
-    output = check_output(args.output, args.overwrite, reads)
+    output = check_output(args.output, args.overwrite, reads, resuming=args.resume)
     gguf = check_output(args.gguf, args.overwrite, [*reads, ("the output", output)], kind=GGUF) if args.gguf else None
     if gguf and args.offload:
         raise LmsliceError("--gguf needs the result in memory; with --offload write it afterwards with "
@@ -161,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan) if args.json else format_dry_run(plan))
         return 0
     model, tokenizer, placement = open_placed(args.model, placement_asked, device=args.device, dtype=args.dtype,
-                                              out=output, overwrite=args.overwrite, save_dtype=requested_save_dtype)
+                                              out=output, overwrite=args.overwrite, save_dtype=requested_save_dtype,
+                                              resume=args.resume)
     storage = placement if isinstance(placement, OffloadedBlocks) else None
     in_memory = isinstance(placement, InMemory)
     save_dtype = storage.save_dtype if storage else requested_save_dtype or source_dtype(args.model)

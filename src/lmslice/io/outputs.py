@@ -193,12 +193,13 @@ def clear_leftovers(out: Path, keep_resumable: bool = False) -> None:
     """Removes the staging directories, partial files and activation directories of processes that no
     longer run (a SIGKILL or power loss leaves them), and puts back an output a killed `--overwrite` had
     set aside. The staging directory of an interrupted resumable run goes too, unless `keep_resumable`
-    (the run resuming it reads it) or its process still runs."""
+    (the run resuming it reads it) or another process that still runs is writing it."""
     if not out.parent.is_dir():
         return
     resumable = resumable_staging(out)
     owner = _json_object(resumable / RESUME_RECORD).get("process")
-    if not keep_resumable and resumable.is_dir() and not (isinstance(owner, str) and process_alive(owner)):
+    running = isinstance(owner, str) and owner != process_tag() and process_alive(owner)
+    if not keep_resumable and resumable.is_dir() and not running:
         shutil.rmtree(resumable, ignore_errors=True)
     for pattern in LEFTOVER_PATTERNS:
         prefix = pattern.format(name=out.name)
