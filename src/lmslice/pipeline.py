@@ -208,7 +208,7 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
     move_all_but_blocks(model, placement.device, placement.dtype)
     run = Run(count_parameters(model), placement, activations, RunProgress(progress))
     if isinstance(placement, OffloadedBlocks) and placement.resume:
-        run.resume = placement.open_record(run_identity(steps, batches, calibration, source_model))
+        run.resume = placement.open_record(run_identity(steps, batches, calibration))
     blocks = len(get_module(model, find_adapter(model).blocks))
     run.progress.expect(sum(step.passes for step in steps) * blocks)
     try:
@@ -228,8 +228,7 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
     return Compressed(model, run, time.perf_counter() - started)
 
 
-def run_identity(steps: list[Step], batches: Batches, calibration: dict[str, Any] | None,
-                 source_model: str | None) -> dict[str, Any]:
+def run_identity(steps: list[Step], batches: Batches, calibration: dict[str, Any] | None) -> dict[str, Any]:
     """What makes two runs the same run, for resuming one with the other (with where the blocks come
     from, `OffloadedBlocks.open_record`): the steps and their configs, the calibration tokens (hashed)
     and how they were drawn, and the lmslice version that computes them."""
@@ -239,5 +238,4 @@ def run_identity(steps: list[Step], batches: Batches, calibration: dict[str, Any
             tokens.update(key.encode())
             tokens.update(batch[key].cpu().contiguous().numpy().tobytes())
     return {"steps": [{"step": step.name, **dataclasses.asdict(step.config)} for step in steps],
-            "calibration": calibration, "calibration_tokens": tokens.hexdigest(), "source_model": source_model,
-            "lmslice": __version__}
+            "calibration": calibration, "calibration_tokens": tokens.hexdigest(), "lmslice": __version__}

@@ -23,20 +23,22 @@ two still finds the block's earlier weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmslice.calibration import BlockInput
-from lmslice.errors import LmsliceError
+from lmslice.errors import LmsliceError, first_line
 from lmslice.io.outputs import RESUME_RECORD, process_alive, process_tag
 
 if TYPE_CHECKING:
@@ -106,10 +108,11 @@ class ResumeRecord:
     def remember(self, measurement: str, value: Any) -> None:
         name = f"result-{_slug(measurement)}.pt"
         partial = self.directory / f".{name}.partial"
-        torch.save(value, partial)
-        os.replace(partial, self.directory / name)
-        self.results[measurement] = name
-        self.save()
+        with self._writing():
+            torch.save(value, partial)
+            os.replace(partial, self.directory / name)
+            self.results[measurement] = name
+            self.save()
 
     def restore(self, walk: str, blocks: nn.ModuleList, order: Sequence[int], streams: Sequence[BlockInput],
                 carried: dict[str, Any]) -> int:
@@ -136,18 +139,19 @@ class ResumeRecord:
         """Records that `walk` has finished `finished` blocks, the last `index` (`block`, weightless, as the
         visit left it), with the `streams` entering the next and what the visit `carried`; then the
         block's shard replaces the one it had."""
-        torch.save(block, self._structure(walk, index))
         name = f"{_slug(walk)}-{finished:05d}"
         snapshot = self.directory / name
-        shutil.rmtree(snapshot, ignore_errors=True)  # half written by a run killed here
-        snapshot.mkdir()
-        for stream in streams:
-            save_file({"hidden": stream.hidden.contiguous()}, snapshot / f"{stream.name}.safetensors")
-        torch.save(carried, snapshot / "carried.pt")
         previous = self.walks.get(walk)
-        self.walks[walk] = {"blocks": finished, "snapshot": name}
-        self.save()
-        self.storage.commit()
+        with self._writing():
+            torch.save(block, self._structure(walk, index))
+            shutil.rmtree(snapshot, ignore_errors=True)  # half written by a run killed here
+            snapshot.mkdir()
+            for stream in streams:
+                save_file({"hidden": stream.hidden.contiguous()}, snapshot / f"{stream.name}.safetensors")
+            torch.save(carried, snapshot / "carried.pt")
+            self.walks[walk] = {"blocks": finished, "snapshot": name}
+            self.save()
+            self.storage.commit()
         if previous is not None:
             shutil.rmtree(self.directory / previous["snapshot"], ignore_errors=True)
 
@@ -161,6 +165,15 @@ class ResumeRecord:
             return ["--resume found no interrupted run for this output: started afresh"]
         read = "; ".join(self.read_back) or "nothing finished"
         return [f"resumed the interrupted run in {self.staging.name} (read back: {read})"]
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (disk full, mostly) is one line; what is written so far stays resumable."""
+        try:
+            yield
+        except (OSError, SafetensorError) as error:
+            raise LmsliceError(f"cannot write the record of this resumable run in {self.staging}: "
+                               f"{first_line(error)}; free disk space there and resume it") from error
 
     def _structure(self, walk: str, index: int) -> Path:
         return self.directory / f"{_slug(walk)}-block-{index:05d}.pt"
