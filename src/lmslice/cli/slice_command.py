@@ -291,14 +291,15 @@ def output_sizes(args: argparse.Namespace, model: nn.Module, shape: nn.Module, s
                  output: Path, gguf: Path | None) -> list[tuple[Path, float]]:
     """About how many bytes each output takes at most: the result's weights in `save_dtype` (a measured
     plan is counted at the widths it starts from), the calibration activations spilled beside it (a
-    block's input and output stream), and the GGUF file."""
+    block's input and output stream), what a resumable run keeps beside it (the stream after the last
+    block of a finished walk and after the last finished block of the next; two while a new one
+    replaces the old), and the GGUF file."""
     parameters = count_parameters(shape)
     if args.target_params is not None:  # pruning stops at the budget
         parameters = min(parameters, args.target_params * count_parameters(model))
-    spilled = 0
-    if args.offload_activations:
-        stream = args.calib_samples * context_length(model, args.calib_seqlen) * residual_width(model)
-        spilled = 2 * stream * resolve_dtype(args.dtype).itemsize
+    stream = args.calib_samples * context_length(model, args.calib_seqlen) * residual_width(model) \
+        * resolve_dtype(args.dtype).itemsize
+    spilled = 2 * stream * args.offload_activations + 3 * stream * args.resume
     sizes = [(output, parameters * save_dtype.itemsize + spilled)]
     if gguf is not None:
         sizes.append((gguf, gguf_bytes(parameters, "f16")))
