@@ -125,6 +125,20 @@ def test_a_resumed_run_gives_the_uninterrupted_runs_model(recipe: str, visit: in
     assert leftovers(tmp_path) == []
 
 
+def test_a_resumed_run_interrupted_again_resumes_too(dense: Path, tmp_path: Path, uninterrupted: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    for visit in (2, 9):  # in slicing's block 1; resumed, in the pruning of block 0 (after slicing and the plan)
+        with monkeypatch.context() as patched:
+            interrupted_at_visit(patched, visit)
+            with pytest.raises(KeyboardInterrupt):
+                compress_offloaded(dense, out, RECIPES["slice+prune"], resume=True)
+        assert_only_resumable_staging(out)
+    notes = compress_offloaded(dense, out, RECIPES["slice+prune"], resume=True)
+    assert "read back: slicing 3 of 3 blocks; the pruning plan)" in notes[0]
+    assert_same_model(out, uninterrupted["slice+prune"])
+
+
 @pytest.mark.parametrize("killed", ["before the record counts the block", "after the record, before the rename"])
 def test_a_shard_replaces_the_earlier_steps_only_once_the_record_counts_it(
         killed: str, dense: Path, tmp_path: Path, uninterrupted: dict[str, Path],
