@@ -18,6 +18,7 @@ here. Compare llm-compressor's `oneshot(model, recipe=[...])`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lmslice import __version__
 from lmslice.adapters import find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.export import TIE_BY_DEFAULT, check_family, check_standard_source, standard_model
 from lmslice.io.data import check_batches
+from lmslice.io.offload import OffloadedBlocks
 from lmslice.layout import layout_of
 from lmslice.modeling import get_module
 from lmslice.prune import (PASSES, PruneConfig, PruneResult, attention_of, check_pruning, per_block_skeleton,
@@ -180,7 +183,9 @@ class Compressed:
 
     @property
     def notes(self) -> list[str]:
-        return [note for result in self.run.results if isinstance(result, PruneResult) for note in result.notes]
+        resumed = self.run.resume.notes() if self.run.resume is not None else []
+        return resumed + [note for result in self.run.results if isinstance(result, PruneResult)
+                          for note in result.notes]
 
 
 def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress: bool = True,
@@ -193,19 +198,24 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
     The blocks live where `placement` keeps them (default: in memory with the model; `DeviceStreamed`
     for a model larger than the accelerator, `OffloadedBlocks` for one larger than memory), everything
     else on its compute device; the calibration stream waits between blocks where `activations` says
-    (None: where it was computed; "cpu"; or a directory). One progress bar covers every walk."""
+    (None: where it was computed; "cpu"; or a directory). One progress bar covers every walk. Offloaded
+    blocks opened to be resumed (`open_offloaded(..., resume=True)`) continue the interrupted run of
+    the same steps on the same calibration, if there is one (`lmslice.io.resume`)."""
     started = time.perf_counter()
     placement = placement or InMemory(model.get_input_embeddings().weight.device)
     check_steps(model, steps, placement=placement)
     batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     move_all_but_blocks(model, placement.device, placement.dtype)
     run = Run(count_parameters(model), placement, activations, RunProgress(progress))
+    if isinstance(placement, OffloadedBlocks) and placement.resume:
+        run.resume = placement.open_record(run_identity(steps, batches, calibration))
     blocks = len(get_module(model, find_adapter(model).blocks))
     run.progress.expect(sum(step.passes for step in steps) * blocks)
     try:
         for position, step in enumerate(steps):
             if position == len(steps) - 1:
                 placement.last_step()
+            run.step = position
             model = step.apply(model, batches, run)
     finally:
         run.progress.close()
@@ -216,3 +226,16 @@ def compress(model: nn.Module, batches: Batches, steps: list[Step], *, progress:
         steps=tuple({"step": step.name, **dataclasses.asdict(step.config)} for step in steps),
     ).to_json()
     return Compressed(model, run, time.perf_counter() - started)
+
+
+def run_identity(steps: list[Step], batches: Batches, calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """What makes two runs the same run, for resuming one with the other (with where the blocks come
+    from, `OffloadedBlocks.open_record`): the steps and their configs, the calibration tokens (hashed)
+    and how they were drawn, and the lmslice version that computes them."""
+    tokens = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            tokens.update(key.encode())
+            tokens.update(batch[key].cpu().contiguous().numpy().tobytes())
+    return {"steps": [{"step": step.name, **dataclasses.asdict(step.config)} for step in steps],
+            "calibration": calibration, "calibration_tokens": tokens.hexdigest(), "lmslice": __version__}

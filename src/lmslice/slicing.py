@@ -210,15 +210,18 @@ def slice_blocks(model: nn.Module, batches: list[dict[str, torch.Tensor]], confi
     if centre_embeddings is None:
         centre_embeddings = width < hidden
     fuse_embeddings(model, adapter, centre=centre_embeddings)
-    streams = capture_block_inputs(model, adapter, batches, run.store())
+    blocks = get_module(model, adapter.blocks)
     head_input = None
     if shared:
-        plan = shared_basis(model, adapter, streams, config.weighting, run)
+        plan = run.remembered("shared basis", lambda: shared_basis(
+            model, adapter, capture_block_inputs(model, adapter, batches, run.store()), config.weighting, run),
+            visits=len(blocks))
         streams = []  # every block is rotated into the one basis: no block needs its input
         spectra = {"shared": plan.eigenvalues.tolist()}
         basis = plan.eigenvectors[:, :width]
         head_input = basis.T @ plan.head_input @ basis
     else:
+        streams = capture_block_inputs(model, adapter, batches, run.store())
         covariance = Covariance(hidden, embedding.device, "output of the embeddings")
         for stream in streams:
             covariance.add(stream.hidden, stream.mask)
@@ -230,33 +233,32 @@ def slice_blocks(model: nn.Module, batches: list[dict[str, torch.Tensor]], confi
     for stream in streams:
         stream.hidden = stream.hidden @ basis.to(embedding.dtype)
 
-    blocks = get_module(model, adapter.blocks)
-    added_biases: list[str] = []
-    bases = {"current": basis}
+    # what each block's visit leaves the next: the basis it reads, and what the layout and result record
+    carried = {"basis": basis, "spectra": spectra, "added_biases": []}
 
     def slice_block(index: int, block: nn.Module) -> bool:
-        added_biases.extend(f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter))
+        carried["added_biases"].extend(f"{adapter.blocks}.{index}.{path}" for path in fuse_block(block, adapter))
         if shared:
             rotate_block(block, adapter, [basis] * (len(adapter.residuals) + 1), hidden, eps)
             return True
         out_width = head_width if index == len(blocks) - 1 else width
-        signals = block_signals(block, adapter, streams, bases["current"], width, name=f"block {index}")
-        block_bases = [bases["current"]] + [vectors[:, :width] for _, vectors in signals.inner]
+        signals = block_signals(block, adapter, streams, carried["basis"], width, name=f"block {index}")
+        block_bases = [carried["basis"]] + [vectors[:, :width] for _, vectors in signals.inner]
         block_bases.append(signals.output[1][:, :out_width])
         for position, (values, _) in enumerate(signals.inner, start=1):
-            spectra[f"block{index}.residual{position}"] = values.tolist()
-        spectra[f"block{index}.output"] = signals.output[0].tolist()
+            carried["spectra"][f"block{index}.residual{position}"] = values.tolist()
+        carried["spectra"][f"block{index}.output"] = signals.output[0].tolist()
         rotate_block(block, adapter, block_bases, hidden, eps)
-        bases["current"] = block_bases[-1]
-        down = bases["current"].to(embedding.dtype)
+        carried["basis"] = block_bases[-1]
+        down = carried["basis"].to(embedding.dtype)
         for stream, output in zip(streams, signals.outputs):
             stream.hidden = output.store.take(output.name) @ down
         return True
 
-    walk_blocks(model, run, slice_block, "slicing", streams=streams)
+    walk_blocks(model, run, slice_block, "slicing", streams=streams, carried=carried)
     for stream in streams:
         stream.store.forget(stream.name)
-    basis = bases["current"]
+    basis, spectra, added_biases = carried["basis"], carried["spectra"], carried["added_biases"]
     added_biases += fuse_head(model, adapter)
     rotate_reader(get_module(model, adapter.head), basis)
     install_final_norm(model, adapter.modules(), width, head_width, hidden, eps)

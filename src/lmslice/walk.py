@@ -13,6 +13,10 @@ the next block. Where the blocks live is a `Placement`:
 
 Everything that is not a block (embeddings, final norm, head) stays on the compute device. Compare
 llm-compressor's sequential pipeline and the reference's one-layer-on-the-GPU loop.
+
+A run with a resume record (`lmslice.io.resume`, offloaded blocks only) records every block a walk
+changes, with the streams and what the visit carries (`carried`), and a resumed walk starts after the
+blocks its interrupted run finished.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +33,9 @@ from tqdm.auto import tqdm
 from lmslice.calibration import ActivationStore, BlockInput
 from lmslice.io.models import check_finite
 from lmslice.modeling import get_module, set_module
+
+if TYPE_CHECKING:
+    from lmslice.io.resume import ResumeRecord
 
 
 class Placement(Protocol):
@@ -126,6 +133,11 @@ class RunProgress:
         if self.bar is not None:
             self.bar.set_description(name)
 
+    def skip(self, visits: int) -> None:
+        """Visits a resumed run does not make (read back instead): the bar moves on, no time is counted."""
+        if self.bar is not None and visits:
+            self.bar.update(visits)
+
     def advance(self) -> None:
         now = time.perf_counter()
         self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.started
@@ -140,17 +152,24 @@ class RunProgress:
             self.bar = None
 
 
+Result = TypeVar("Result")
+
+
 @dataclass
 class Run:
     """What the passes of one `compress` share: the dense parameter count budgets are fractions of, where
     the blocks live (`placement`), where the calibration activations wait between blocks (`activations`,
-    None: where they were computed), the progress bar, and each step's result, in order."""
+    None: where they were computed), the progress bar, each step's result, in order, and for a resumable
+    run its record (`resume`) and the position of the step under way (`step`), which names its walks and
+    measurements there."""
 
     parameters_dense: int
     placement: Placement = field(default_factory=InMemory)
     activations: str | None = None  # None, "cpu", or a directory (see ActivationStore)
     progress: RunProgress = field(default_factory=lambda: RunProgress(False))
     results: list[Any] = field(default_factory=list)
+    resume: ResumeRecord | None = None
+    step: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -169,21 +188,41 @@ class Run:
         """The last result of this kind (`SliceResult`, `PruneResult`), or None."""
         return next((result for result in reversed(self.results) if isinstance(result, kind)), None)
 
+    def remembered(self, name: str, measure: Callable[[], Result], visits: int) -> Result:
+        """`measure()`, kept in a resumable run's record; a resumed run reads it back instead (`visits`: the
+        block visits the measurement takes, which the progress bar skips)."""
+        if self.resume is None:
+            return measure()
+        key = f"{self.step}.{name}"
+        if self.resume.remembers(key):
+            self.progress.skip(visits)
+            return self.resume.recall(key)
+        value = measure()
+        self.resume.remember(key, value)
+        return value
+
 
 # Measures or changes one block; returns whether it changed it, or the block that replaces it.
 Visit = Callable[[int, nn.Module], "bool | nn.Module"]
 
 
 def walk_blocks(model: nn.Module, run: Run, visit: Visit, name: str, *,
-                streams: Sequence[BlockInput] = (), reverse: bool = False) -> None:
+                streams: Sequence[BlockInput] = (), reverse: bool = False,
+                carried: dict[str, Any] | None = None) -> None:
     """`visit` every block of `model` in order (or in `reverse`), each brought to the compute device from
     its placement and handed back after; a block the visit changed must hold finite weights, and a block
     the visit returns (the standard format builds new ones) is handed back in the visited one's place.
     Forward, the `streams` (whose hidden states the visit carried through the block) then enter the next
-    block."""
+    block. `carried` holds what the visit carries from one block to the next besides the streams (read
+    through the dict: a resumed walk puts back what the interrupted one had carried)."""
     path, blocks = blocks_of(model)
     run.progress.start(name)
-    for index in (reversed(range(len(blocks))) if reverse else range(len(blocks))):
+    order = list(reversed(range(len(blocks))) if reverse else range(len(blocks)))
+    walk = f"{run.step}.{name}"
+    carried = {} if carried is None else carried
+    finished = 0 if run.resume is None else run.resume.restore(walk, blocks, order, streams, carried)
+    run.progress.skip(finished)
+    for position, index in enumerate(order[finished:], start=finished):
         run.placement.load(index, blocks[index])
         outcome = visit(index, blocks[index])
         block = blocks[index]
@@ -195,4 +234,6 @@ def walk_blocks(model: nn.Module, run: Run, visit: Visit, name: str, *,
         run.placement.store(index, block, outcome is not False)
         for stream in streams:
             stream.at = index + 1
+        if run.resume is not None and outcome is not False:
+            run.resume.block_finished(walk, position + 1, index, blocks[index], streams, carried)
         run.progress.advance()

@@ -99,6 +99,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     placement.add_argument("--stream-blocks", action="store_true",
                            help="keep the blocks in CPU memory and move one at a time to --device (chosen by itself "
                                 "on a GPU the model does not fit)")
+    placement.add_argument("--resume", action="store_true",
+                           help="with --offload: keep what this run finishes if it is interrupted, and continue an "
+                                "interrupted run of the same command (finished blocks read back, not redone)")
     placement.add_argument("--offload-activations", action="store_true",
                            help="keep the calibration activations on disk next to the output, one batch in memory "
                                 "(removed at the end)")
@@ -164,8 +167,11 @@ def run(args: argparse.Namespace) -> int:
                            "--sparsity alone (then --mlp-widths uniform is the family's own architecture too)")
     if args.offload and args.stream_blocks:
         raise LmsliceError("choose one place for the blocks: --offload (on disk) or --stream-blocks (CPU memory)")
+    if args.resume and not args.offload:
+        raise LmsliceError("--resume continues an --offload run (only there are finished blocks on disk before the "
+                           "end): add --offload")
     reads = [("the source model", model_path(args.model)), *require_text_sources(args.calib, args.eval_data)]
-    output = check_output(args.output, args.overwrite, reads)
+    output = check_output(args.output, args.overwrite, reads, resuming=args.resume)
     gguf = check_output(args.gguf, args.overwrite, [*reads, ("the output", output)], kind=GGUF) if args.gguf else None
     if gguf and args.offload:
         raise LmsliceError("--gguf needs the result in memory; with --offload write it afterwards with "
@@ -177,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan) if args.json else format_dry_run(plan))
         return 0
     model, tokenizer, placement = open_placed(args.model, placement_asked, device=args.device, dtype=args.dtype,
-                                              out=output, overwrite=args.overwrite, save_dtype=requested_save_dtype)
+                                              out=output, overwrite=args.overwrite, save_dtype=requested_save_dtype,
+                                              resume=args.resume)
     storage = placement if isinstance(placement, OffloadedBlocks) else None
     in_memory = isinstance(placement, InMemory)
     save_dtype = storage.save_dtype if storage else requested_save_dtype or source_dtype(args.model)
@@ -337,14 +344,15 @@ def output_sizes(args: argparse.Namespace, model: nn.Module, shape: nn.Module, s
                  output: Path, gguf: Path | None) -> list[tuple[Path, float]]:
     """About how many bytes each output takes at most: the result's weights in `save_dtype` (a measured
     plan is counted at the widths it starts from), the calibration activations spilled beside it (a
-    block's input and output stream), and the GGUF file."""
+    block's input and output stream), what a resumable run keeps beside it (the stream after the last
+    block of a finished walk and after the last finished block of the next; two while a new one
+    replaces the old), and the GGUF file."""
     parameters = count_parameters(shape)
     if args.target_params is not None:  # pruning stops at the budget
         parameters = min(parameters, args.target_params * count_parameters(model))
-    spilled = 0
-    if args.offload_activations:
-        stream = args.calib_samples * context_length(model, args.calib_seqlen) * residual_width(model)
-        spilled = 2 * stream * resolve_dtype(args.dtype).itemsize
+    stream = args.calib_samples * context_length(model, args.calib_seqlen) * residual_width(model) \
+        * resolve_dtype(args.dtype).itemsize
+    spilled = 2 * stream * args.offload_activations + 3 * stream * args.resume
     sizes = [(output, parameters * save_dtype.itemsize + spilled)]
     if gguf is not None:
         sizes.append((gguf, gguf_bytes(parameters, "f16")))

@@ -420,12 +420,14 @@ def check_finite(module: nn.Module, prefix: str = "", after: str | None = None) 
 
 
 @contextlib.contextmanager
-def discarded_on_failure(staging: Path, out: Path) -> Iterator[None]:
-    """Removes `staging` if the body fails; a failed write (disk full, permissions) becomes one line."""
+def discarded_on_failure(staging: Path, out: Path, keep: bool = False) -> Iterator[None]:
+    """Removes `staging` (unless `keep`: a resumable run's) if the body fails; a failed write (disk full,
+    permissions) becomes one line."""
     try:
         yield
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, (OSError, SafetensorError)):
             raise LmsliceError(f"cannot write {out}: {first_line(error)} (nothing was saved)") from error
         raise

@@ -9,7 +9,8 @@ refused in one line, `overwrite` or not. Directories above an output that do not
 when it is written (`make_parents`), for a file as for a directory; the nearest one that exists must
 accept a new entry (probed, not guessed) and, once
 the size is known, have room for it (`check_room`). What killed runs left beside an output is cleared
-(`clear_leftovers`).
+(`clear_leftovers`), but for the staging directory a resumable run keeps for the run that resumes it
+(`resumable_staging`).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ GGUF = FileKind("GGUF", ".gguf", b"GGUF")
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool, reads: Reads = (), *,
-                 kind: FileKind | None = None) -> Path:
+                 kind: FileKind | None = None, resuming: bool = False) -> Path:
     """Refuses, in one line and before any work, an output at `path` (a directory, or a file of `kind`)
     that would replace or delete something `reads` names or the working directory, replace what lmslice
-    did not write, or cannot be written; clears what killed runs left beside it. Returns `path`."""
+    did not write, or cannot be written; clears what killed runs left beside it (`resuming`: but the
+    staging directory of an interrupted resumable run). Returns `path`."""
     out = Path(path)
     target = out.resolve()
     if kind is not None:
@@ -68,7 +70,7 @@ def check_output(path: str | os.PathLike[str], overwrite: bool, reads: Reads = (
     if kind is None and out.exists() and not out.is_dir():
         raise LmsliceError(f"output path {out} exists and is not a directory")
     _check_writable(out, kind)
-    clear_leftovers(out)
+    clear_leftovers(out, keep_resumable=resuming)
     if out.exists() and not overwrite:
         what = "directory" if kind is None else "file"
         raise LmsliceError(f"output {what} {out} already exists; choose another or pass --overwrite")
@@ -177,18 +179,39 @@ def process_tag() -> str:
     return f"{os.getpid()}-{socket.gethostname()}"
 
 
-def clear_leftovers(out: Path) -> None:
+def resumable_staging(out: Path) -> Path:
+    """Where a resumable run stages `out`: named after the output alone, so the run that resumes it finds it."""
+    return out.parent / f".{out.name}.partial-resumable"
+
+
+# The record a resumable run keeps in its staging directory (`lmslice.io.resume`), which names its process.
+RESUME_RECORD = Path("resume") / "record.json"
+
+
+def process_alive(tag: str) -> bool:
+    """Whether the process a `process_tag()` names may still run: one on another host, or a name that is no
+    tag, is taken to run."""
+    pid, _, host = tag.partition("-")
+    same_host = host == socket.gethostname() or host.startswith(socket.gethostname() + "-")
+    return not pid.isdigit() or not same_host or _process_alive(int(pid))
+
+
+def clear_leftovers(out: Path, keep_resumable: bool = False) -> None:
     """Removes the staging directories, partial files and activation directories of processes that no
     longer run (a SIGKILL or power loss leaves them), and puts back an output a killed `--overwrite` had
-    set aside."""
+    set aside. The staging directory of an interrupted resumable run goes too, unless `keep_resumable`
+    (the run resuming it reads it) or another process that still runs is writing it."""
     if not out.parent.is_dir():
         return
+    resumable = resumable_staging(out)
+    owner = _json_object(resumable / RESUME_RECORD).get("process")
+    running = isinstance(owner, str) and owner != process_tag() and process_alive(owner)
+    if not keep_resumable and resumable.is_dir() and not running:
+        shutil.rmtree(resumable, ignore_errors=True)
     for pattern in LEFTOVER_PATTERNS:
         prefix = pattern.format(name=out.name)
         for path in out.parent.glob(f"{glob.escape(prefix)}*"):
-            pid, _, host = path.name[len(prefix):].partition("-")
-            same_host = host == socket.gethostname() or host.startswith(socket.gethostname() + "-")
-            if not pid.isdigit() or not same_host or _process_alive(int(pid)):
+            if process_alive(path.name[len(prefix):]):
                 continue
             if pattern == ".{name}.old-" and not out.exists():
                 path.rename(out)

@@ -55,18 +55,18 @@ def streamed_dtype(source: str | os.PathLike[str], compute_dtype: torch.dtype) -
 
 
 def open_placed(source: str | os.PathLike[str], placement: str, *, device: str, dtype: str, out: Path | None = None,
-                overwrite: bool = False, save_dtype: torch.dtype | None = None,
+                overwrite: bool = False, save_dtype: torch.dtype | None = None, resume: bool = False,
                 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None, Placement]:
     """The model from `source` with its blocks where `placement` (`choose_placement`) says, its tokenizer,
     and the placement: "memory" on `device`; "streamed" in CPU memory, the rest of the model on `device`;
-    "offload" in the checkpoint, streamed to the output `out` in `save_dtype`."""
+    "offload" in the checkpoint, streamed to the output `out` in `save_dtype` (a run to be `resume`d)."""
     compute_dtype = resolve_dtype(dtype)
     chosen = choose_placement(source, placement, device, compute_dtype)
     if chosen == "offload":
         if out is None:
             raise LmsliceError("offloaded blocks need an output directory to write them to")
         model, storage = open_offloaded(source, out, dtype=compute_dtype, device=device, overwrite=overwrite,
-                                        save_dtype=save_dtype)
+                                        save_dtype=save_dtype, resume=resume)
         return model, load_tokenizer(source), storage
     if chosen == "memory":
         model, tokenizer = load_with_tokenizer(source, dtype=compute_dtype, device=device)

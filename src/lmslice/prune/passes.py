@@ -63,8 +63,7 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         raise LmsliceError(f"the plan has {len(plan.mlp_widths)} MLP widths for {len(blocks)} blocks")
     batches = check_batches(batches, model.get_input_embeddings().weight.shape[0])
     streams = capture_block_inputs(model, adapter, batches, run.store())
-    kept_channels: list[list[int]] = []
-    notes: list[str] = []
+    carried: dict[str, list] = {"kept_channels": [], "notes": []}  # what the result reports, block by block
 
     def prune_block(index: int, block: nn.Module) -> bool:
         if plan.attention_heads:
@@ -74,11 +73,11 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
         kept = prune_block_mlp(block, mlp, streams, plan.mlp_widths[index], criterion=criterion, damping=damping,
                                refit_consumer=refit_consumer,
                                output_weights=None if sensitivity is None else sensitivity[index],
-                               notes=notes, name=f"block {index}")
-        kept_channels.append(kept.tolist())
+                               notes=carried["notes"], name=f"block {index}")
+        carried["kept_channels"].append(kept.tolist())
         return True
 
-    walk_blocks(model, run, prune_block, "pruning", streams=streams)
+    walk_blocks(model, run, prune_block, "pruning", streams=streams, carried=carried)
     for stream in streams:
         stream.store.forget(stream.name)
     pruning = {"criterion": criterion, "damping": damping, "refit": refit_consumer, "refit_damping": REFIT_DAMPING,
@@ -99,7 +98,8 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
     else:  # per-block widths (or a sliced stream) need lmslice's layout (remote code)
         layout = layout.replace(export=None, mlp_widths=tuple(plan.mlp_widths), attention_heads=heads)
     model.config.lmslice = layout.to_json()
-    return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping, kept_channels, notes)
+    return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping,
+                       carried["kept_channels"], carried["notes"])
 
 
 def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tensor]], config: PruneConfig,
@@ -121,13 +121,15 @@ def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tenso
     attention = [attention_of(adapter).output] if heads else []
     consumers = mlp_writers(mlp) + attention
     planning = first_windows(batches, config.planning_windows)
+    fisher_visits = 2 * len(get_module(model, adapter.blocks))  # its forward and backward walks
     if config.widths == "measured":
-        plan, sensitivities = plan_by_importance(model, planning, config.target_params, round_to=config.round_to,
-                                                 heads=heads, damping=config.damping,
-                                                 parameters_dense=parameters_dense, run=run)
+        plan, sensitivities = run.remembered("pruning plan", lambda: plan_by_importance(
+            model, planning, config.target_params, round_to=config.round_to, heads=heads, damping=config.damping,
+            parameters_dense=parameters_dense, run=run), visits=fisher_visits)
     else:
         plan = plan_uniform(model, config.target_params, config.round_to, parameters_dense=parameters_dense)
-        sensitivities = consumer_sensitivity(model, adapter, planning, consumers, run)
+        sensitivities = run.remembered("fisher sensitivities", lambda: consumer_sensitivity(model, adapter, planning, consumers, run),
+                                       visits=fisher_visits)
     result = prune_model(model, batches, plan, criterion=config.criterion, damping=config.damping,
                          sensitivity=mlp_sensitivity(sensitivities, mlp),
                          head_sensitivity=sensitivities[attention[0]] if heads else None, run=run)
