@@ -91,7 +91,8 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     source = checkpoint(Path(args.cache), args.shape, args.blocks_one, args.vocab)
     steps = [Prune(PruneConfig(0.8))] if args.mode == "prune" else [Slice(SliceConfig(0.25))]
-    out = Path(tempfile.mkdtemp(dir=args.cache)) / "out"
+    outputs = tempfile.TemporaryDirectory(dir=args.cache)  # removed with this process's run
+    out = Path(outputs.name) / "out"
     base = resident_bytes()
     speed = measure_speed(args.device)
     started = time.perf_counter()

@@ -25,6 +25,7 @@ from lmslice.modeling import AttentionFree, get_module
 from lmslice.prune import (HeadShape, channel_cost, first_windows, head_shapes, mlp_width, output_sensitivity,
                            plan_by_importance, plan_uniform, prune_block_heads, prune_block_mlp, prune_model,
                            prune_to_budget, refit)
+from lmslice.prune.solvers import damped_inverse, head_costs
 from lmslice.slicing import count_parameters, layout_before, slice_model
 
 
@@ -545,3 +546,34 @@ def test_reported_time_includes_the_plan(monkeypatch) -> None:
     monkeypatch.setattr("lmslice.prune.passes.time", SimpleNamespace(perf_counter=lambda: next(clock)))
     result = prune_to_budget(model, tiny_models.random_batches(), 0.8, progress=False)
     assert result.seconds == 30  # the budget's start, prune_model's start and end, the budget's end
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_damped_inverse_is_the_inverse_of_the_damped_gram(dtype: torch.dtype, tolerance: float) -> None:
+    """(G + λI)⁻¹ from the Cholesky factor equals the float64 inverse, λ only on the channels (not the
+    constant channel of a bias), for a rank-deficient G like a few calibration tokens give."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(24, 41, generator=generator, dtype=torch.float64)
+    rows[:, -1] = 1.0  # the constant channel
+    gram = rows.T @ rows
+    damped = gram.clone()
+    damped.diagonal()[:40] += 0.1 * gram.diagonal()[:40].mean()
+    expected = torch.linalg.inv(damped)
+    inverse = damped_inverse(gram, 40, 0.1, dtype)
+    assert inverse.dtype == dtype
+    assert (inverse.double() - expected).abs().max() / expected.abs().max() < tolerance
+
+
+def test_head_costs_are_each_heads_own_removal_cost() -> None:
+    """The batched costs equal tr(W_h ((G⁻¹)_hh)⁻¹ W_hᵀ) head by head, removed heads left out."""
+    generator = torch.Generator().manual_seed(1)
+    shape = HeadShape(heads=6, head_dim=4, groups=2)
+    rows = torch.randn(64, 25, generator=generator, dtype=torch.float64)  # a bias's constant channel last
+    inverse = torch.linalg.inv(rows.T @ rows + torch.eye(25, dtype=torch.float64))
+    weight = torch.randn(10, 25, generator=generator, dtype=torch.float64)
+    alive = [0, 2, 3, 5]
+    costs = head_costs(weight, inverse, shape, alive)
+    for cost, head in zip(costs, alive):
+        columns = torch.arange(head * 4, head * 4 + 4)
+        own = torch.trace(weight[:, columns] @ torch.linalg.inv(inverse[columns][:, columns]) @ weight[:, columns].T)
+        assert cost.item() == pytest.approx(own.item(), rel=1e-10)

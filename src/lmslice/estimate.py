@@ -22,6 +22,7 @@ from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
 from lmslice.prune.measure import PLANNING_WINDOWS
 from lmslice.prune.shapes import attention_of, mlp_of
+from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse
 from lmslice.slicing import SliceConfig, count_parameters
 
 GIB = 2**30
@@ -29,8 +30,9 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class Speed:
-    """Measured rates of one device: matrix products in float32 and float64 (FLOP/s); Cholesky factor and
-    inverse in float32, Cholesky factor in float64 and symmetric eigendecomposition in float64 (each n³/s)."""
+    """Measured rates of one device: matrix products in float32 and float64 (FLOP/s); the eliminations'
+    damped inverse (`damped_inverse`, float32), Cholesky factor in float64 and symmetric eigendecomposition
+    in float64 (each n³/s)."""
 
     gemm: float
     gemm64: float
@@ -63,7 +65,7 @@ def measure_speed(device: str | torch.device, size: int = 1024) -> Speed:
     n3 = float(size) ** 3
     return Speed(gemm=2 * n3 / _seconds(lambda: a @ a, device),
                  gemm64=2 * n3 / _seconds(lambda: a64 @ a64, device),
-                 inverse=n3 / _seconds(lambda: torch.cholesky_inverse(torch.linalg.cholesky(spd)), device),
+                 inverse=n3 / _seconds(lambda: damped_inverse(spd, size, DEFAULT_DAMPING), device),
                  cholesky64=n3 / _seconds(lambda: torch.linalg.cholesky(spd64), device),
                  eigh64=n3 / _seconds(lambda: torch.linalg.eigh(spd64), device))
 

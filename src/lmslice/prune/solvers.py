@@ -45,11 +45,16 @@ ELIMINATION_DTYPE = torch.float32
 def damped_inverse(matrix: torch.Tensor, channels: int, damping: float,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """(G + λI)⁻¹ in `dtype` (default ELIMINATION_DTYPE), λ on the first `channels` entries
-    (`damping_shift`), through the Cholesky factor of one copy of G: besides G, no more than two matrices
-    of its size at a time."""
+    (`damping_shift`), as L⁻ᵀ L⁻¹ from the Cholesky factor L of one copy of G: besides G, no more than two
+    matrices of its size at a time. (`torch.cholesky_inverse` computes the same several times slower on
+    CPUs; docs/large-models.md.)"""
     regularised = matrix.to(dtype or ELIMINATION_DTYPE, copy=True)
     regularised.diagonal()[:channels] += damping_shift(regularised, channels, damping)
-    return torch.cholesky_inverse(torch.linalg.cholesky(regularised, out=regularised))
+    factor = torch.linalg.cholesky(regularised, out=regularised)
+    factor_inverse = torch.eye(len(factor), dtype=factor.dtype, device=factor.device)
+    torch.linalg.solve_triangular(factor, factor_inverse, upper=False, out=factor_inverse)
+    del regularised, factor
+    return factor_inverse.T @ factor_inverse
 
 
 def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, keep: int, criterion: str,
@@ -111,8 +116,9 @@ def remove_jointly(weight: torch.Tensor, inverse: torch.Tensor, removed: torch.T
     tr(W_S ((G⁻¹)_SS)⁻¹ W_Sᵀ)."""
     pivot = torch.linalg.inv(inverse[removed][:, removed])
     added = torch.trace(weight[:, removed] @ pivot @ weight[:, removed].T).item()
-    weight -= weight[:, removed] @ pivot @ inverse[removed]
-    inverse -= inverse[:, removed] @ pivot @ inverse[removed]
+    rows = inverse[removed]  # copies: the in-place products below overwrite what they were taken from
+    weight.addmm_(weight[:, removed] @ pivot, rows, alpha=-1)
+    inverse.addmm_(inverse[:, removed] @ pivot, rows, alpha=-1)  # no temporary of the inverse's size
     return added
 
 
@@ -130,18 +136,28 @@ def head_elimination(weight: torch.Tensor, matrix: torch.Tensor, shape: HeadShap
     errors: list[float] = []
     error = 0.0
 
-    def cost(head: int) -> torch.Tensor:
-        columns = shape.columns([head], weight.device)
-        return torch.trace(weight[:, columns] @ torch.linalg.inv(inverse[columns][:, columns]) @ weight[:, columns].T)
-
     for _ in range(steps):
+        costs = dict(zip((head for group in alive for head in group),
+                         head_costs(weight, inverse, shape, [head for group in alive for head in group]).tolist()))
         if len(alive[0]) > 1:
-            removed = [group.pop(min(range(len(group)), key=lambda i: cost(group[i]))) for group in alive]
+            removed = [group.pop(min(range(len(group)), key=lambda i: costs[group[i]])) for group in alive]
         else:
-            removed = alive.pop(min(range(len(alive)), key=lambda i: cost(alive[i][0])))
+            removed = alive.pop(min(range(len(alive)), key=lambda i: costs[alive[i][0]]))
         error += remove_jointly(weight, inverse, shape.columns(removed, weight.device))
         errors.append(error)
     return sorted(head for group in alive for head in group), errors
+
+
+def head_costs(weight: torch.Tensor, inverse: torch.Tensor, shape: HeadShape, heads: list[int]) -> torch.Tensor:
+    """The cost of removing each of `heads` alone, tr(W_h ((G⁻¹)_hh)⁻¹ W_hᵀ) over its head_dim columns h,
+    for all of them in one batched solve (a head already removed has zero entries: leave it out)."""
+    width = shape.head_dim
+    index = torch.tensor(heads, device=inverse.device)
+    features = shape.heads * width
+    blocks = inverse[:features, :features].reshape(shape.heads, width, shape.heads, width)
+    blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)[index]  # [heads, width, width]
+    columns = weight[:, :features].reshape(len(weight), shape.heads, width).permute(1, 2, 0)[index]  # W_hᵀ
+    return (columns * torch.linalg.solve(blocks, columns)).sum((1, 2))
 
 
 def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channels: int,

@@ -1,0 +1,69 @@
+"""What the plan and the pruning pass spend per MLP, by width: the solvers alone, on one Gram matrix.
+
+    python benchmarks/solvers.py --widths 2048:5632,4096:11008 --threads 2
+
+For each `hidden:mlp` pair (the consumer's output and input widths), a Gram matrix of `--tokens` random
+activations (of uneven scales, as real ones are) and a random consumer weight; then, in this process, one
+after the other: the damped inverse both ways (`torch.cholesky_inverse` of the Cholesky factor, which
+lmslice used before, and `damped_inverse`'s L⁻ᵀ L⁻¹ from a triangular solve), the plan's whole elimination
+path (`mlp_path`: the inverse and every step down to `round_to` channels) and the pruning pass's choice of
+the channels to keep (`keep_channels`, `--keep` of them) with the refit of the consumer (`refit`). Prints
+a markdown table of seconds. Random matrices measure cost, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from lmslice.prune.plan import mlp_path
+from lmslice.prune.solvers import (DEFAULT_DAMPING, ELIMINATION_DTYPE, REFIT_DAMPING, damping_shift,
+                                   damped_inverse, keep_channels, refit)
+
+
+def seconds(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def cholesky_inverse(gram: torch.Tensor, channels: int) -> torch.Tensor:
+    """The damped inverse as lmslice computed it before `damped_inverse`."""
+    regularised = gram.to(ELIMINATION_DTYPE, copy=True)
+    regularised.diagonal()[:channels] += damping_shift(regularised, channels, DEFAULT_DAMPING)
+    return torch.cholesky_inverse(torch.linalg.cholesky(regularised))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", default="2048:5632,4096:11008", help="hidden:mlp pairs, comma-separated")
+    parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens in the Gram matrix")
+    parser.add_argument("--keep", type=float, default=0.7, help="the MLP width the pruning pass keeps")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.tokens} tokens, {args.threads} threads, float32 eliminations, float64 refits")
+    print("| hidden | MLP | cholesky_inverse | damped_inverse | plan: mlp_path | prune: keep_channels + refit |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for pair in args.widths.split(","):
+        hidden, width = map(int, pair.split(":"))
+        generator = torch.Generator().manual_seed(0)
+        activations = torch.randn(args.tokens, width, generator=generator) * torch.rand(width, generator=generator)
+        gram = (activations.T @ activations).double()
+        del activations
+        weight = torch.randn(hidden, width, generator=generator, dtype=torch.float64) / width**0.5
+        kept_width = int(args.keep * width) // 8 * 8
+        old = seconds(lambda: cholesky_inverse(gram, width))
+        new = seconds(lambda: damped_inverse(gram, width, DEFAULT_DAMPING))
+        plan = seconds(lambda: mlp_path(weight, gram, width, 8, 3 * hidden, DEFAULT_DAMPING))
+        kept: list[torch.Tensor] = []
+        prune = seconds(lambda: kept.append(keep_channels(weight, gram, width, kept_width, "obs", DEFAULT_DAMPING)))
+        prune += seconds(lambda: refit(weight, gram, kept[0], width, REFIT_DAMPING))
+        print(f"| {hidden} | {width} | {old:.1f} | {new:.1f} | {plan:.1f} | {prune:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
