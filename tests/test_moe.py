@@ -90,6 +90,22 @@ def test_every_expert_keeps_its_own_channels_and_the_stream_is_the_pruned_block_
         torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_block_of_experts_kept_whole_still_carries_the_stream_to_its_output(family: str) -> None:
+    """A measured plan may leave a block's experts whole: the blocks after it must still be pruned on its
+    output, not on its input."""
+    model = tiny_models.build(family)
+    adapter = find_adapter(model)
+    streams = capture_block_inputs(model, adapter, tiny_models.random_batches(count=2), ActivationStore())
+    block = get_module(model, adapter.blocks)[0]
+    inputs = [stream.hidden.clone() for stream in streams]
+    kept = prune_block_mlp(block, adapter.mlp, streams, mlp_width(block, adapter.mlp))
+    assert kept.shape == (4, 48)
+    for stream, hidden in zip(streams, inputs):
+        torch.testing.assert_close(stream.hidden, run_block(block, stream, hidden), rtol=0, atol=0)
+        assert (stream.hidden - hidden).abs().max() > 1e-3
+
+
 def test_the_experts_grams_weigh_each_routed_token_by_its_routing_weight_squared() -> None:
     """G_e = Σ w² h hᵀ over the tokens routed to expert e: then ΔW G ΔWᵀ is the squared error a change ΔW
     of its down projection makes in the block's output, summed over the tokens (one expert changed)."""
@@ -131,14 +147,14 @@ def test_pruned_to_0_8_reloads_exactly_and_decodes_through_the_cache(family: str
         assert_cached_decoding_is_recomputing(reloaded.double())
 
 
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_measured_widths_beat_every_expert_pruned_alike_at_the_same_size(family: str) -> None:
+def test_measured_widths_beat_every_expert_pruned_alike_at_the_same_size(family: str, seed: int) -> None:
     """The issue's target, on the calibration text itself: the relative error of the logits when the
     per-block expert widths are measured is lower than with the same width everywhere, at no more parameters.
-    (round_to 1: both plans land within a channel of each other's size.) Not on every random model: with
-    model seed 1 Mixtral's measured plan has the larger error (see the branch's report); seed 0, as here,
-    and Qwen3-MoE at seeds 0-2 meet it."""
-    dense = tiny_models.build(family)
+    (round_to 1: both plans land within a channel of each other's size.) Mixtral's measured plan at model
+    seed 1 keeps block 0's experts whole, which is what caught blocks pruned on a stale stream."""
+    dense = tiny_models.build(family, seed=seed)
     batches = tiny_models.random_batches(count=4, seed=1)
 
     def pruned_error(widths: str, target: float) -> tuple[float, float]:

@@ -134,7 +134,9 @@ def prune_block_experts(block: nn.Module, paths: Experts, streams: list[BlockInp
     experts = get_module(block, paths.module)
     producers, consumer = getattr(experts, paths.producers), getattr(experts, paths.consumer)
     count, _, channels = consumer.shape
-    if keep >= channels:
+    if keep >= channels:  # nothing to cut, but the streams still move on to the block's output
+        for stream in streams:
+            stream.hidden = run_block(block, stream, stream.hidden)
         return torch.arange(channels).expand(count, channels).clone()
     matrices = observe_experts(block, paths, streams)
     silent = [expert for expert in range(count) if silent_inputs(matrices[expert], channels)]
