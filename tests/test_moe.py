@@ -12,12 +12,15 @@ from torch.nn import functional as F
 
 import lmslice
 import tiny_models
+import transformers
 from lmslice.adapters import ADAPTERS, find_adapter
 from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.modeling import experts_of, get_module
-from lmslice.prune import mlp_width, prune_block_mlp, prune_to_budget
-from lmslice.prune.measure import expert_inputs, observe_experts
+from lmslice.prune import WidthPlan, mlp_width, prune_block_mlp, prune_model, prune_to_budget
+from lmslice.prune.measure import expert_inputs, expert_removal, observe_experts, observe_router_inputs
+from lmslice.prune.shapes import expert_count
+from lmslice.prune.surgery import keep_experts
 from lmslice.slicing import count_parameters, slice_model
 from test_prune import assert_cached_decoding_is_recomputing
 
@@ -189,3 +192,64 @@ def test_gguf_of_a_mixture_of_experts_is_refused_in_one_line_naming_llama_cpp_s_
             as error:
         check_exportable(family, config=tiny_models.MOE_FACTORIES[family]().config)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_step_of_the_expert_path_costs_what_removing_those_experts_changes(family: str) -> None:
+    """`expert_removal`'s errors are the block's output change when its cheapest experts go (the router
+    routing among the rest, its own forward), measured by removing them; the path stops at top-k experts."""
+    model = tiny_models.build(family)
+    adapter = find_adapter(model)
+    paths = adapter.mlp.experts
+    streams = capture_block_inputs(model, adapter, tiny_models.random_batches(count=2), ActivationStore())
+    block = get_module(model, adapter.blocks)[0]
+    order, errors = expert_removal(block, paths, observe_router_inputs(block, paths, streams), None)
+    assert sorted(order) == [0, 1, 2, 3] and len(errors) == 4 - 2  # num_experts_per_tok 2
+    dense = [run_block(block, stream, stream.hidden) for stream in streams]
+    for removed, error in enumerate(errors, start=1):
+        pruned = copy.deepcopy(block)
+        keep_experts(pruned, paths, sorted(order[removed:]))
+        assert getattr(get_module(pruned, paths.router), paths.count_attribute) == 4 - removed
+        change = sum((run_block(pruned, stream, stream.hidden) - output).pow(2).sum()
+                     for stream, output in zip(streams, dense))
+        assert change > 1e-3
+        torch.testing.assert_close(torch.tensor(error, dtype=torch.float64), change, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_experts_removed_reload_exactly_and_decode_through_the_cache(family: str, tmp_path: Path) -> None:
+    """Per-block expert counts need lmslice's layout; the same count in every block is the family's own
+    architecture, which plain transformers loads."""
+    for counts in ([3, 2, 4], [3, 3, 3]):
+        model = tiny_models.build(family, torch.float32)
+        adapter = find_adapter(model)
+        blocks = get_module(model, adapter.blocks)
+        counts = [count if experts_of(block, adapter.mlp) is not None else 0 for count, block in zip(counts, blocks)]
+        widths = [mlp_width(block, adapter.mlp) for block in blocks]
+        plan = WidthPlan(1.0, count_parameters(model), count_parameters(model), widths, 8, expert_counts=counts)
+        prune_model(model, tiny_models.random_batches(count=2), plan)
+        assert [expert_count(block, adapter.mlp) for block in blocks] == counts
+        reloaded = lmslice.load(lmslice.save_sliced(model, None, tmp_path / str(counts)), dtype="float32")
+        ids, mask = tiny_models.padded_inputs()
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+        uniform = len(set(counts) - {0}) == 1
+        assert (type(reloaded).__name__ == type(model).__name__) == uniform
+        if uniform:
+            plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / str(counts), dtype=torch.float32)
+            assert getattr(plain.config, adapter.mlp.experts.count_config) == 3
+            torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits,
+                                       model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+        reloaded.config._experts_implementation = "eager"  # float64 has no grouped kernel
+        assert_cached_decoding_is_recomputing(reloaded.double())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_a_plan_that_removes_experts_leaves_what_it_planned(family: str) -> None:
+    """A block's channel path and its expert path both count the removed experts' removed channels: the
+    plan still lands within the budget, at the parameters it says."""
+    model = tiny_models.build(family)
+    dense = count_parameters(model)
+    result = prune_to_budget(model, tiny_models.random_batches(count=2), 0.5, round_to=1, heads=False, progress=False)
+    assert min(result.plan.expert_counts) < 4 and min(result.plan.mlp_widths) < 48
+    assert count_parameters(model) == result.plan.parameters_planned <= 0.5 * dense
