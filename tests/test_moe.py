@@ -183,13 +183,24 @@ def test_slicing_a_mixture_of_experts_is_refused_in_one_line(family: str) -> Non
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gguf_of_a_mixture_of_experts_is_refused_in_one_line_naming_llama_cpp_s_converter(family: str) -> None:
-    """Equal expert widths are the family's own architecture, which llama.cpp's converter writes; lmslice
-    does not write MoE GGUF itself."""
+def test_gguf_of_experts_pruned_per_block_is_refused_in_one_line_naming_uniform_widths(family: str) -> None:
+    """llama.cpp's MoE builders read one experts' width and count for the whole model (tests/test_llamacpp.py
+    runs the equal ones)."""
     from lmslice.export.gguf import check_exportable
 
-    with pytest.raises(LmsliceError, match=f"not {family}: save the model with equal blocks .*convert_hf_to_gguf") \
-            as error:
+    with pytest.raises(LmsliceError, match="one experts' width and one expert count .* --mlp-widths uniform") as error:
+        check_exportable(family, per_block=True)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family, refusal", [("qwen3_moe", "experts in every block"),
+                                             ("olmoe", "normalises keys over the hidden width")])
+def test_gguf_of_experts_llama_cpp_computes_otherwise_is_refused_in_one_line(family: str, refusal: str) -> None:
+    """The tiny Qwen3-MoE keeps a dense MLP in block 1, which llama.cpp's qwen3moe cannot build; the tiny
+    OLMoE has grouped key/value heads, whose key norm llama.cpp's olmoe sizes otherwise."""
+    from lmslice.export.gguf import check_exportable
+
+    with pytest.raises(LmsliceError, match=refusal) as error:
         check_exportable(family, config=tiny_models.MOE_FACTORIES[family]().config)
     assert "\n" not in str(error.value)
 
