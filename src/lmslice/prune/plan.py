@@ -20,8 +20,7 @@ from lmslice.slicing import count_parameters, layout_before, skeleton_of
 from lmslice.walk import Run
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
                                   expert_count, mlp_removable, mlp_removable_in, mlp_width, mlp_width_configs,
-                                  mlp_writers,
-                                  narrowest_width)
+                                  mlp_writers, narrowest_width)
 from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, eliminate, head_elimination
 
 
@@ -246,8 +245,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         steps = spend(paths, excess, target_params)
         widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
         attention_heads = [width(len(blocks) + cut, shape.heads) for cut, shape in enumerate(shapes)]
-        expert_counts = [width(experts_from + index, expert_count(block, mlp)) for index, block in enumerate(blocks)
-                         if expert_paths]
+        expert_counts = [width(experts_from + index, expert_count(block, mlp))
+                         for index, block in enumerate(blocks)] if expert_paths else []
         # A block's channels and its whole experts are two paths whose costs overlap: a channel step counts
         # the channel in every expert, a removed expert all its channels, so once both are cut the
         # removed experts' removed channels were counted twice. The greedy order does not depend on the
