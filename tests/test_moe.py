@@ -44,6 +44,11 @@ def test_every_adapter_of_experts_has_a_tiny_model_whose_paths_hold() -> None:
             assert channels == getattr(experts, paths.width_attribute) == width and hidden == config.hidden_size
             assert getattr(experts, paths.producers).shape == (count, paths.fused * width, hidden)
             assert get_module(block, paths.router).weight.shape == (count, hidden)
+            # what the forwards read, and what config.json holds, of the expert count and top-k
+            router, stored = get_module(block, paths.router), config.to_dict()
+            assert getattr(router, paths.count_attribute) == getattr(experts, paths.count_attribute) == count
+            assert stored[paths.count_config] == count
+            assert getattr(router, paths.top_k_attribute) == stored[paths.top_k_config] == 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -264,3 +269,25 @@ def test_a_plan_that_removes_experts_leaves_what_it_planned(family: str) -> None
     result = prune_to_budget(model, tiny_models.random_batches(count=2), 0.5, round_to=1, heads=False, progress=False)
     assert min(result.plan.expert_counts) < 4 and min(result.plan.mlp_widths) < 48
     assert count_parameters(model) == result.plan.parameters_planned <= 0.5 * dense
+
+
+def test_the_layout_refuses_fewer_experts_than_each_token_is_routed_to_and_reads_records_without_counts() -> None:
+    """A record's expert counts are checked against the config (at most its count, at least top-k); a
+    record written before the experts' count and top-k entries existed reads them as the defaults."""
+    from lmslice.layout import EXPERTS_DEFAULTS, LATER_EXPERTS_KEYS, Layout, LayoutError
+
+    model = tiny_models.build("mixtral")
+    widths = [48, 48, 48]
+    prune_model(model, tiny_models.random_batches(count=1),
+                WidthPlan(1.0, 1, 1, widths, 8, expert_counts=[3, 2, 4]))
+    record = model.config.lmslice
+    config = model.config.to_dict()
+    Layout.from_json(record).validate(config)
+    for counts, refusal in (([3, 1, 4], "fewer than the 2 experts"), ([3, 5, 4], "exceeds the config's")):
+        with pytest.raises(LayoutError, match=refusal):
+            Layout.from_json({**record, "expert_counts": counts}).validate(config)
+    experts = {key: value for key, value in record["modules"]["mlp"]["experts"].items()
+               if key not in LATER_EXPERTS_KEYS}
+    older = {**record, "modules": {**record["modules"], "mlp": {**record["modules"]["mlp"], "experts": experts}}}
+    paths = Layout.from_json(older).modules.mlp.experts
+    assert all(getattr(paths, key) == EXPERTS_DEFAULTS[key] for key in LATER_EXPERTS_KEYS)

@@ -73,7 +73,9 @@ EXPERTS_ONLY = replace(QWEN3_MOE.mlp, experts=replace(EXPERTS, width_config="int
 
 # llama.cpp's converter writes Mixtral as llama with experts (its feed_forward_length the experts' width); the
 # router always renormalises the top-k weights, as llama.cpp's llama does
-MIXTRAL = replace(QWEN3_MOE, family="mixtral", architectures=("MixtralForCausalLM",), mlp=EXPERTS_ONLY,
+# (its config.json names the expert count num_local_experts)
+MIXTRAL = replace(QWEN3_MOE, family="mixtral", architectures=("MixtralForCausalLM",),
+                  mlp=replace(EXPERTS_ONLY, experts=replace(EXPERTS_ONLY.experts, count_config="num_local_experts")),
                   gguf=Gguf("llama", metadata=experts_metadata))
 
 OLMOE = replace(QWEN3_MOE, family="olmoe", architectures=("OlmoeForCausalLM",), mlp=EXPERTS_ONLY,
