@@ -90,7 +90,7 @@ class ExpertsPaths:
     width_config: str = "moe_intermediate_size"
     activation_attribute: str = "act_fn"
     count_attribute: str = "num_experts"
-    count_config: str = "num_experts"
+    count_config: str = "num_local_experts"
     top_k_attribute: str = "top_k"
     top_k_config: str = "num_experts_per_tok"
 

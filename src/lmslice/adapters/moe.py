@@ -73,11 +73,12 @@ EXPERTS_ONLY = replace(QWEN3_MOE.mlp, experts=replace(EXPERTS, width_config="int
 
 # llama.cpp's converter writes Mixtral as llama with experts (its feed_forward_length the experts' width); the
 # router always renormalises the top-k weights, as llama.cpp's llama does
-# (its config.json names the expert count num_local_experts)
-MIXTRAL = replace(QWEN3_MOE, family="mixtral", architectures=("MixtralForCausalLM",),
-                  mlp=replace(EXPERTS_ONLY, experts=replace(EXPERTS_ONLY.experts, count_config="num_local_experts")),
+MIXTRAL = replace(QWEN3_MOE, family="mixtral", architectures=("MixtralForCausalLM",), mlp=EXPERTS_ONLY,
                   gguf=Gguf("llama", metadata=experts_metadata))
 
-OLMOE = replace(QWEN3_MOE, family="olmoe", architectures=("OlmoeForCausalLM",), mlp=EXPERTS_ONLY,
+# OLMoE's config.json names the expert count num_experts (Qwen3-MoE's and Mixtral's: num_local_experts)
+OLMOE = replace(QWEN3_MOE, family="olmoe", architectures=("OlmoeForCausalLM",),
+                mlp=replace(EXPERTS_ONLY, experts=replace(EXPERTS, width_config="intermediate_size",
+                                                          count_config="num_experts")),
                 attention=replace(ATTENTION, query_norm="self_attn.q_norm", key_norm="self_attn.k_norm"),
                 gguf=Gguf("olmoe", refuse=olmoe_refusal, metadata=experts_metadata))
