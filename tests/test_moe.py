@@ -291,3 +291,15 @@ def test_the_layout_refuses_fewer_experts_than_each_token_is_routed_to_and_reads
     older = {**record, "modules": {**record["modules"], "mlp": {**record["modules"]["mlp"], "experts": experts}}}
     paths = Layout.from_json(older).modules.mlp.experts
     assert all(getattr(paths, key) == EXPERTS_DEFAULTS[key] for key in LATER_EXPERTS_KEYS)
+
+
+def test_expert_widths_grouped_mm_cannot_run_are_refused_in_one_line_before_calibration() -> None:
+    """transformers' default experts kernel needs 16-byte rows: round_to 4 would leave widths it rejects
+    mid-run; the eager loop (the tiny models' setting) runs any width."""
+    model = tiny_models.build("mixtral", torch.float32)
+    model.config._experts_implementation = None
+    with pytest.raises(LmsliceError, match="grouped experts kernel .*--round-to 8") as error:
+        prune_to_budget(model, tiny_models.random_batches(count=1), 0.8, round_to=4, progress=False)
+    assert "\n" not in str(error.value)
+    model.config._experts_implementation = "eager"
+    prune_to_budget(model, tiny_models.random_batches(count=1), 0.9, round_to=4, heads=False, progress=False)

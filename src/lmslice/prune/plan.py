@@ -26,6 +26,10 @@ from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, eliminate, he
 
 WIDTHS = ("uniform", "measured")
 
+# Channels per expert that keep its weights' rows a multiple of 16 bytes in 16-bit (and float32) precision, as
+# transformers' default experts kernel (torch's grouped_mm) needs; its eager loop over the experts needs none.
+GROUPED_EXPERTS_ROUND_TO = 8
+
 
 @dataclass
 class WidthPlan:
@@ -66,6 +70,11 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
     blocks = list(get_module(model, adapter.blocks))
     for block in blocks:
         check_consumer(block, mlp)
+    grouped = getattr(model.config, "_experts_implementation", None) != "eager"
+    if grouped and round_to % GROUPED_EXPERTS_ROUND_TO and any(experts_of(block, mlp) is not None for block in blocks):
+        raise LmsliceError(f"round_to {round_to}: transformers' grouped experts kernel (grouped_mm, its default) needs "
+                           f"every expert's width a multiple of 16 bytes; round to a multiple of "
+                           f"{GROUPED_EXPERTS_ROUND_TO} (--round-to {GROUPED_EXPERTS_ROUND_TO})")
     full = [mlp_width(block, mlp) for block in blocks]
     uneven = [group for group in _width_groups(blocks, mlp).values() if len({full[index] for index in group}) > 1]
     if widths == "uniform" and uneven:
