@@ -45,6 +45,9 @@ GGML_F32 = 0  # KV cache type: float32, so the cache itself rounds nothing
 PER_BLOCK = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 2, 1])
 UNIFORM = WidthPlan(0.8, 1, 1, mlp_widths=[96, 96, 96], round_to=8)
 ATTENTION_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 64, 112], round_to=8, attention_heads=[4, 0, 1])
+# every block keeps 3 of its 4 experts, each 32 of its 48 channels: llama.cpp's MoE builders read one experts'
+# width and count for the model
+EXPERTS = WidthPlan(0.8, 1, 1, mlp_widths=[32, 32, 32], round_to=8, expert_counts=[3, 3, 3])
 # block 1 keeps its attention but no MLP (written as one zero channel: deci skips an n_ff = 0 block's
 # attention output), block 2 keeps nothing (the identity)
 MLP_FREE = WidthPlan(0.8, 1, 1, mlp_widths=[96, 0, 0], round_to=8, attention_heads=[4, 2, 0])
@@ -77,6 +80,14 @@ VARIANTS = {
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, sliding_window=None)),
     "ministral": lambda: transformers.MinistralForCausalLM(transformers.MinistralConfig(
         **tiny_models.COMMON, intermediate_size=112, num_key_value_heads=2, head_dim=16, sliding_window=128)),
+    # llama.cpp's qwen3moe has experts in every block (no mlp_only_layers) and renormalises the top-k weights
+    "qwen3moe": lambda: transformers.Qwen3MoeForCausalLM(tiny_models.eager_experts(transformers.Qwen3MoeConfig(
+        **tiny_models.COMMON, **tiny_models.MOE, num_experts=4, moe_intermediate_size=48, head_dim=16,
+        norm_topk_prob=True))),
+    # llama.cpp's olmoe sizes its key norm to the hidden width: no grouped key/value heads
+    "olmoemha": lambda: transformers.OlmoeForCausalLM(tiny_models.eager_experts(transformers.OlmoeConfig(
+        **tiny_models.COMMON, **{**tiny_models.MOE, "num_key_value_heads": 4}, num_experts=4, intermediate_size=48,
+        pad_token_id=0, eos_token_id=1))),
     "smollm3": lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
         **{**tiny_models.COMMON, "num_hidden_layers": 4}, intermediate_size=112, num_key_value_heads=2,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -95,7 +106,8 @@ def case(name: str) -> nn.Module:
     if mode == "standard":
         result = slice_model(model, tiny_models.random_batches(), 0.25, rotation="shared", progress=False)
         return standard_model(model, head_input=result.head_input)
-    plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE, "mlpfree": MLP_FREE}
+    plans = {"perblock": PER_BLOCK, "uniform": UNIFORM, "attentionfree": ATTENTION_FREE, "mlpfree": MLP_FREE,
+             "experts": EXPERTS}
     plan = plans[mode]
     blocks = model.config.num_hidden_layers
     if mode == "uniform" and blocks != len(plan.mlp_widths):
@@ -108,7 +120,8 @@ CASES = ["llama-perblock", "mistral-perblock", "qwen2-perblock", "llama-attentio
          "llama-uniform", "qwen2-uniform", "gemma-uniform", "llama-standard", "llama3rope-uniform",
          "llama3rope-perblock", "ministral-uniform", "qwen3-uniform", "qwen3-standard", "smollm3-uniform",
          "granite-uniform", "granite-standard", "olmo2-uniform", "gemma2-uniform", "gemma3-uniform",
-         "llamalinear-uniform", "qwen3yarn-uniform", "phi3-uniform", "phi4mini-uniform"]
+         "llamalinear-uniform", "qwen3yarn-uniform", "phi3-uniform", "phi4mini-uniform", "mixtral-experts",
+         "qwen3moe-experts", "olmoemha-experts"]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +176,8 @@ def test_llama3_rope_scaling_matters_on_the_prompts() -> None:
 
 
 @pytest.mark.parametrize("name", ["llama-perblock", "llama-mlpfree", "qwen2-perblock", "gemma-uniform",
-                                  "llama3rope-perblock", "gemma3-uniform", "olmo2-uniform"])
+                                  "llama3rope-perblock", "gemma3-uniform", "olmo2-uniform", "mixtral-experts",
+                                  "qwen3moe-experts", "olmoemha-experts"])
 def test_llamacpp_decodes_through_its_kv_cache_as_lmslice_does(name: str, exported) -> None:
     model, path = exported[name]
     llm = open_llama(path)

@@ -76,7 +76,10 @@ class ExpertsPaths:
     in 3-D parameters of `module`, `producers` [experts, fused x width, hidden] (gate and up stacked) and
     `consumer` [experts, hidden, width], one width for every expert of a block (the module attribute
     `width_attribute`, the config field `width_config`), the consumer reading activation(gate) x up (the
-    module attribute `activation_attribute`); `router` scores the experts."""
+    module attribute `activation_attribute`); `router` scores the experts (one weight row each) and routes
+    every token to its `top_k_attribute` best (the config field `top_k_config`). How many experts the
+    experts module and the router hold is their module attribute `count_attribute` (what their forwards
+    read) and the config field `count_config`."""
 
     module: str
     router: str
@@ -86,9 +89,15 @@ class ExpertsPaths:
     width_attribute: str = "intermediate_dim"
     width_config: str = "moe_intermediate_size"
     activation_attribute: str = "act_fn"
+    count_attribute: str = "num_experts"
+    count_config: str = "num_local_experts"
+    top_k_attribute: str = "top_k"
+    top_k_config: str = "num_experts_per_tok"
 
 
 EXPERTS_KEYS = tuple(item.name for item in fields(ExpertsPaths))
+EXPERTS_DEFAULTS = {item.name: item.default for item in fields(ExpertsPaths)}
+LATER_EXPERTS_KEYS = ("count_attribute", "count_config", "top_k_attribute", "top_k_config")
 
 
 @dataclass(frozen=True)
@@ -188,10 +197,12 @@ class Modules:
             experts = None
             if "experts" in entry:
                 experts_entry = _mapping(entry["experts"], "modules.mlp.experts")
+                # the count and top-k entries came later: a record written before them has the defaults
+                entries = {**{key: EXPERTS_DEFAULTS[key] for key in LATER_EXPERTS_KEYS}, **experts_entry}
                 experts = ExpertsPaths(**{
-                    key: _integer(_require(experts_entry, key, "modules.mlp.experts."), f"modules.mlp.experts.{key}")
+                    key: _integer(_require(entries, key, "modules.mlp.experts."), f"modules.mlp.experts.{key}")
                     if key == "fused" else
-                    _text(_require(experts_entry, key, "modules.mlp.experts."), f"modules.mlp.experts.{key}")
+                    _text(_require(entries, key, "modules.mlp.experts."), f"modules.mlp.experts.{key}")
                     for key in EXPERTS_KEYS})
             mlp = MlpPaths(_texts(_require(entry, "producers", "modules.mlp."), "modules.mlp.producers"),
                            _text(_require(entry, "consumer", "modules.mlp."), "modules.mlp.consumer"),
@@ -257,6 +268,8 @@ class Layout:
     keeps its width; `mlp_widths` / `attention_heads` are None where every block keeps the config's (a
     block with fewer query heads than the config's key/value heads keeps that many whole groups; with
     none, its attention is gone: `AttentionFree`);
+    `expert_counts` is None where every block of experts keeps the config's count (else the experts each
+    block keeps, 0 in a block without experts);
     `export` is STANDARD where the model *is* its family's architecture (config widths changed, no
     remote code needed)."""
 
@@ -267,6 +280,7 @@ class Layout:
     stream: Stream | None = None
     mlp_widths: tuple[int, ...] | None = None
     attention_heads: tuple[int, ...] | None = None
+    expert_counts: tuple[int, ...] | None = None
     export: str | None = None
     format: int = FORMAT_VERSION
     version: str = ""
@@ -286,7 +300,7 @@ class Layout:
     def needs_remote_code(self) -> bool:
         """Whether the config alone cannot build the model (lmslice's own structure)."""
         return not self.standard and (self.stream is not None or self.mlp_widths is not None
-                                      or self.attention_heads is not None)
+                                      or self.attention_heads is not None or self.expert_counts is not None)
 
     def replace(self, **changes: Any) -> Layout:
         return replace(self, **changes)
@@ -300,7 +314,7 @@ class Layout:
                 value = getattr(self.stream, key)
                 if value is not None:
                     record[key] = list(value) if isinstance(value, tuple) else value
-        for key in ("mlp_widths", "attention_heads"):
+        for key in PER_BLOCK_KEYS:
             if getattr(self, key) is not None:
                 record[key] = list(getattr(self, key))
         for key in ("export", "calibration", "source_model", "mlp_pruning", "finetune"):
@@ -345,6 +359,7 @@ class Layout:
             stream=stream,
             mlp_widths=_widths(record.get("mlp_widths"), "mlp_widths", least=0),
             attention_heads=_widths(record.get("attention_heads"), "attention_heads", least=0),
+            expert_counts=_widths(record.get("expert_counts"), "expert_counts", least=0),
             export=export,
             format=version,
             version=str(record.get("version", "")),
@@ -360,16 +375,18 @@ class Layout:
             raise LayoutError("lmslice.mlp_widths needs lmslice.modules.mlp (where the MLP channels are)")
         if layout.attention_heads is not None and layout.modules.attention is None:
             raise LayoutError("lmslice.attention_heads needs lmslice.modules.attention (where the heads are)")
-        if layout.standard and (layout.mlp_widths is not None or layout.attention_heads is not None):
+        if layout.expert_counts is not None and (layout.modules.mlp is None or layout.modules.mlp.experts is None):
+            raise LayoutError("lmslice.expert_counts needs lmslice.modules.mlp.experts (where the experts are)")
+        if layout.standard and any(getattr(layout, key) is not None for key in PER_BLOCK_KEYS):
             raise LayoutError("lmslice.export 'standard' (the family's own architecture) cannot hold per-block "
-                              "mlp_widths or attention_heads")
+                              "mlp_widths, attention_heads or expert_counts")
         return layout
 
     def validate(self, config: dict[str, Any]) -> None:
         """Refuses a record that disagrees with the model's config (`config.json` as a dict): block count,
         widths, heads, the norm epsilon."""
         blocks = config.get("num_hidden_layers")
-        for key in ("mlp_widths", "attention_heads"):
+        for key in PER_BLOCK_KEYS:
             values = getattr(self, key)
             if values is not None and isinstance(blocks, int) and len(values) != blocks:
                 raise LayoutError(f"lmslice.{key} has {len(values)} entries for {blocks} blocks")
@@ -381,6 +398,16 @@ class Layout:
                 raise LayoutError(f"lmslice.mlp_widths {wide[0]} exceeds the config's {mlp.width_config} {dense_mlp}")
         if self.mlp_widths is not None and 0 in self.mlp_widths and self.stream is not None:
             raise LayoutError("lmslice.mlp_widths has a block without MLP, which needs an unsliced stream")
+        experts = mlp.experts if mlp is not None else None
+        if self.expert_counts is not None and experts is not None:
+            dense_count, top_k = config.get(experts.count_config), config.get(experts.top_k_config)
+            for count in self.expert_counts:
+                if isinstance(dense_count, int) and count > dense_count:
+                    raise LayoutError(f"lmslice.expert_counts {count} exceeds the config's {experts.count_config} "
+                                      f"{dense_count}")
+                if isinstance(top_k, int) and 0 < count < top_k:
+                    raise LayoutError(f"lmslice.expert_counts {count} is fewer than the {top_k} experts every token "
+                                      "is routed to ({experts.top_k_config})")
         if self.attention_heads is not None:
             heads, groups = config.get("num_attention_heads"), config.get("num_key_value_heads")
             groups = groups if isinstance(groups, int) and groups > 0 else heads
@@ -410,8 +437,9 @@ class Layout:
                 raise LayoutError(f"lmslice.eps {self.stream.eps} differs from the model's norm epsilon {config_eps}")
 
 
+PER_BLOCK_KEYS = ("mlp_widths", "attention_heads", "expert_counts")
 KNOWN_KEYS = frozenset({"format", "version", "family", "base_architecture", "modules", "hidden_size", *STREAM_KEYS,
-                        "mlp_widths", "attention_heads", "export", "calibration", "source_model", "mlp_pruning",
+                        *PER_BLOCK_KEYS, "export", "calibration", "source_model", "mlp_pruning",
                         "finetune", "steps", "history"})
 
 

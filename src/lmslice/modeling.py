@@ -230,6 +230,8 @@ def apply_layout(model: nn.Module, layout: Layout) -> None:
         resize_mlp(blocks[index], modules.mlp, mlp_width)
     for index, heads in enumerate(layout.attention_heads or ()):
         resize_attention(blocks[index], modules.attention, heads)
+    for index, count in enumerate(layout.expert_counts or ()):
+        resize_experts(blocks[index], modules.mlp, count)
     stream = layout.stream
     if stream is None or layout.standard:
         return
@@ -263,6 +265,29 @@ def set_experts(module: nn.Module, experts: ExpertsPaths, producers: torch.Tenso
     setattr(module, experts.producers, nn.Parameter(producers.contiguous(), requires_grad))
     setattr(module, experts.consumer, nn.Parameter(consumer.contiguous(), requires_grad))
     setattr(module, experts.width_attribute, consumer.shape[-1])
+
+
+def set_expert_count(block: nn.Module, experts: ExpertsPaths, producers: torch.Tensor, consumer: torch.Tensor,
+                     router: torch.Tensor) -> None:
+    """Gives the block's experts and their router these weights, one expert (and router row) each along
+    the first dimension, in place, and the count the forwards of both read."""
+    module, gate = get_module(block, experts.module), get_module(block, experts.router)
+    set_experts(module, experts, producers, consumer)
+    gate.weight = nn.Parameter(router.contiguous(), gate.weight.requires_grad)
+    for part in (module, gate):
+        setattr(part, experts.count_attribute, router.shape[0])
+
+
+def resize_experts(block: nn.Module, mlp: MlpPaths, count: int) -> None:
+    """The block's mixture with `count` experts (uninitialised: the weights come from the checkpoint); a
+    block without experts is left as it is."""
+    module = experts_of(block, mlp)
+    if module is None or getattr(module, mlp.experts.count_attribute) == count:
+        return
+    producers, consumer = getattr(module, mlp.experts.producers), getattr(module, mlp.experts.consumer)
+    router = get_module(block, mlp.experts.router).weight
+    set_expert_count(block, mlp.experts, producers.new_empty(count, *producers.shape[1:]),
+                     consumer.new_empty(count, *consumer.shape[1:]), router.new_empty(count, router.shape[1]))
 
 
 def resize_mlp(block: nn.Module, mlp: MlpPaths, width: int) -> None:

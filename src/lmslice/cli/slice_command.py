@@ -35,7 +35,7 @@ from lmslice.layout import layout_of
 from lmslice.modeling import get_module, head_counts
 from lmslice.pipeline import (Prune, PruneConfig, Slice, SliceConfig, StandardFormat, StandardFormatConfig, Step,
                               check_steps, compress)
-from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, PruneResult
+from lmslice.prune import CRITERIA, DEFAULT_CRITERION, WIDTHS, PruneResult, mlp_width
 from lmslice.shared_basis import WEIGHTINGS
 from lmslice.slicing import SliceResult, check_sparsity, count_parameters, residual_width
 from lmslice.walk import DeviceStreamed, InMemory, Placement, move_all_but_blocks
@@ -237,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             "width": sliced.width, "head_width": sliced.head_width} if sliced else {}),
         **({"target_params": args.target_params, "mlp_widths": pruned.plan.mlp_widths,
             "attention_heads": pruned.plan.attention_heads, "key_value_heads": _key_value_heads(model, pruned),
+            "expert_counts": pruned.plan.expert_counts,
             "prune_criterion": args.prune_criterion}
            if pruned else {}),
         **({"target_size": {**budget.as_dict(), "reached_bytes": reached_bytes(args, model, budget, save_dtype,
@@ -382,7 +383,7 @@ def alignment(args: argparse.Namespace, model: nn.Module, adapter: ModelAdapter)
     per_block = prunes(args) and args.sparsity is None and args.mlp_widths == "measured"
     wanted = max(ALIGNMENTS["gguf-k"] if per_block else 1, row_block(args.target_format))
     if wanted > 1 and adapter.mlp is not None:
-        dense_width = get_module(get_module(model, adapter.blocks)[0], adapter.mlp.consumer).in_features
+        dense_width = mlp_width(get_module(model, adapter.blocks)[0], adapter.mlp)  # each expert's, in experts
         if dense_width % wanted == 0:
             return wanted
     return 1
@@ -407,6 +408,9 @@ def format_summary(summary: dict) -> str:
                      f"{summary['prune_criterion']}, down projection refit by least squares)")
         if summary["attention_heads"]:
             lines.append(f"  query heads    {_describe_widths(summary['attention_heads'])} (output projection refit)")
+        experts = [count for count in summary.get("expert_counts") or () if count]  # 0: a block without experts
+        if experts:
+            lines.append(f"  experts        {_describe_widths(experts)} (whole experts leave with their router rows)")
         if summary["key_value_heads"] and len(set(summary["key_value_heads"])) > 1:
             lines.append(f"  key/value heads {_describe_widths(summary['key_value_heads'])} (whole groups removed)")
         for key, label in (("attention_heads", "no attention"), ("mlp_widths", "no MLP      ")):

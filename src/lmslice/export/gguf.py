@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmslice.adapters import ADAPTERS, adapter_of_family, find_adapter
+from lmslice.adapters import ADAPTERS, Mlp, adapter_of_family, find_adapter
 from lmslice.errors import LmsliceError, first_line
 from lmslice.io.outputs import GGUF, check_output, make_parents, process_tag
 from lmslice.export.standard import standard_model
 from lmslice.layout import layout_of
-from lmslice.modeling import ShortcutLinear, get_module, head_counts
+from lmslice.modeling import ShortcutLinear, experts_of, get_module, head_counts
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 QUANT_BLOCK = 32  # row length Q8_0 (and every legacy type) needs; K-quants need 256
@@ -83,7 +83,13 @@ ARCHITECTURES = {
     "gemma": Architecture(GELU),
     "gemma2": Architecture(GELU, sliding_window=True),
     "gemma3": Architecture(GELU, sliding_window=True),
+    "qwen3moe": Architecture(),
+    "olmoe": Architecture(),
 }
+
+# The experts' 3-D weights as llama.cpp's converter writes them (one expert per index of the first dimension
+# in both): the producers' stacked halves as the gate and up tensors, the consumer as the down one.
+EXPERT_TENSORS = {"producers": ("FFN_GATE_EXP", "FFN_UP_EXP"), "consumer": ("FFN_DOWN_EXP",)}
 
 
 NO_SHORTCUTS = ("llama.cpp has no architecture for per-block SliceGPT shortcut matrices: slice with --format "
@@ -97,11 +103,16 @@ def check_exportable(family: str, *, shortcuts: bool = False, per_block: bool = 
     llama.cpp cannot represent."""
     if shortcuts:
         raise LmsliceError(NO_SHORTCUTS)
-    gguf = adapter_of_family(family).gguf
+    adapter = adapter_of_family(family)
+    gguf = adapter.gguf
     if gguf is None:
         written = sorted({adapter.family for adapter in ADAPTERS if adapter.gguf is not None})
         raise LmsliceError(f"lmslice writes GGUF for {', '.join(written)}, not {family}: save the model with equal "
                            "blocks (--mlp-widths uniform) and convert it with llama.cpp's convert_hf_to_gguf.py")
+    if per_block and adapter.mlp is not None and adapter.mlp.experts is not None:
+        raise LmsliceError(f"llama.cpp's {gguf.architecture} reads one experts' width and one expert count for every "
+                           "block, and this model's blocks differ: prune with --mlp-widths uniform (which keeps "
+                           "every expert)")
     if per_block and not gguf.per_block:
         raise LmsliceError(f"llama.cpp sizes tensors per block only in deci (Llama's block), which cannot build "
                            f"{family}'s block: prune with --mlp-widths uniform (llama.cpp's {gguf.architecture})")
@@ -164,8 +175,10 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
     # deci leaves a block whose n_ff is 0 before adding its attention's output (src/models/deci.cpp), and
     # llama.cpp 0.3.36 aborted on such a file: a block without MLP is written with one channel of zero
     # weights instead, which adds exactly nothing (tests/test_llamacpp.py)
-    widths = [max(get_module(block, adapter.mlp.consumer).in_features, 1) for block in blocks]
-    per_block = len({*zip(heads, kv_heads, widths)}) > 1
+    widths = [max(_mlp_width(block, adapter.mlp), 1) for block in blocks]
+    experts = [0 if experts_of(block, adapter.mlp) is None else
+               getattr(experts_of(block, adapter.mlp), adapter.mlp.experts.count_attribute) for block in blocks]
+    per_block = len({*zip(heads, kv_heads, widths, experts)}) > 1
     check_exportable(family, per_block=per_block, config=config)
     name = "deci" if per_block else adapter.gguf.architecture
     architecture = ARCHITECTURES[name]
@@ -187,6 +200,14 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
                       float(config.rms_norm_eps), family, adapter.gguf.norm_shift,
                       None if rotary is None else int(head_dim * rotary), {**adapter.gguf.metadata(config), **metadata},
                       extra_tensors)
+
+
+def _mlp_width(block: nn.Module, mlp: Mlp) -> int:
+    """The block's MLP channels (each expert's, in a block of experts)."""
+    experts = experts_of(block, mlp)
+    if experts is not None:
+        return getattr(experts, mlp.experts.consumer).shape[-1]
+    return get_module(block, mlp.consumer).in_features
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -260,10 +281,21 @@ def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, torch.
 
     architecture = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == layout.architecture)
     names = gguf.get_tensor_name_map(architecture, len(layout.heads))
-    head_key = f"{find_adapter(model).head}.weight"
+    adapter = find_adapter(model)
+    head_key = f"{adapter.head}.weight"
+    experts = adapter.mlp.experts if adapter.mlp is not None else None
+    # each experts' 3-D weight (no ".weight" in its name) -> the GGUF names of its parts
+    expert_names = {} if experts is None else {
+        f"{adapter.blocks}.{index}.{experts.module}.{getattr(experts, role)}":
+            [f"{gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, tensor)].format(bid=index)}.weight" for tensor in parts]
+        for index in range(len(layout.heads)) for role, parts in EXPERT_TENSORS.items()}
     tensors = []
     for key, value in model.state_dict().items():
         if key == head_key and layout.tied_embeddings:
+            continue
+        if key in expert_names:
+            parts = value.detach().to("cpu", torch.float32).chunk(len(expert_names[key]), dim=1)
+            tensors += [(name, part.contiguous()) for name, part in zip(expert_names[key], parts)]
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:

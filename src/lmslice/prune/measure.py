@@ -66,6 +66,74 @@ def gram_of_experts(experts: nn.Module, paths: Experts) -> tuple[torch.Tensor, C
     return matrices, add
 
 
+def real_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of `hidden` [tokens, hidden] (a batch's tokens, flattened) that are real tokens of `mask`."""
+    return hidden.detach()[mask.reshape(-1).to(hidden.device).bool()]
+
+
+def observe_router_inputs(block: nn.Module, paths: Experts, streams: list[BlockInput]) -> torch.Tensor:
+    """What the block's router reads [tokens, hidden] on the real calibration tokens of `streams` (the
+    block's input), run up to the experts: the streams stay where they are."""
+    inputs: list[torch.Tensor] = []
+
+    def accumulate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], stream: BlockInput) -> None:
+        inputs.append(real_tokens(args[0], stream.mask))
+        raise StopForward
+
+    walk(streams, lambda stream: run_block(block, stream, stream.hidden),
+         [(get_module(block, paths.module), accumulate)])
+    return torch.cat(inputs)
+
+
+@contextlib.contextmanager
+def _router_keeping(router: nn.Module, paths: Experts, kept: list[int]) -> Iterator[None]:
+    """The router with only the rows of the experts `kept`: its own forward then routes among them."""
+    weight, count = router.weight, getattr(router, paths.count_attribute)
+    router.weight = nn.Parameter(weight[kept], weight.requires_grad)
+    setattr(router, paths.count_attribute, len(kept))
+    try:
+        yield
+    finally:
+        router.weight = weight
+        setattr(router, paths.count_attribute, count)
+
+
+@torch.no_grad()
+def expert_removal(block: nn.Module, paths: Experts, tokens: torch.Tensor, sensitivity: torch.Tensor | None,
+                   steps: int | None = None) -> tuple[list[int], list[float]]:
+    """The block's experts, the cheapest to remove first, and the output error after removing the first
+    1, 2, ... `steps` of them (default: down to as many experts as a token is routed to, which keeps the
+    top-k valid). The error of removing a set is Σ_tokens Σ_f F_f Δy_f² over `tokens` (the router's
+    inputs, `observe_router_inputs`), Δy the change in what the experts write when the router, the
+    removed experts' rows gone, routes among the rest (renormalising as the family's router does), F the
+    Fisher `sensitivity` of what the experts write (1 where None), as the channels' paths weigh theirs.
+    Each expert's cost alone orders them; the errors are of the sets removed together."""
+    router, experts = get_module(block, paths.router), get_module(block, paths.module)
+    count, top_k = getattr(router, paths.count_attribute), getattr(router, paths.top_k_attribute)
+    _, weights, index = router(tokens)
+    # What each token's experts write, slot by slot (one expert per token a call): a token routed to the
+    # same experts after a removal, only their weights changed, needs no expert run again.
+    slots = torch.stack([experts(tokens, index[:, [slot]], torch.ones_like(weights[:, [slot]]))
+                         for slot in range(index.shape[1])], dim=1)
+    dense = (slots * weights[..., None]).sum(dim=1)
+    scale = torch.ones_like(dense[0]) if sensitivity is None else sensitivity.to(dense)
+
+    def error(removed: list[int]) -> float:
+        kept = [expert for expert in range(count) if expert not in removed]
+        with _router_keeping(router, paths, kept):
+            _, new_weights, new_index = router(tokens)
+        new_index = torch.tensor(kept, device=index.device)[new_index]
+        same = (new_index == index).all(dim=1)
+        output = (slots * new_weights[..., None]).sum(dim=1)
+        output[~same] = experts(tokens[~same], new_index[~same], new_weights[~same])
+        return ((output - dense).pow(2) * scale).sum().item()
+
+    alone = [error([expert]) for expert in range(count)]
+    order = sorted(range(count), key=alone.__getitem__)
+    steps = count - top_k if steps is None else steps
+    return order, [error(order[:removed]) for removed in range(1, steps + 1)]
+
+
 def observe_experts(block: nn.Module, paths: Experts, streams: list[BlockInput]) -> torch.Tensor:
     """`gram_of_experts` of the block's experts over the calibration tokens of `streams` (the block's
     input), run up to the experts: the streams stay where they are."""
@@ -136,7 +204,7 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
     whole model (`tests/test_prune.py`). In the backward walk, `observe(index, block, sensitivities,
     grams)` sees each block with its sensitivities and the Gram matrices (`gram_of_input`, on the
     block's own input stream) of the linear layers at `grams` (at `experts.module`, the experts'
-    `gram_of_experts`); without `fisher` nothing is differentiated and the sensitivities are None."""
+    `gram_of_experts`, and at `experts.router` what the router reads, `observe_router_inputs`); without `fisher` nothing is differentiated and the sensitivities are None."""
     run = run or Run(0)
     store = run.store()
     streams = capture_block_inputs(model, adapter, batches, store)
@@ -167,6 +235,7 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
             present = [path for path in paths if _holds(block, path)]  # no output projection once attention is gone
             squares: dict[str, torch.Tensor | None] = {path: None for path in present}
             matrices: dict[str, torch.Tensor] = {}
+            router_inputs: list[torch.Tensor] = []
             current: list[BlockInput] = []  # the stream the block is running on, whose mask the Grams need
             handles = []
             for path in present:
@@ -175,7 +244,11 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
                 if _holds(block, path):
                     module = get_module(block, path)
                     if experts is not None and path == experts.module:
-                        matrices[path], add = gram_of_experts(module, experts)
+                        matrices[path], add_grams = gram_of_experts(module, experts)
+
+                        def add(args: tuple[Any, ...], mask: torch.Tensor, add_grams=add_grams) -> None:
+                            add_grams(args, mask)
+                            router_inputs.append(real_tokens(args[0], mask))
                     else:
                         matrices[path], add_input = gram_of_input(module)
                         add = lambda args, mask, add_input=add_input: add_input(args[0], mask)  # noqa: E731
@@ -199,6 +272,8 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
                     handle.remove()
             for path in present:
                 sums[path][index] = squares[path]
+            if router_inputs:
+                matrices[experts.router] = torch.cat(router_inputs)
             if observe is not None:
                 observe(index, block, {path: sums[path][index] for path in paths}, matrices)
             return False

@@ -19,7 +19,8 @@ from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
 from lmslice.prune.measure import PLANNING_WINDOWS, consumer_sensitivity, first_windows, mlp_sensitivity
 from lmslice.prune.plan import WidthPlan, check_pruning, plan_by_importance, plan_uniform
-from lmslice.prune.shapes import attention_of, attention_removable, mlp_of, mlp_width_configs, mlp_writers
+from lmslice.prune.shapes import (attention_of, attention_removable, expert_count, mlp_of, mlp_width_configs,
+                                  mlp_writers)
 from lmslice.prune.solvers import DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING
 from lmslice.prune.surgery import prune_block_heads, prune_block_mlp
 from lmslice.slicing import layout_before
@@ -48,8 +49,9 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                 run: Run | None = None) -> PruneResult:
     """Prunes every block's MLP to the widths of `plan` (and its attention to the plan's query heads,
     first), in place, in order, each on the stream the pruned blocks before it produce (one walk over the
-    blocks, wherever `run` places them). With equal MLP widths and no heads pruned the model stays its own
-    architecture (the config's intermediate size is updated); the plan is recorded in
+    blocks, wherever `run` places them); in a mixture of experts, the block's whole experts the plan
+    removes go first. With equal MLP widths (and expert counts) and no heads pruned the model stays its own
+    architecture (the config's intermediate size, and expert count, are updated); the plan is recorded in
     `model.config.lmslice`. `sensitivity` and `head_sensitivity` (`consumer_sensitivity`) weigh the output
     errors when choosing channels and heads."""
     start = time.perf_counter()
@@ -72,6 +74,7 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                               removable=attention_removable(index, before))
         kept = prune_block_mlp(block, mlp, streams, plan.mlp_widths[index], criterion=criterion, damping=damping,
                                refit_consumer=refit_consumer,
+                               experts=None if plan.expert_counts is None else plan.expert_counts[index],
                                output_weights=None if sensitivity is None else sensitivity[index],
                                notes=carried["notes"], name=f"block {index}")
         carried["kept_channels"].append(kept.tolist())
@@ -84,19 +87,24 @@ def prune_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pl
                "fisher_weighted": sensitivity is not None, **plan.as_dict()}
     heads = tuple(plan.attention_heads) if plan.attention_heads else before.attention_heads
     layout = before.replace(mlp_pruning=pruning)
-    # equal widths where the config holds one (experts and a dense MLP each have their own field)
+    # equal widths (and expert counts) where the config holds one (experts and a dense MLP each have their
+    # own width field)
     configured: dict[str, set[int]] = {}
     for field_name, width in zip(mlp_width_configs(blocks, mlp), plan.mlp_widths):
         configured.setdefault(field_name, set()).add(width)
+    expert_counts = [expert_count(block, mlp) for block in blocks] if mlp.experts is not None else []
+    if any(expert_counts):
+        configured[mlp.experts.count_config] = {count for count in expert_counts if count}
     equal = all(len(widths) == 1 for widths in configured.values())
     if equal and heads is None:
         for field_name, widths in configured.items():
             setattr(model.config, field_name, next(iter(widths)))
     if equal and heads is None and layout.stream is None:
         # equal widths are the family's own config: no remote code needed
-        layout = layout.replace(export=STANDARD, mlp_widths=None, attention_heads=None)
-    else:  # per-block widths (or a sliced stream) need lmslice's layout (remote code)
-        layout = layout.replace(export=None, mlp_widths=tuple(plan.mlp_widths), attention_heads=heads)
+        layout = layout.replace(export=STANDARD, mlp_widths=None, attention_heads=None, expert_counts=None)
+    else:  # per-block widths or expert counts (or a sliced stream) need lmslice's layout (remote code)
+        layout = layout.replace(export=None, mlp_widths=tuple(plan.mlp_widths), attention_heads=heads,
+                                expert_counts=tuple(expert_counts) if any(expert_counts) else None)
     model.config.lmslice = layout.to_json()
     return PruneResult(adapter.family, plan, time.perf_counter() - start, criterion, damping,
                        carried["kept_channels"], carried["notes"])

@@ -12,19 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmslice.adapters import Mlp, ModelAdapter, find_adapter
+from lmslice.adapters import Experts, Mlp, ModelAdapter, find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.modeling import experts_of, get_module
-from lmslice.prune.measure import Sensitivities, consumer_sensitivity, consumer_weight
+from lmslice.prune.measure import Sensitivities, consumer_sensitivity, consumer_weight, expert_removal
 from lmslice.slicing import count_parameters, layout_before, skeleton_of
 from lmslice.walk import Run
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
-                                  mlp_removable, mlp_removable_in, mlp_width, mlp_width_configs, mlp_writers,
-                                  narrowest_width)
+                                  expert_count, mlp_removable, mlp_removable_in, mlp_width, mlp_width_configs,
+                                  mlp_writers, narrowest_width)
 from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, eliminate, head_elimination
 
 
 WIDTHS = ("uniform", "measured")
+
+# Channels per expert that keep its weights' rows a multiple of 16 bytes in 16-bit (and float32) precision, as
+# transformers' default experts kernel (torch's grouped_mm) needs; its eager loop over the experts needs none.
+GROUPED_EXPERTS_ROUND_TO = 8
 
 
 @dataclass
@@ -37,6 +41,7 @@ class WidthPlan:
     mlp_widths: list[int]
     round_to: int
     attention_heads: list[int] | None = None  # query heads per block, where heads are pruned too
+    expert_counts: list[int] | None = None  # experts per block (0: none), where whole experts are removed
 
     @property
     def achieved(self) -> float:
@@ -65,6 +70,11 @@ def check_pruning(model: nn.Module, target_params: float, round_to: int = 8, *, 
     blocks = list(get_module(model, adapter.blocks))
     for block in blocks:
         check_consumer(block, mlp)
+    grouped = getattr(model.config, "_experts_implementation", None) != "eager"
+    if grouped and round_to % GROUPED_EXPERTS_ROUND_TO and any(experts_of(block, mlp) is not None for block in blocks):
+        raise LmsliceError(f"round_to {round_to}: transformers' grouped experts kernel (grouped_mm, its default) needs "
+                           f"every expert's width a multiple of 16 bytes; round to a multiple of "
+                           f"{GROUPED_EXPERTS_ROUND_TO} (--round-to {GROUPED_EXPERTS_ROUND_TO})")
     full = [mlp_width(block, mlp) for block in blocks]
     uneven = [group for group in _width_groups(blocks, mlp).values() if len({full[index] for index in group}) > 1]
     if widths == "uniform" and uneven:
@@ -112,16 +122,17 @@ def fewest_parameters(model: nn.Module, round_to: int = 8, *, widths: str = "mea
 
 
 def per_block_skeleton(model: nn.Module, heads: bool) -> nn.Module:
-    """A weightless copy of `model` recorded as pruned per block (its current MLP widths, and query heads
-    with `heads`): what a measured plan leaves, for the checks of the steps after it."""
+    """A weightless copy of `model` recorded as pruned per block (its current MLP widths and expert counts,
+    and query heads with `heads`): what a measured plan leaves, for the checks of the steps after it."""
     adapter = find_adapter(model)
     blocks = get_module(model, adapter.blocks)
     before = layout_before(model, adapter)
     attention_heads = tuple(HeadShape.of(block, attention_of(adapter)).heads for block in blocks) if heads \
         else before.attention_heads
-    return skeleton_of(model, before.replace(export=None, mlp_widths=tuple(mlp_width(block, mlp_of(adapter))
-                                                                             for block in blocks),
-                                             attention_heads=attention_heads))
+    mlp = mlp_of(adapter)
+    expert_counts = tuple(expert_count(block, mlp) for block in blocks) if mlp.experts is not None else None
+    return skeleton_of(model, before.replace(export=None, mlp_widths=tuple(mlp_width(block, mlp) for block in blocks),
+                                             attention_heads=attention_heads, expert_counts=expert_counts))
 
 
 def plan_uniform(model: nn.Module, target_params: float, round_to: int = 8, *,
@@ -173,8 +184,9 @@ def _width_groups(blocks: list[nn.Module], mlp: Mlp) -> dict[str, list[int]]:
 
 @dataclass(frozen=True)
 class CutPath:
-    """One cut's elimination path (a block's MLP channels or its query heads): the output error after each
-    step, the parameters each step removes, and the width (channels or heads) each step leaves."""
+    """One cut's elimination path (a block's MLP channels, its query heads or its whole experts): the output
+    error after each step, the parameters each step removes, and the width (channels, heads or experts)
+    each step leaves."""
 
     errors: list[float]
     costs: list[int]
@@ -185,12 +197,14 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                        round_to: int = 8, heads: bool = False, damping: float = DEFAULT_DAMPING,
                        parameters_dense: int | None = None, run: Run | None = None, weighted: bool = True,
                        ) -> tuple[WidthPlan, Sensitivities]:
-    """Per-block MLP widths (and with `heads`, query heads) within `target_params`, spent where they
-    cost least; returns the plan and the sensitivities it was weighted by (for the pruning pass).
+    """Per-block MLP widths (and with `heads`, query heads; in a mixture of experts, how many experts) within
+    `target_params`, spent where they cost least; returns the plan and the sensitivities it was weighted
+    by (for the pruning pass).
 
     On the dense model's calibration stream, each block's output error as a function of its cut is
     measured along the least-squares elimination path (`eliminate`, `round_to` channels a step;
-    `head_elimination`, one query head from every key/value group a step, then whole groups), weighted
+    `head_elimination`, one query head from every key/value group a step, then whole groups;
+    `expert_removal`, one whole expert a step, the router routing among the rest), weighted
     (unless not `weighted`) by the diagonal Fisher of what the MLP and the attention write (the error then
     estimates the loss it costs, comparable across blocks and kinds of cut). The paths are measured in the
     Fisher's own backward walk (`consumer_sensitivity`), one block at a time. Steps are then taken
@@ -206,6 +220,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     shapes = head_shapes(model, adapter) if attention is not None else []
     mlp_paths: list[CutPath | None] = [None] * len(blocks)
     head_paths: list[CutPath | None] = [None] * len(blocks)
+    # whole experts: a path per block where the family has experts (empty in a block without them)
+    expert_paths = [CutPath([], [], [])] * len(blocks) if mlp.experts is not None else []
 
     @torch.no_grad()
     def measure_paths(index: int, block: nn.Module, sensitivity: dict[str, torch.Tensor | None],
@@ -227,6 +243,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                      for expert in range(consumer.shape[0])]
             mlp_paths[index] = CutPath([sum(errors) for errors in zip(*(path.errors for path in paths))],
                                        paths[0].costs, paths[0].widths)
+            expert_paths[index] = experts_path(block, mlp.experts, grams.pop(mlp.experts.router),
+                                               sensitivity[mlp.experts.module])
             return
         consumer = get_module(block, mlp.consumer)
         weight = _weighted(consumer_weight(consumer), sensitivity[mlp.consumer])
@@ -236,17 +254,52 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     consumers = mlp_writers(mlp) + ([attention.output] if attention is not None else [])
     sensitivities = consumer_sensitivity(model, adapter, batches, consumers, run, observe=measure_paths,
                                          grams=tuple(consumers), fisher=weighted, experts=mlp.experts)
-    paths = [path for path in mlp_paths + head_paths if path is not None]
+    paths = [path for path in mlp_paths + head_paths if path is not None] + expert_paths
+    experts_from = len(paths) - len(expert_paths)
     current = count_parameters(model)
-    steps = spend(paths, current - target_params * dense, target_params)
-    removed = sum(sum(path.costs[:taken]) for path, taken in zip(paths, steps))
+    budget = target_params * dense
+    excess = current - budget
 
     def width(cut: int, full: int) -> int:
         return paths[cut].widths[steps[cut] - 1] if steps[cut] else full
 
-    widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
-    attention_heads = [width(len(blocks) + cut, shape.heads) for cut, shape in enumerate(shapes)]
-    return WidthPlan(target_params, dense, current - removed, widths, round_to, attention_heads or None), sensitivities
+    while True:
+        steps = spend(paths, excess, target_params)
+        widths = [width(cut, mlp_width(block, mlp)) for cut, block in enumerate(blocks)]
+        attention_heads = [width(len(blocks) + cut, shape.heads) for cut, shape in enumerate(shapes)]
+        expert_counts = [width(experts_from + index, expert_count(block, mlp))
+                         for index, block in enumerate(blocks)] if expert_paths else []
+        # A block's channels and its whole experts are two paths whose costs overlap: a channel step counts
+        # the channel in every expert, a removed expert all its channels, so once both are cut the
+        # removed experts' removed channels were counted twice. The greedy order does not depend on the
+        # excess: ask it for more until what the plan really leaves is within the budget.
+        planned = current - sum(sum(path.costs[:taken]) for path, taken in zip(paths, steps)) + sum(
+            _counted_twice(block, mlp, kept, count) for block, kept, count in zip(blocks, widths, expert_counts)
+            if count)
+        if planned <= budget:
+            break
+        excess += planned - budget
+    return WidthPlan(target_params, dense, planned, widths, round_to, attention_heads or None,
+                     expert_counts or None), sensitivities
+
+
+def _counted_twice(block: nn.Module, mlp: Mlp, width: int, count: int) -> int:
+    """The parameters both a block's channel path and its expert path count as removed: the removed
+    experts' removed channels."""
+    return (expert_count(block, mlp) - count) * (mlp_width(block, mlp) - width) * (
+        channel_cost(block, mlp) // expert_count(block, mlp))
+
+
+def experts_path(block: nn.Module, paths: Experts, tokens: torch.Tensor, sensitivity: torch.Tensor | None) -> CutPath:
+    """The block's whole experts removed one at a time, the cheapest first (`expert_removal`, on the
+    router's inputs `tokens`, weighted by the Fisher `sensitivity`), down to as many as a token is routed
+    to; each step removes one expert's weights and its router row."""
+    experts = get_module(block, paths.module)
+    _, errors = expert_removal(block, paths, tokens, sensitivity)
+    count = getattr(experts, paths.count_attribute)
+    cost = (getattr(experts, paths.producers)[0].numel() + getattr(experts, paths.consumer)[0].numel()
+            + get_module(block, paths.router).weight.shape[1])
+    return CutPath(errors, [cost] * len(errors), [count - removed for removed in range(1, len(errors) + 1)])
 
 
 def _weighted(weight: torch.Tensor, sensitivity: torch.Tensor | None) -> torch.Tensor:

@@ -38,6 +38,12 @@ def mlp_width(block: nn.Module, mlp: Mlp) -> int:
     return get_module(block, mlp.consumer).in_features
 
 
+def expert_count(block: nn.Module, mlp: Mlp) -> int:
+    """How many experts the block's mixture holds (0: it has none)."""
+    experts = experts_of(block, mlp)
+    return 0 if experts is None else getattr(experts, mlp.experts.count_attribute)
+
+
 def channel_cost(block: nn.Module, mlp: Mlp) -> int:
     """Parameters one MLP channel of `block` holds: a row (and bias entry) of each producer, a consumer column;
     in a block of experts, one channel of every expert (rows of its gate and up, a column of its down)."""

@@ -9,8 +9,10 @@ from torch.nn import functional as F
 
 from lmslice.adapters import Attention, Experts, Mlp
 from lmslice.calibration import BlockInput, run_block
-from lmslice.modeling import experts_of, get_module, remove_attention, set_experts, set_head_counts
-from lmslice.prune.measure import consumer_input, consumer_weight, observe_consumer, observe_experts, silent_inputs
+from lmslice.modeling import (experts_of, get_module, remove_attention, set_expert_count, set_experts,
+                              set_head_counts)
+from lmslice.prune.measure import (consumer_input, consumer_weight, expert_removal, observe_consumer, observe_experts,
+                                   observe_router_inputs, silent_inputs)
 from lmslice.prune.shapes import HeadShape, check_consumer, spans
 from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, head_elimination,
                                    keep_channels, refit)
@@ -68,8 +70,9 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
                     criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
                     refit_damping: float = REFIT_DAMPING, refit_consumer: bool = True,
                     output_weights: torch.Tensor | None = None, notes: list[str] | None = None,
-                    name: str = "block") -> torch.Tensor:
-    """Keeps `keep` channels of the block's MLP, chosen and refit on `streams` (the block's input), and
+                    name: str = "block", experts: int | None = None) -> torch.Tensor:
+    """Keeps `keep` channels of the block's MLP (in a block of experts, of each of the `experts` it keeps),
+    chosen and refit on `streams` (the block's input), and
     carries `streams` on to the pruned block's output (with none kept, the MLP writes only its consumer's
     bias, where it has one, refit to what the MLP wrote on average). Returns the kept channel indices. Without
     `refit_consumer` the consumer's columns are only deleted. `output_weights` (one per output feature,
@@ -79,7 +82,7 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     if experts_of(block, mlp) is not None:
         return prune_block_experts(block, mlp.experts, streams, keep, criterion=criterion, damping=damping,
                                    refit_damping=refit_damping, refit_consumer=refit_consumer,
-                                   output_weights=output_weights, notes=notes, name=name)
+                                   output_weights=output_weights, notes=notes, name=name, experts=experts)
     consumer = check_consumer(block, mlp)
     channels = consumer.in_features
     # Where the consumer's output is added to the residual stream as it is, the pruned block's output is
@@ -126,15 +129,24 @@ def prune_block_experts(block: nn.Module, paths: Experts, streams: list[BlockInp
                         criterion: str = DEFAULT_CRITERION, damping: float = DEFAULT_DAMPING,
                         refit_damping: float = REFIT_DAMPING, refit_consumer: bool = True,
                         output_weights: torch.Tensor | None = None, notes: list[str] | None = None,
-                        name: str = "block") -> torch.Tensor:
-    """`prune_block_mlp` for a block of experts: every expert keeps `keep` channels (one width for all, as
-    the 3-D weights hold them), each chosen on the tokens routed to it, weighted by their routing weights
-    (`gram_of_experts`), and its down projection refit by least squares on them; then the pruned block is
-    run again to carry `streams`. Returns the kept channels, one row per expert."""
-    experts = get_module(block, paths.module)
-    producers, consumer = getattr(experts, paths.producers), getattr(experts, paths.consumer)
+                        name: str = "block", experts: int | None = None) -> torch.Tensor:
+    """`prune_block_mlp` for a block of experts: first only `experts` of its experts stay (default: all),
+    those whose removal, with the router routing among the rest, least changes what they write
+    (`expert_removal` on `streams`, weighted by `output_weights`), their router rows with them; then every
+    expert keeps `keep` channels (one width for all, as the 3-D weights hold them), each chosen on the
+    tokens routed to it, weighted by their routing weights (`gram_of_experts`), and its down projection
+    refit by least squares on them; then the pruned block is run again to carry `streams`. Returns the
+    kept channels, one row per expert kept."""
+    module = get_module(block, paths.module)
+    removals = 0 if experts is None else getattr(module, paths.count_attribute) - experts
+    if removals > 0:
+        order, _ = expert_removal(block, paths, observe_router_inputs(block, paths, streams), output_weights, steps=0)
+        keep_experts(block, paths, sorted(order[removals:]))
+    producers, consumer = getattr(module, paths.producers), getattr(module, paths.consumer)
     count, _, channels = consumer.shape
-    if keep >= channels:
+    if keep >= channels:  # nothing to cut, but the streams still move on to the block's output
+        for stream in streams:
+            stream.hidden = run_block(block, stream, stream.hidden)
         return torch.arange(channels).expand(count, channels).clone()
     matrices = observe_experts(block, paths, streams)
     silent = [expert for expert in range(count) if silent_inputs(matrices[expert], channels)]
@@ -153,10 +165,20 @@ def prune_block_experts(block: nn.Module, paths: Experts, streams: list[BlockInp
         kept_rows.append(kept.cpu())
         new_consumers.append(new_weight.to(consumer.dtype))
         new_producers.append(producers[expert][torch.cat([kept + part * channels for part in range(paths.fused)])])
-    set_experts(experts, paths, torch.stack(new_producers), torch.stack(new_consumers))
+    set_experts(module, paths, torch.stack(new_producers), torch.stack(new_consumers))
     for stream in streams:
         stream.hidden = run_block(block, stream, stream.hidden)
     return torch.stack(kept_rows)
+
+
+def keep_experts(block: nn.Module, paths: Experts, kept: list[int]) -> None:
+    """Keeps only the experts `kept` of the block and their router rows, in place. No refit: what a removed
+    expert wrote is no kept expert's function of its input, and refitting the kept experts' down
+    projections together to stand in for it is one least-squares system over all their channels; their
+    channels, where pruned after this, are refit on the tokens routed to them by the pruned router."""
+    module, router = get_module(block, paths.module), get_module(block, paths.router)
+    set_expert_count(block, paths, getattr(module, paths.producers)[kept], getattr(module, paths.consumer)[kept],
+                     router.weight[kept])
 
 
 def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
