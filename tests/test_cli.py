@@ -235,7 +235,8 @@ def test_device_and_dtype_auto(capsys, dense_dir: Path, text_file: Path, tmp_pat
 
 # The groups of each subcommand's --help, and options that must be in them.
 HELP_GROUPS = {
-    "compress": {"budget": {"--keep", "--sparsity", "--target-size", "--target-format", "--prune-criterion"},
+    "compress": {"budget": {"--keep", "--sparsity", "--target-size", "--target-format", "--prune-criterion",
+                            "--prune-experts"},
                  "calibration": {"--calib", "--calib-samples"},
                  "placement": {"--offload", "--stream-blocks", "--offload-activations", "--device", "--dtype"},
                  "output": {"-o", "--overwrite", "--format", "--save-dtype", "--gguf", "--align", "--json"},

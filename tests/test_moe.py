@@ -17,6 +17,7 @@ from lmslice.adapters import ADAPTERS, find_adapter
 from lmslice.calibration import ActivationStore, capture_block_inputs, run_block
 from lmslice.errors import LmsliceError
 from lmslice.modeling import experts_of, get_module
+from lmslice.pipeline import Prune, PruneConfig, check_steps
 from lmslice.prune import WidthPlan, mlp_width, prune_block_mlp, prune_model, prune_to_budget
 from lmslice.prune.measure import expert_inputs, expert_removal, observe_experts, observe_router_inputs
 from lmslice.prune.shapes import expert_count
@@ -155,9 +156,11 @@ def test_pruned_to_0_8_reloads_exactly_and_decodes_through_the_cache(family: str
         assert_cached_decoding_is_recomputing(reloaded.double())
 
 
+@pytest.mark.parametrize("whole_experts", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_measured_widths_beat_every_expert_pruned_alike_at_the_same_size(family: str, seed: int) -> None:
+def test_measured_widths_beat_every_expert_pruned_alike_at_the_same_size(family: str, seed: int,
+                                                                          whole_experts: bool) -> None:
     """The issue's target, on the calibration text itself: the relative error of the logits when the
     per-block expert widths are measured is lower than with the same width everywhere, at no more parameters.
     (round_to 1: both plans land within a channel of each other's size.) Mixtral's measured plan at model
@@ -167,7 +170,8 @@ def test_measured_widths_beat_every_expert_pruned_alike_at_the_same_size(family:
 
     def pruned_error(widths: str, target: float) -> tuple[float, float]:
         model = copy.deepcopy(dense)
-        prune_to_budget(model, batches, target, widths=widths, heads=False, round_to=1, progress=False)
+        prune_to_budget(model, batches, target, widths=widths, heads=False, round_to=1, progress=False,
+                        whole_experts=whole_experts and widths == "measured")
         with torch.no_grad():
             error = sum((model(**batch).logits - dense(**batch).logits).pow(2).sum() for batch in batches)
             scale = sum(dense(**batch).logits.pow(2).sum() for batch in batches)
@@ -266,7 +270,8 @@ def test_a_plan_that_removes_experts_leaves_what_it_planned(family: str) -> None
     plan still lands within the budget, at the parameters it says."""
     model = tiny_models.build(family)
     dense = count_parameters(model)
-    result = prune_to_budget(model, tiny_models.random_batches(count=2), 0.5, round_to=1, heads=False, progress=False)
+    result = prune_to_budget(model, tiny_models.random_batches(count=2), 0.5, round_to=1, heads=False, progress=False,
+                             whole_experts=True)
     assert min(result.plan.expert_counts) < 4 and min(result.plan.mlp_widths) < 48
     assert count_parameters(model) == result.plan.parameters_planned <= 0.5 * dense
 
@@ -303,3 +308,11 @@ def test_expert_widths_grouped_mm_cannot_run_are_refused_in_one_line_before_cali
     assert "\n" not in str(error.value)
     model.config._experts_implementation = "eager"
     prune_to_budget(model, tiny_models.random_batches(count=1), 0.9, round_to=4, heads=False, progress=False)
+
+
+def test_whole_experts_on_a_model_without_experts_are_refused_in_one_line() -> None:
+    model = tiny_models.build("llama")
+    with pytest.raises(LmsliceError, match="no mixture of experts"):
+        check_steps(model, [Prune(PruneConfig(0.8, whole_experts=True))])
+    with pytest.raises(LmsliceError, match="measured"):
+        PruneConfig(0.8, widths="uniform", whole_experts=True)

@@ -35,7 +35,7 @@ from lmslice.io.data import check_batches
 from lmslice.io.offload import OffloadedBlocks
 from lmslice.layout import layout_of
 from lmslice.modeling import get_module
-from lmslice.prune import (PASSES, PruneConfig, PruneResult, attention_of, check_pruning, per_block_skeleton,
+from lmslice.prune import (PASSES, PruneConfig, PruneResult, attention_of, check_pruning, mlp_of, per_block_skeleton,
                            prune_blocks_to_budget)
 from lmslice.slicing import (SliceConfig, SliceResult, check_can_slice, count_parameters, residual_width,
                              slice_blocks, sliced_skeleton, sliced_width)
@@ -96,6 +96,8 @@ class Prune:
         heads = config.prunes_heads(model)
         if config.heads:  # asked for explicitly: a family without known heads is refused
             attention_of(find_adapter(model))
+        if config.whole_experts and mlp_of(find_adapter(model)).experts is None:
+            raise LmsliceError(f"whole experts: {type(model).__name__} has no mixture of experts; prune without them")
         check_pruning(model, config.target_params, config.round_to, widths=config.widths, heads=heads,
                       parameters_dense=run.parameters_dense)
         # measured widths are known only after calibration: what follows sees a model pruned per block

@@ -81,6 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=None,
                         help="--keep with measured widths: attention heads compete with MLP channels for the budget, "
                              "output projection refit (default: yes where lmslice knows the family's heads)")
+    budget.add_argument("--prune-experts", action="store_true",
+                        help="--keep with measured widths, in a mixture of experts: whole experts (with their router "
+                             "rows) compete for the budget too (default: experts' channels only; docs/families.md)")
     budget.add_argument("--prune-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                         help="--keep: how MLP channels are chosen. obs = optimal brain surgeon: drop the channel whose "
                              "removal, the rest refit, raises the output error least, repeat; energy = what each "
@@ -161,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         check_sparsity(args.sparsity, args.round_to)
     if args.prune_heads and (not prunes(args) or args.mlp_widths != "measured"):
         raise LmsliceError("--prune-heads spends a --keep budget on per-block widths: give --keep and keep "
+                           "--mlp-widths measured")
+    if args.prune_experts and (not prunes(args) or args.mlp_widths != "measured"):
+        raise LmsliceError("--prune-experts spends a --keep budget on per-block widths: give --keep and keep "
                            "--mlp-widths measured")
     if prunes(args) and args.format == "standard":
         raise LmsliceError("--keep prunes per block, in lmslice's layout; --format standard applies to "
@@ -320,7 +326,7 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
                                        weighting=args.basis_weighting)))
     if args.target_params is not None:
         steps.append(Prune(PruneConfig(args.target_params, args.mlp_widths, args.prune_heads, args.round_to,
-                                       args.prune_criterion)))
+                                       args.prune_criterion, whole_experts=args.prune_experts)))
     if args.format == "standard":
         steps.append(StandardFormat(StandardFormatConfig(args.tie_embeddings)))
     return steps

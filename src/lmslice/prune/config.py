@@ -19,7 +19,8 @@ class PruneConfig:
     `heads`, query heads; None: wherever the family's heads are known and widths are measured), chosen by
     `criterion`, the layer reading them refit by least squares with `damping`; the same width in every
     block (`widths` "uniform") or per-block widths from the measured cost ("measured"), in multiples of
-    `round_to`, planned on the first `planning_windows` calibration windows."""
+    `round_to`, planned on the first `planning_windows` calibration windows. With `whole_experts`, in a
+    mixture of experts, whole experts compete for the budget too (off by default: docs/families.md)."""
 
     target_params: float
     widths: str = "measured"
@@ -28,6 +29,7 @@ class PruneConfig:
     criterion: str = DEFAULT_CRITERION
     damping: float = DEFAULT_DAMPING
     planning_windows: int = PLANNING_WINDOWS
+    whole_experts: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.target_params <= 1:
@@ -38,6 +40,8 @@ class PruneConfig:
             raise LmsliceError(f"unknown MLP widths {self.widths!r}; choose one of {', '.join(WIDTHS)}")
         if self.criterion not in CRITERIA:
             raise LmsliceError(f"unknown channel criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.whole_experts and self.widths != "measured":
+            raise LmsliceError("removing whole experts needs per-block widths (measured mlp_widths)")
         if self.heads and self.widths != "measured":
             raise LmsliceError("pruning attention heads needs per-block widths (measured mlp_widths)")
         if not self.damping > 0:

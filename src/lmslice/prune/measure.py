@@ -204,7 +204,8 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
     whole model (`tests/test_prune.py`). In the backward walk, `observe(index, block, sensitivities,
     grams)` sees each block with its sensitivities and the Gram matrices (`gram_of_input`, on the
     block's own input stream) of the linear layers at `grams` (at `experts.module`, the experts'
-    `gram_of_experts`, and at `experts.router` what the router reads, `observe_router_inputs`); without `fisher` nothing is differentiated and the sensitivities are None."""
+    `gram_of_experts`, and at `experts.router` what the router reads, `observe_router_inputs`); without
+    `fisher` nothing is differentiated and the sensitivities are None."""
     run = run or Run(0)
     store = run.store()
     streams = capture_block_inputs(model, adapter, batches, store)

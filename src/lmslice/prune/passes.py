@@ -133,7 +133,7 @@ def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tenso
     if config.widths == "measured":
         plan, sensitivities = run.remembered("pruning plan", lambda: plan_by_importance(
             model, planning, config.target_params, round_to=config.round_to, heads=heads, damping=config.damping,
-            parameters_dense=parameters_dense, run=run), visits=fisher_visits)
+            parameters_dense=parameters_dense, run=run, whole_experts=config.whole_experts), visits=fisher_visits)
     else:
         plan = plan_uniform(model, config.target_params, config.round_to, parameters_dense=parameters_dense)
         sensitivities = run.remembered("fisher sensitivities", lambda: consumer_sensitivity(model, adapter, planning, consumers, run),
@@ -147,11 +147,12 @@ def prune_blocks_to_budget(model: nn.Module, batches: list[dict[str, torch.Tenso
 def prune_to_budget(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], target_params: float, *,
                     widths: str = "measured", round_to: int = 8, criterion: str = DEFAULT_CRITERION,
                     damping: float = DEFAULT_DAMPING, progress: bool = True, parameters_dense: int | None = None,
-                    planning_windows: int = PLANNING_WINDOWS, heads: bool | None = None) -> PruneResult:
+                    planning_windows: int = PLANNING_WINDOWS, heads: bool | None = None,
+                    whole_experts: bool = False) -> PruneResult:
     """`prune_blocks_to_budget` with its settings as keywords (see `PruneConfig`), on a model in memory:
     keeps `target_params` of `parameters_dense` (default: the model's own parameters; give the dense
     model's when `model` was sliced first)."""
-    config = PruneConfig(target_params, widths, heads, round_to, criterion, damping, planning_windows)
+    config = PruneConfig(target_params, widths, heads, round_to, criterion, damping, planning_windows, whole_experts)
     run = Run(parameters_dense or 0, progress=RunProgress(progress))
     run.progress.expect(PASSES * len(get_module(model, find_adapter(model).blocks)))
     try:

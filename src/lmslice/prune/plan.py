@@ -196,7 +196,7 @@ class CutPath:
 def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]], target_params: float, *,
                        round_to: int = 8, heads: bool = False, damping: float = DEFAULT_DAMPING,
                        parameters_dense: int | None = None, run: Run | None = None, weighted: bool = True,
-                       ) -> tuple[WidthPlan, Sensitivities]:
+                       whole_experts: bool = False) -> tuple[WidthPlan, Sensitivities]:
     """Per-block MLP widths (and with `heads`, query heads; in a mixture of experts, how many experts) within
     `target_params`, spent where they cost least; returns the plan and the sensitivities it was weighted
     by (for the pruning pass).
@@ -204,7 +204,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     On the dense model's calibration stream, each block's output error as a function of its cut is
     measured along the least-squares elimination path (`eliminate`, `round_to` channels a step;
     `head_elimination`, one query head from every key/value group a step, then whole groups;
-    `expert_removal`, one whole expert a step, the router routing among the rest), weighted
+    with `whole_experts`, `expert_removal`, one whole expert a step, the router routing among the rest), weighted
     (unless not `weighted`) by the diagonal Fisher of what the MLP and the attention write (the error then
     estimates the loss it costs, comparable across blocks and kinds of cut). The paths are measured in the
     Fisher's own backward walk (`consumer_sensitivity`), one block at a time. Steps are then taken
@@ -221,7 +221,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     mlp_paths: list[CutPath | None] = [None] * len(blocks)
     head_paths: list[CutPath | None] = [None] * len(blocks)
     # whole experts: a path per block where the family has experts (empty in a block without them)
-    expert_paths = [CutPath([], [], [])] * len(blocks) if mlp.experts is not None else []
+    expert_paths = [CutPath([], [], [])] * len(blocks) if mlp.experts is not None and whole_experts else []
 
     @torch.no_grad()
     def measure_paths(index: int, block: nn.Module, sensitivity: dict[str, torch.Tensor | None],
@@ -243,8 +243,9 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                      for expert in range(consumer.shape[0])]
             mlp_paths[index] = CutPath([sum(errors) for errors in zip(*(path.errors for path in paths))],
                                        paths[0].costs, paths[0].widths)
-            expert_paths[index] = experts_path(block, mlp.experts, grams.pop(mlp.experts.router),
-                                               sensitivity[mlp.experts.module])
+            if expert_paths:
+                expert_paths[index] = experts_path(block, mlp.experts, grams.pop(mlp.experts.router),
+                                                   sensitivity[mlp.experts.module])
             return
         consumer = get_module(block, mlp.consumer)
         weight = _weighted(consumer_weight(consumer), sensitivity[mlp.consumer])
