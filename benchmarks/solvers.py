@@ -4,11 +4,11 @@
 
 For each `hidden:mlp` pair (the consumer's output and input widths), a Gram matrix of `--tokens` random
 activations (of uneven scales, as real ones are) and a random consumer weight; then, in this process, one
-after the other: the damped inverse both ways (`torch.cholesky_inverse` of the Cholesky factor, which
-lmslice used before, and `damped_inverse`'s L⁻ᵀ L⁻¹ from a triangular solve), the plan's whole elimination
-path (`mlp_path`: the inverse and every step down to `round_to` channels) and the pruning pass's choice of
-the channels to keep (`keep_channels`, `--keep` of them) with the refit of the consumer (`refit`). Prints
-a markdown table of seconds. Random matrices measure cost, not quality.
+after the other: the damped inverse (`damped_inverse`, which both of the others start with), the plan's
+whole elimination path (`mlp_path`: the inverse and every step down to `round_to` channels) and the pruning
+pass's choice of the channels to keep (`keep_channels`, `--keep` of them) with the refit of the consumer
+(`refit`). Prints a markdown table of seconds. Random matrices measure cost, not quality; run it on an
+otherwise idle machine (LAPACK's threads slow down many times when the cores are oversubscribed).
 """
 
 from __future__ import annotations
@@ -20,21 +20,13 @@ from collections.abc import Callable
 import torch
 
 from lmslice.prune.plan import mlp_path
-from lmslice.prune.solvers import (DEFAULT_DAMPING, ELIMINATION_DTYPE, REFIT_DAMPING, damping_shift,
-                                   damped_inverse, keep_channels, refit)
+from lmslice.prune.solvers import DEFAULT_DAMPING, REFIT_DAMPING, damped_inverse, keep_channels, refit
 
 
 def seconds(work: Callable[[], object]) -> float:
     started = time.perf_counter()
     work()
     return time.perf_counter() - started
-
-
-def cholesky_inverse(gram: torch.Tensor, channels: int) -> torch.Tensor:
-    """The damped inverse as lmslice computed it before `damped_inverse`."""
-    regularised = gram.to(ELIMINATION_DTYPE, copy=True)
-    regularised.diagonal()[:channels] += damping_shift(regularised, channels, DEFAULT_DAMPING)
-    return torch.cholesky_inverse(torch.linalg.cholesky(regularised))
 
 
 def main() -> None:
@@ -46,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.tokens} tokens, {args.threads} threads, float32 eliminations, float64 refits")
-    print("| hidden | MLP | cholesky_inverse | damped_inverse | plan: mlp_path | prune: keep_channels + refit |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print("| hidden | MLP | damped_inverse | plan: mlp_path | prune: keep_channels + refit |")
+    print("|---|---|---|---|---|", flush=True)
     for pair in args.widths.split(","):
         hidden, width = map(int, pair.split(":"))
         generator = torch.Generator().manual_seed(0)
@@ -56,13 +48,12 @@ def main() -> None:
         del activations
         weight = torch.randn(hidden, width, generator=generator, dtype=torch.float64) / width**0.5
         kept_width = int(args.keep * width) // 8 * 8
-        old = seconds(lambda: cholesky_inverse(gram, width))
-        new = seconds(lambda: damped_inverse(gram, width, DEFAULT_DAMPING))
+        inverse = seconds(lambda: damped_inverse(gram, width, DEFAULT_DAMPING))
         plan = seconds(lambda: mlp_path(weight, gram, width, 8, 3 * hidden, DEFAULT_DAMPING))
         kept: list[torch.Tensor] = []
         prune = seconds(lambda: kept.append(keep_channels(weight, gram, width, kept_width, "obs", DEFAULT_DAMPING)))
         prune += seconds(lambda: refit(weight, gram, kept[0], width, REFIT_DAMPING))
-        print(f"| {hidden} | {width} | {old:.1f} | {new:.1f} | {plan:.1f} | {prune:.1f} |", flush=True)
+        print(f"| {hidden} | {width} | {inverse:.1f} | {plan:.1f} | {prune:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ import torch
 
 import tiny_models
 from lmslice.cli import main
-from lmslice.estimate import Calibration, Speed, block_shape, estimate, measure_speed
+from lmslice.adapters import find_adapter
+from lmslice.estimate import Calibration, Estimate, Speed, block_shape, estimate, measure_speed
+from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
+from lmslice.prune.measure import PLANNING_WINDOWS
 from lmslice.slicing import SliceConfig, count_parameters
 from test_failures import run_cli
 
@@ -41,15 +44,29 @@ def test_the_weights_held_follow_the_placement() -> None:
     assert costs["offload"].peak_bytes < costs["memory"].peak_bytes
 
 
-def test_pruning_keeps_each_windows_mlp_input_and_slicing_does_not() -> None:
+def test_pruning_keeps_each_windows_mlp_input_and_the_fishers_block_inputs_and_slicing_does_not() -> None:
     model = tiny_models.build("llama", torch.float32)
     shape = block_shape(model)
+    blocks = len(get_module(model, find_adapter(model).blocks))
     tokens = CALIBRATION.samples * CALIBRATION.seqlen
+    planning = min(PLANNING_WINDOWS, CALIBRATION.samples) * CALIBRATION.seqlen
     pruned, sliced = (estimate(model, [config], "memory", CALIBRATION, device="cpu", dtype=torch.float32,
                                speed=SPEED, base_bytes=0).memory["calibration stream"]
                       for config in (PruneConfig(0.8), SliceConfig(0.25)))
     assert sliced == 2 * tokens * shape.hidden * 4
-    assert pruned == sliced + tokens * shape.mlp * 4
+    assert pruned == sliced + tokens * shape.mlp * 4 + (blocks + 1) * planning * shape.hidden * 4
+
+
+def test_saving_from_memory_adds_the_saved_copy_and_the_copy_read_back() -> None:
+    model = tiny_models.build("llama", torch.float32)
+    kept = count_parameters(model) // 2
+
+    def cost(saved: int | None) -> Estimate:
+        return estimate(model, [PruneConfig(0.5)], "memory", CALIBRATION, device="cpu", dtype=torch.float32,
+                        stored_dtype=torch.float16, speed=SPEED, base_bytes=0, saved_parameters=saved)
+
+    assert cost(kept).memory["saving"] == 2 * kept * 2
+    assert cost(kept).peak_bytes == cost(None).peak_bytes + 2 * kept * 2
 
 
 def test_time_grows_with_the_calibration_and_the_evaluation_adds_its_own() -> None:

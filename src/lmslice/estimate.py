@@ -127,10 +127,12 @@ def resident_bytes() -> float:
 
 def estimate(model: nn.Module, steps: list[object], placement: str, calibration: Calibration, *,
              device: str | torch.device, dtype: torch.dtype, stored_dtype: torch.dtype | None = None,
-             speed: Speed, activations_on_disk: bool = False, base_bytes: float | None = None) -> Estimate:
+             speed: Speed, activations_on_disk: bool = False, base_bytes: float | None = None,
+             saved_parameters: int | None = None) -> Estimate:
     """The cost of running `steps` (`SliceConfig`/`PruneConfig` configs of pipeline steps) on `model` (a
     weightless skeleton will do) with its blocks where `placement` ("memory", "streamed", "offload") keeps
-    them, computing in `dtype` on `device`."""
+    them, computing in `dtype` on `device`; with `saved_parameters`, the result (of that many parameters)
+    saved from memory in `stored_dtype` and read back to check it, on top of what compressing left."""
     adapter = find_adapter(model)
     blocks = len(get_module(model, adapter.blocks))
     shape = block_shape(model)
@@ -152,6 +154,7 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
     seconds: dict[str, float] = {}
     working = 0.0  # the largest per-block working set of any step
     stream = 2 * tokens * hidden * width  # a block's input and output stream
+    fisher_inputs = 0.0  # the Fisher's forward walk keeps every block's input for its backward walk
     configs = [getattr(step, "config", step) for step in steps]
     for config in configs:
         if isinstance(config, SliceConfig):
@@ -172,6 +175,7 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
             eliminate = consumers / speed.inverse + 2 / 3 * (mlp**3 - kept**3) / speed.gemm
             seconds["pruning"] = blocks * (2 * forward(tokens) + grams * tokens / speed.gemm + eliminate + refit)
             stream += tokens * mlp * width  # each window keeps the MLP consumer's input beside it
+            fisher_inputs = (blocks + 1) * planning * hidden * width  # and the gradient flowing back
             working = max(working, 8 * mlp**2 + 2 * 4 * mlp**2, 8 * mlp**2 + 8 * kept**2 + 16 * hidden * mlp)
             # the tail's float32 logits, their log-softmax and both gradients, one planning window at a time
             working = max(working, 4 * calibration.seqlen * vocabulary * 4)
@@ -184,7 +188,8 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
     block_bytes = shape.parameters * width
     on_device = torch.device(device).type != "cpu"
     if activations_on_disk:
-        stream = stream / max(1, calibration.samples // max(1, calibration.batch_size))
+        batches = max(1, calibration.samples // max(1, calibration.batch_size))
+        stream, fisher_inputs = stream / batches, fisher_inputs / max(1, blocks * batches)
     if placement == "offload":
         weights = (total - in_blocks) * width + 2 * block_bytes
     elif placement == "streamed":
@@ -192,11 +197,16 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
     else:
         weights = total * width
     base = resident_bytes() if base_bytes is None else base_bytes
-    memory = {"process": base, "weights": weights, "calibration stream": stream, "block working set": working}
+    memory = {"process": base, "weights": weights, "calibration stream": stream + fisher_inputs,
+              "block working set": working}
+    if saved_parameters:  # the saved copy and the copy read back, while compressing's memory is still held
+        memory["saving"] = 2 * saved_parameters * stored
     if on_device:  # the compute on the device; the process holds what the placement keeps in CPU memory
         device_weights = (total - in_blocks) * width + 2 * block_bytes if placement != "memory" else total * width
-        device_peak = device_weights + working + (0 if placement == "streamed" else stream)
-        host_peak = base + (weights if placement != "memory" else 0) + (stream if placement == "streamed" else 0)
+        activations = stream + fisher_inputs
+        device_peak = device_weights + working + (0 if placement == "streamed" else activations)
+        host_peak = base + (weights if placement != "memory" else 0) \
+            + (activations if placement == "streamed" else 0) + memory.get("saving", 0.0)
         return Estimate(host_peak, device_peak, seconds, memory)
     return Estimate(sum(memory.values()), None, seconds, memory)
 

@@ -490,7 +490,8 @@ def dry_run(args: argparse.Namespace, placement_asked: str, requested_save_dtype
                               eval_tokens, eval_seqlen)
     cost = estimate(model, steps, placement, calibration, device=args.device, dtype=dtype,
                     stored_dtype=streamed_dtype(args.model, dtype),
-                    speed=measure_speed(args.device), activations_on_disk=args.offload_activations)
+                    speed=measure_speed(args.device), activations_on_disk=args.offload_activations,
+                    saved_parameters=None if placement == "offload" else int(parameters))  # offloaded: shard by shard
     uniform = args.target_params is None or args.mlp_widths == "uniform"
     plain = (args.sparsity is None or args.format == "standard") and uniform
     try:

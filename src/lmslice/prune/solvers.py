@@ -45,16 +45,11 @@ ELIMINATION_DTYPE = torch.float32
 def damped_inverse(matrix: torch.Tensor, channels: int, damping: float,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """(G + λI)⁻¹ in `dtype` (default ELIMINATION_DTYPE), λ on the first `channels` entries
-    (`damping_shift`), as L⁻ᵀ L⁻¹ from the Cholesky factor L of one copy of G: besides G, no more than two
-    matrices of its size at a time. (`torch.cholesky_inverse` computes the same several times slower on
-    CPUs; docs/large-models.md.)"""
+    (`damping_shift`), through the Cholesky factor of one copy of G: besides G, no more than two matrices
+    of its size at a time."""
     regularised = matrix.to(dtype or ELIMINATION_DTYPE, copy=True)
     regularised.diagonal()[:channels] += damping_shift(regularised, channels, damping)
-    factor = torch.linalg.cholesky(regularised, out=regularised)
-    factor_inverse = torch.eye(len(factor), dtype=factor.dtype, device=factor.device)
-    torch.linalg.solve_triangular(factor, factor_inverse, upper=False, out=factor_inverse)
-    del regularised, factor
-    return factor_inverse.T @ factor_inverse
+    return torch.cholesky_inverse(torch.linalg.cholesky(regularised, out=regularised))
 
 
 def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, keep: int, criterion: str,
