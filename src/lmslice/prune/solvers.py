@@ -132,8 +132,8 @@ def head_elimination(weight: torch.Tensor, matrix: torch.Tensor, shape: HeadShap
     error = 0.0
 
     for _ in range(steps):
-        costs = dict(zip((head for group in alive for head in group),
-                         head_costs(weight, inverse, shape, [head for group in alive for head in group]).tolist()))
+        heads = [head for group in alive for head in group]
+        costs = dict(zip(heads, head_costs(weight, inverse, shape, heads).tolist()))
         if len(alive[0]) > 1:
             removed = [group.pop(min(range(len(group)), key=lambda i: costs[group[i]])) for group in alive]
         else:
