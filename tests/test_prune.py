@@ -25,7 +25,7 @@ from lmslice.modeling import AttentionFree, get_module
 from lmslice.prune import (HeadShape, channel_cost, first_windows, head_shapes, mlp_width, output_sensitivity,
                            plan_by_importance, plan_uniform, prune_block_heads, prune_block_mlp, prune_model,
                            prune_to_budget, refit)
-from lmslice.prune.solvers import damped_inverse, head_costs
+from lmslice.prune.solvers import damped_inverse, eliminate, head_costs
 from lmslice.slicing import count_parameters, layout_before, slice_model
 
 
@@ -577,3 +577,36 @@ def test_head_costs_are_each_heads_own_removal_cost() -> None:
         columns = torch.arange(head * 4, head * 4 + 4)
         own = torch.trace(weight[:, columns] @ torch.linalg.inv(inverse[columns][:, columns]) @ weight[:, columns].T)
         assert cost.item() == pytest.approx(own.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("remove, step", [(30, 7), (40, 40), (12, 1)])
+def test_elimination_is_greedy_least_squares_removal(remove: int, step: int) -> None:
+    """Each step of `eliminate` removes the channels cheapest by ‖W'_j‖² / ((G_S + λI)⁻¹)_jj, W' the
+    consumer refit on the channels S left, and its errors are the least-squares errors of fitting W's
+    output on the channels left (tr ΔW (G + λI) ΔWᵀ): against a reference that refits from scratch at
+    every step. The constant channel of a bias (last) is never removed."""
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(24, 41, generator=generator, dtype=torch.float64) * torch.rand(41, generator=generator,
+                                                                                      dtype=torch.float64)
+    rows[:, -1] = 1.0
+    gram = rows.T @ rows
+    weight = torch.randn(9, 41, generator=generator, dtype=torch.float64)
+    damped = gram.clone()
+    damped.diagonal()[:40] += 0.1 * gram.diagonal()[:40].mean()
+
+    alive, errors, left = torch.arange(41), [], remove
+    while left:
+        inverse = torch.linalg.inv(damped[alive][:, alive])
+        refit_weight = weight @ damped[:, alive] @ inverse
+        costs = refit_weight.pow(2).sum(0) / inverse.diagonal()
+        costs[alive == 40] = float("inf")
+        removed = torch.topk(costs, min(step, left), largest=False).indices
+        alive = alive[~torch.isin(torch.arange(len(alive)), removed)]
+        change = weight.clone()
+        change[:, alive] -= weight @ damped[:, alive] @ torch.linalg.inv(damped[alive][:, alive])
+        errors.append(torch.trace(change @ damped @ change.T).item())
+        left -= len(removed)
+
+    kept, measured = eliminate(weight, damped_inverse(gram, 40, 0.1, torch.float64), 40, remove, step)
+    assert torch.equal(kept, alive[alive < 40])
+    assert measured == pytest.approx(errors, rel=1e-9)

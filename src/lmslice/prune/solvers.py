@@ -84,25 +84,51 @@ def eliminate(weight: torch.Tensor, inverse: torch.Tensor, channels: int, remove
               ) -> tuple[torch.Tensor, list[float]]:
     """Optimal-brain-surgeon elimination from (G + λI)⁻¹ (`damped_inverse`, which it uses up): removes
     `remove` channels, `step` at a time, each step the cheapest by their single-channel cost
-    ‖W[:, j]‖² / (G⁻¹)_jj, then W and G⁻¹ are updated jointly for the removed set and shrunk to the
-    channels left (so later steps cost less). Returns the kept channels and the output error
-    (tr ΔW G ΔWᵀ) after each step."""
+    ‖W[:, j]‖² / (G⁻¹)_jj, then W and G⁻¹ are updated jointly for the removed set. Returns the kept
+    channels and the output error (tr ΔW G ΔWᵀ) after each step.
+
+    Each step is one step of a blocked, pivoted Cholesky elimination of G⁻¹: the removed channels are
+    swapped to the front of the channels left (only their rows and columns move) and the update is a
+    product into the trailing square, a view in place. Later steps work on the channels left alone, and
+    no step copies the inverse."""
     weight = weight.clone()
-    alive = torch.arange(len(inverse), device=inverse.device)  # the channels the rows of `inverse` stand for
+    order = torch.arange(len(inverse), device=inverse.device)  # the channel each row of `inverse` stands for
     errors: list[float] = []
     error = 0.0
+    start = 0  # rows before `start` are the channels removed so far
     while remove > 0:
-        costs = weight.pow(2).sum(0) / inverse.diagonal().clamp_min(torch.finfo(inverse.dtype).tiny)
-        costs[alive >= channels] = math.inf  # the constant channel of a bias is never removed
-        removed = torch.topk(costs, min(step, remove), largest=False).indices
-        error += remove_jointly(weight, inverse, removed)
+        left = slice(start, None)
+        costs = weight[:, left].pow(2).sum(0) / inverse.diagonal()[left].clamp_min(torch.finfo(inverse.dtype).tiny)
+        costs[order[left] >= channels] = math.inf  # the constant channel of a bias is never removed
+        count = min(step, remove)
+        removed = torch.topk(costs, count, largest=False).indices + start
+        _swap_to(start, removed, weight, inverse, order)
+        end = start + count
+        pivot = torch.linalg.inv(inverse[start:end, start:end])
+        scaled = weight[:, start:end] @ pivot
+        error += (scaled * weight[:, start:end]).sum().item()
         errors.append(error)
-        left = torch.ones(len(alive), dtype=torch.bool, device=alive.device)
-        left[removed] = False
-        keep = left.nonzero().squeeze(1)
-        alive, weight, inverse = alive[keep], weight[:, keep], inverse[keep[:, None], keep]  # one copy of the inverse
-        remove -= len(removed)
-    return alive[alive < channels], errors
+        rows = inverse[start:end, end:]
+        weight[:, end:].addmm_(scaled, rows, alpha=-1)
+        inverse[end:, end:].addmm_(inverse[end:, start:end] @ pivot, rows, alpha=-1)
+        start, remove = end, remove - count
+    return torch.sort(order[start:][order[start:] < channels]).values, errors
+
+
+def _swap_to(start: int, chosen: torch.Tensor, weight: torch.Tensor, inverse: torch.Tensor,
+             order: torch.Tensor) -> None:
+    """Moves the rows and columns at positions `chosen` (all ≥ `start`) to `start`, `start` + 1, …, each
+    swapped with whichever position it displaces: W's columns, G⁻¹'s rows and columns and `order`."""
+    front = torch.arange(start, start + len(chosen), device=chosen.device)
+    outside = chosen[chosen >= start + len(chosen)]
+    taken = torch.zeros(len(chosen), dtype=torch.bool, device=chosen.device)
+    taken[chosen[chosen < start + len(chosen)] - start] = True
+    vacated = front[~taken]
+    source, target = torch.cat([outside, vacated]), torch.cat([vacated, outside])
+    inverse[target] = inverse[source]
+    inverse[:, target] = inverse[:, source]
+    weight[:, target] = weight[:, source]
+    order[target] = order[source]
 
 
 def remove_jointly(weight: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) -> float:
