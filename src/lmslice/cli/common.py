@@ -31,8 +31,8 @@ def add_calibration_options(parser: argparse.ArgumentParser | argparse._Argument
                              f"or stated ones (a.txt:0.7,pydoc:0.3) (default: {DEFAULT_CALIBRATION})")
     parser.add_argument("--calib-samples", "--samples", dest="calib_samples", type=int, default=128, metavar="N",
                         help="calibration windows (default: 128)")
-    parser.add_argument("--calib-seqlen", "--seqlen", dest="calib_seqlen", type=int, default=2048, metavar="N",
-                        help="tokens per calibration window, capped by the model context (default: 2048)")
+    parser.add_argument("--calib-seqlen", "--seqlen", dest="calib_seqlen", type=int, default=256, metavar="N",
+                        help="tokens per calibration window, capped by the model context (default: 256)")
     parser.add_argument("--calib-batch-size", type=int, default=8, metavar="N",
                         help="windows per forward pass (default: 8)")
     parser.add_argument("--seed", type=int, default=42, metavar="N", help="seed for choosing the windows (default: 42)")
