@@ -5,9 +5,10 @@
 For each `hidden:mlp` pair (the consumer's output and input widths), a Gram matrix of `--tokens` random
 activations (of uneven scales, as real ones are) and a random consumer weight; then, in this process, one
 after the other: the damped inverse (`damped_inverse`, which both of the others start with), the plan's
-whole elimination path (`mlp_path`: the inverse and every step down to `round_to` channels) and the pruning
-pass's choice of the channels to keep (`keep_channels`, `--keep` of them) with the refit of the consumer
-(`refit`). Prints a markdown table of seconds. Random matrices measure cost, not quality; run it on an
+whole elimination path (`mlp_path`: the inverse and every step down to `round_to` channels), the same path
+from the activations themselves where the plan keeps them instead of G (at most a quarter as many tokens as
+channels: `eliminate_from_rows`, no inverse of G) and the pruning pass's choice of the channels to keep
+(`keep_channels`, `--keep` of them) with the refit of the consumer (`refit`). Prints a markdown table of seconds. Random matrices measure cost, not quality; run it on an
 otherwise idle machine (LAPACK's threads slow down many times when the cores are oversubscribed).
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from lmslice.prune.plan import mlp_path
-from lmslice.prune.solvers import DEFAULT_DAMPING, REFIT_DAMPING, damped_inverse, keep_channels, refit
+from lmslice.prune.solvers import DEFAULT_DAMPING, REFIT_DAMPING, InputRows, damped_inverse, keep_channels, refit
 
 
 def seconds(work: Callable[[], object]) -> float:
@@ -38,22 +39,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.tokens} tokens, {args.threads} threads, float32 eliminations, float64 refits")
-    print("| hidden | MLP | damped_inverse | plan: mlp_path | prune: keep_channels + refit |")
-    print("|---|---|---|---|---|", flush=True)
+    print("| hidden | MLP | damped_inverse | plan: mlp_path | plan: mlp_path from the activations "
+          "| prune: keep_channels + refit |")
+    print("|---|---|---|---|---|---|", flush=True)
     for pair in args.widths.split(","):
         hidden, width = map(int, pair.split(":"))
         generator = torch.Generator().manual_seed(0)
         activations = torch.randn(args.tokens, width, generator=generator) * torch.rand(width, generator=generator)
         gram = (activations.T @ activations).double()
-        del activations
         weight = torch.randn(hidden, width, generator=generator, dtype=torch.float64) / width**0.5
         kept_width = int(args.keep * width) // 8 * 8
         inverse = seconds(lambda: damped_inverse(gram, width, DEFAULT_DAMPING))
         plan = seconds(lambda: mlp_path(weight, gram, width, 8, 3 * hidden, DEFAULT_DAMPING))
+        from_rows = "-"
+        if 4 * args.tokens <= width:  # where the plan keeps the activations instead of G
+            rows = InputRows(activations)
+            from_rows = f"{seconds(lambda: mlp_path(weight, rows, width, 8, 3 * hidden, DEFAULT_DAMPING)):.1f}"
+        del activations
         kept: list[torch.Tensor] = []
         prune = seconds(lambda: kept.append(keep_channels(weight, gram, width, kept_width, "obs", DEFAULT_DAMPING)))
         prune += seconds(lambda: refit(weight, gram, kept[0], width, REFIT_DAMPING))
-        print(f"| {hidden} | {width} | {inverse:.1f} | {plan:.1f} | {prune:.1f} |", flush=True)
+        print(f"| {hidden} | {width} | {inverse:.1f} | {plan:.1f} | {from_rows} | {prune:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

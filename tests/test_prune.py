@@ -25,7 +25,7 @@ from lmslice.modeling import AttentionFree, get_module
 from lmslice.prune import (HeadShape, channel_cost, first_windows, head_shapes, mlp_width, output_sensitivity,
                            plan_by_importance, plan_uniform, prune_block_heads, prune_block_mlp, prune_model,
                            prune_to_budget, refit)
-from lmslice.prune.solvers import damped_inverse, eliminate, head_costs
+from lmslice.prune.solvers import InputRows, damped_inverse, eliminate, eliminate_from_rows, head_costs
 from lmslice.slicing import count_parameters, layout_before, slice_model
 
 
@@ -610,3 +610,46 @@ def test_elimination_is_greedy_least_squares_removal(remove: int, step: int) -> 
     kept, measured = eliminate(weight, damped_inverse(gram, 40, 0.1, torch.float64), 40, remove, step)
     assert torch.equal(kept, alive[alive < 40])
     assert measured == pytest.approx(errors, rel=1e-9)
+
+
+def test_eliminating_from_the_inputs_equals_eliminating_from_their_gram() -> None:
+    """With fewer tokens than channels, `eliminate_from_rows` (never forming G) removes the same channels
+    with the same errors as `eliminate` on G = XᵀX, to float64 rounding, whole path included."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(20, 90, generator=generator, dtype=torch.float64) * 3 * torch.rand(90, generator=generator,
+                                                                                          dtype=torch.float64)
+    weight = torch.randn(12, 90, generator=generator, dtype=torch.float64)
+    for remove, step in [(90, 8), (41, 5)]:
+        expected = eliminate(weight, damped_inverse(rows.T @ rows, 90, 0.1, torch.float64), 90, remove, step)[1]
+        assert eliminate_from_rows(weight, InputRows(rows), remove, step, 0.1) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_plan_on_few_tokens_keeps_the_inputs_and_equals_the_plan_from_grams(monkeypatch) -> None:
+    """The plan's Fisher walk keeps the MLP consumer's inputs when there are at most a quarter as many
+    tokens as channels (two batches of 12 tokens, 112 channels); every MLP path and the plan equal the ones measured
+    from the Gram matrices (float64 eliminations; relative 1e-6, the rounding of G's float32 products)."""
+    monkeypatch.setattr("lmslice.prune.plan.ELIMINATION_DTYPE", torch.float64)
+    monkeypatch.setattr("lmslice.prune.solvers.ELIMINATION_DTYPE", torch.float64)
+    paths: dict[str, list[list[float]]] = {"rows": [], "grams": []}
+    measured = lmslice.prune.plan.mlp_path
+    sensitivity = lmslice.prune.plan.consumer_sensitivity
+
+    def plan(kind: str):
+        def recorded(weight, gram, *args, **kwargs):
+            assert isinstance(gram, InputRows) == (kind == "rows")
+            path = measured(weight, gram, *args, **kwargs)
+            paths[kind].append(path.errors)
+            return path
+
+        def measure(*args, **kwargs):
+            return sensitivity(*args, **{**kwargs, "rows": kwargs["rows"] if kind == "rows" else ()})
+
+        monkeypatch.setattr("lmslice.prune.plan.mlp_path", recorded)
+        monkeypatch.setattr("lmslice.prune.plan.consumer_sensitivity", measure)
+        return plan_by_importance(tiny_models.build("llama"), tiny_models.random_batches(2, 1, 12), 0.7, heads=True)[0]
+
+    from_rows, from_grams = plan("rows"), plan("grams")
+    assert len(paths["rows"]) == 3
+    for errors, expected in zip(paths["rows"], paths["grams"]):
+        assert errors == pytest.approx(expected, rel=1e-6)
+    assert (from_rows.mlp_widths, from_rows.attention_heads) == (from_grams.mlp_widths, from_grams.attention_heads)

@@ -168,8 +168,15 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
             grams = 2 * (mlp**2 + attention**2)
             consumers = mlp**3 + attention**3
             if config.widths == "measured":
-                fisher = forward(planning) * 4 + grams * planning / speed.gemm \
-                    + consumers / speed.inverse + 2 / 3 * consumers / speed.gemm
+                # the MLP's path from its inputs where the plan keeps them (`eliminate_from_rows`), else from G
+                if 4 * planning <= mlp:
+                    mlp_path = 8 * planning**2 * mlp / speed.gemm64 + planning * mlp**2 / speed.gemm
+                    plan_grams = 2 * attention**2
+                else:
+                    mlp_path = mlp**3 / speed.inverse + 2 / 3 * mlp**3 / speed.gemm
+                    plan_grams = grams
+                fisher = forward(planning) * 4 + plan_grams * planning / speed.gemm + mlp_path \
+                    + attention**3 / speed.inverse + 2 / 3 * attention**3 / speed.gemm
                 seconds["fisher and plan"] = blocks * fisher + 3 * head(planning)
             refit = 2 * hidden * (mlp**2 + attention**2) / speed.gemm64 + kept**3 / 3 / speed.cholesky64
             eliminate = consumers / speed.inverse + 2 / 3 * (mlp**3 - kept**3) / speed.gemm

@@ -15,6 +15,7 @@ from lmslice.adapters import Experts, Mlp, ModelAdapter
 from lmslice.calibration import BlockInput, StopForward, capture_block_inputs, run_block, walk, window_loss
 from lmslice.modeling import get_module
 from lmslice.prune.shapes import mlp_of, mlp_writers
+from lmslice.prune.solvers import InputRows
 from lmslice.walk import Run, walk_blocks
 
 
@@ -177,7 +178,7 @@ def consumer_input(stream: BlockInput) -> str:
 
 
 Sensitivities = dict[str, list[torch.Tensor | None]]  # consumer path -> per block (None: no such layer)
-Observer = Callable[[int, nn.Module, dict[str, torch.Tensor | None], dict[str, torch.Tensor]], None]
+Observer = Callable[[int, nn.Module, dict[str, torch.Tensor | None], dict[str, torch.Tensor | InputRows]], None]
 
 
 def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
@@ -190,7 +191,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[di
 def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                          paths: list[str], run: Run | None = None, *, observe: Observer | None = None,
                          grams: tuple[str, ...] = (), fisher: bool = True,
-                         experts: Experts | None = None) -> Sensitivities:
+                         experts: Experts | None = None, rows: tuple[str, ...] = ()) -> Sensitivities:
     """For each linear layer `path` of every block that writes the residual stream, Σ over the
     calibration tokens of (∂L/∂y)² for each feature y it writes (L: the summed next-token loss of the
     model), float64: the diagonal Fisher that turns an error in what the layer writes into an estimate of
@@ -204,8 +205,10 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
     whole model (`tests/test_prune.py`). In the backward walk, `observe(index, block, sensitivities,
     grams)` sees each block with its sensitivities and the Gram matrices (`gram_of_input`, on the
     block's own input stream) of the linear layers at `grams` (at `experts.module`, the experts'
-    `gram_of_experts`, and at `experts.router` what the router reads, `observe_router_inputs`); without
-    `fisher` nothing is differentiated and the sensitivities are None."""
+    `gram_of_experts`, and at `experts.router` what the router reads, `observe_router_inputs`); at the
+    paths of `rows`, the inputs themselves (`InputRows`) instead where the calibration tokens are at most
+    a quarter of the layer's input width and it has no bias. Without `fisher` nothing is differentiated
+    and the sensitivities are None."""
     run = run or Run(0)
     store = run.store()
     streams = capture_block_inputs(model, adapter, batches, store)
@@ -219,6 +222,7 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
 
     with torch.no_grad():
         walk_blocks(model, run, keep_input, "fisher (forward)", streams=streams)
+    tokens = sum(int(stream.mask.sum()) for stream in streams)
     sums: Sensitivities = {path: [None] * len(get_module(model, adapter.blocks)) for path in paths}
     with _activations_only(model):
         if fisher:
@@ -235,8 +239,9 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
         def backward(index: int, block: nn.Module) -> bool:
             present = [path for path in paths if _holds(block, path)]  # no output projection once attention is gone
             squares: dict[str, torch.Tensor | None] = {path: None for path in present}
-            matrices: dict[str, torch.Tensor] = {}
+            matrices: dict[str, torch.Tensor | InputRows] = {}
             router_inputs: list[torch.Tensor] = []
+            inputs: dict[str, list[torch.Tensor]] = {}
             current: list[BlockInput] = []  # the stream the block is running on, whose mask the Grams need
             handles = []
             for path in present:
@@ -250,6 +255,11 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
                         def add(args: tuple[Any, ...], mask: torch.Tensor, add_grams=add_grams) -> None:
                             add_grams(args, mask)
                             router_inputs.append(real_tokens(args[0], mask))
+                    elif path in rows and module.bias is None and 4 * tokens <= module.in_features:
+                        kept = inputs.setdefault(path, [])
+
+                        def add(args: tuple[Any, ...], mask: torch.Tensor, kept=kept) -> None:
+                            kept.append(real_tokens(args[0].reshape(-1, args[0].shape[-1]), mask).float())
                     else:
                         matrices[path], add_input = gram_of_input(module)
                         add = lambda args, mask, add_input=add_input: add_input(args[0], mask)  # noqa: E731
@@ -275,6 +285,8 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
                 sums[path][index] = squares[path]
             if router_inputs:
                 matrices[experts.router] = torch.cat(router_inputs)
+            for path, kept in inputs.items():
+                matrices[path] = InputRows(torch.cat(kept))
             if observe is not None:
                 observe(index, block, {path: sums[path][index] for path in paths}, matrices)
             return False

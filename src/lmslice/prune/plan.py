@@ -21,7 +21,8 @@ from lmslice.walk import Run
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
                                   expert_count, mlp_removable, mlp_removable_in, mlp_width, mlp_width_configs,
                                   mlp_writers, narrowest_width)
-from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, eliminate, head_elimination
+from lmslice.prune.solvers import (DEFAULT_DAMPING, ELIMINATION_DTYPE, InputRows, damped_inverse, eliminate,
+                                   eliminate_from_rows, head_elimination)
 
 
 WIDTHS = ("uniform", "measured")
@@ -225,7 +226,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
 
     @torch.no_grad()
     def measure_paths(index: int, block: nn.Module, sensitivity: dict[str, torch.Tensor | None],
-                      grams: dict[str, torch.Tensor]) -> None:
+                      grams: dict[str, torch.Tensor | InputRows]) -> None:
         if attention is not None:
             shape = shapes[index]
             if shape.steps:
@@ -254,7 +255,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
 
     consumers = mlp_writers(mlp) + ([attention.output] if attention is not None else [])
     sensitivities = consumer_sensitivity(model, adapter, batches, consumers, run, observe=measure_paths,
-                                         grams=tuple(consumers), fisher=weighted, experts=mlp.experts)
+                                         grams=tuple(consumers), fisher=weighted, experts=mlp.experts,
+                                         rows=(mlp.consumer,))
     paths = [path for path in mlp_paths + head_paths if path is not None] + expert_paths
     experts_from = len(paths) - len(expert_paths)
     current = count_parameters(model)
@@ -341,23 +343,28 @@ def head_shapes(model: nn.Module, adapter: ModelAdapter) -> list[HeadShape]:
             for index, block in enumerate(get_module(model, adapter.blocks))]
 
 
-def mlp_path(weight: torch.Tensor, gram: torch.Tensor, channels: int, round_to: int, cost: int, damping: float,
-             removable: bool = False) -> CutPath:
+def mlp_path(weight: torch.Tensor, gram: torch.Tensor | InputRows, channels: int, round_to: int, cost: int,
+             damping: float, removable: bool = False) -> CutPath:
     """One MLP's elimination path (`eliminate`) at the widths a plan may leave: the multiples of `round_to`
     below `channels`, down to `round_to`, then with `removable` none (the whole MLP). Returns the output
     error at each, the parameters each step removes (`cost` per channel) and the widths. The path is
     measured in about 32 steps (in ELIMINATION_DTYPE) and interpolated. `gram` (G of the consumer's input,
-    undamped; damped here by `damping`) is let go once inverted."""
+    undamped; damped here by `damping`) is let go once inverted; given as the inputs themselves (fewer
+    tokens than channels), the path is `eliminate_from_rows`'s, which never forms G."""
     widths = list(range((channels - 1) // round_to * round_to, round_to - 1, -round_to)) + [0] * removable
     curve: list[float] = []
     if widths:
         remove = channels - widths[-1]
         chunk = math.ceil(remove / round_to / 32) * round_to
-        inverse = damped_inverse(gram, channels, damping)
-        del gram
-        # removing every channel in steps ends where deleting them at once does (the path's end is independent
-        # of its order): the whole MLP's point needs no second factorisation
-        errors = eliminate(weight.to(inverse.dtype), inverse, channels, remove, chunk)[1]
+        weight = weight.to(ELIMINATION_DTYPE)
+        if isinstance(gram, InputRows):
+            errors = eliminate_from_rows(weight, gram, remove, chunk, damping)
+        else:
+            inverse = damped_inverse(gram, channels, damping)
+            del gram
+            # removing every channel in steps ends where deleting them at once does (the path's end is
+            # independent of its order): the whole MLP's point needs no second factorisation
+            errors = eliminate(weight, inverse, channels, remove, chunk)[1]
         positions = [min((step + 1) * chunk, remove) for step in range(len(errors))]
         curve = [_interpolate(positions, errors, channels - kept) for kept in widths]
     costs = [(before - kept) * cost for before, kept in zip([channels] + widths, widths)]
