@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmslice.adapters import find_adapter
+from lmslice.calibration import GRAM_BLOCKED_FROM
 from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
 from lmslice.prune.measure import PLANNING_WINDOWS
@@ -151,6 +152,9 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
     def head(count: int) -> float:
         return 2 * count * hidden * vocabulary / speed.gemm
 
+    def gram(width: int) -> float:  # the products of one token's contribution to a Gram matrix (`add_gram`)
+        return 2 * width**2 * (9 / 16 if width >= GRAM_BLOCKED_FROM else 1)
+
     seconds: dict[str, float] = {}
     working = 0.0  # the largest per-block working set of any step
     stream = 2 * tokens * hidden * width  # a block's input and output stream
@@ -158,20 +162,20 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
     configs = [getattr(step, "config", step) for step in steps]
     for config in configs:
         if isinstance(config, SliceConfig):
-            per_block = (forward(tokens) + 2 * 2 * tokens * hidden**2 / speed.gemm
+            per_block = (forward(tokens) + 2 * tokens * gram(hidden) / speed.gemm64
                          + 2 * hidden**3 / speed.eigh64 + 2 * shape.linear * hidden / speed.gemm64)
             seconds["slicing"] = seconds.get("slicing", 0.0) + blocks * per_block
             # the embedding (and the head) rotated through float64: its copy, the product and the result
             working = max(working, 4 * 8 * hidden**2, (8 + 8 + width) * vocabulary * hidden)
         elif isinstance(config, PruneConfig):
             kept = int(mlp * config.target_params)
-            grams = 2 * (mlp**2 + attention**2)
+            grams = gram(mlp) + gram(attention)
             consumers = mlp**3 + attention**3
             if config.widths == "measured":
                 # the MLP's path from its inputs where the plan keeps them (`eliminate_from_rows`), else from G
                 if 4 * planning <= mlp:
                     mlp_path = 8 * planning**2 * mlp / speed.gemm64 + planning * mlp**2 / speed.gemm
-                    plan_grams = 2 * attention**2
+                    plan_grams = gram(attention)
                 else:
                     mlp_path = mlp**3 / speed.inverse + 2 / 3 * mlp**3 / speed.gemm
                     plan_grams = grams

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmslice.adapters import Experts, Mlp, ModelAdapter
-from lmslice.calibration import BlockInput, StopForward, capture_block_inputs, run_block, walk, window_loss
+from lmslice.calibration import (BlockInput, StopForward, add_gram, capture_block_inputs, run_block, walk,
+                                 window_loss)
 from lmslice.modeling import get_module
 from lmslice.prune.shapes import mlp_of, mlp_writers
 from lmslice.prune.solvers import InputRows
@@ -22,8 +23,8 @@ from lmslice.walk import Run, walk_blocks
 def gram_of_input(consumer: nn.Linear) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], None]]:
     """G (float64, zero) for the input h of `consumer`, with a constant 1 appended to h where the consumer
     has a bias (so a refit can move the bias too), and the function adding the (hidden, mask) of one
-    batch to it. Each batch's product is taken in float32 and summed in float64: several times faster
-    than float64 throughout, at a relative difference in G within float32's rounding."""
+    batch to it. Each batch's product is taken in float32 (`add_gram`) and summed in float64: several times
+    faster than float64 throughout, at a relative difference in G within float32's rounding."""
     width = consumer.in_features + (consumer.bias is not None)
     matrix = torch.zeros(width, width, dtype=torch.float64, device=consumer.weight.device)
 
@@ -31,7 +32,7 @@ def gram_of_input(consumer: nn.Linear) -> tuple[torch.Tensor, Callable[[torch.Te
         rows = hidden.detach().reshape(-1, hidden.shape[-1])[mask.reshape(-1).to(hidden.device)].float()
         if consumer.bias is not None:
             rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
-        matrix.add_(rows.T @ rows)
+        add_gram(matrix, rows)
 
     return matrix, add
 
@@ -62,7 +63,7 @@ def gram_of_experts(experts: nn.Module, paths: Experts) -> tuple[torch.Tensor, C
             token, slot = token[routed], slot[routed]
             if len(token):
                 rows = (expert_inputs(experts, paths, expert, hidden[token]) * weights[token, slot, None]).float()
-                matrices[expert].add_(rows.T @ rows)
+                add_gram(matrices[expert], rows)
 
     return matrices, add
 
