@@ -3,8 +3,9 @@
     python benchmarks/solvers.py --widths 2048:5632,4096:11008 --threads 2
 
 For each `hidden:mlp` pair (the consumer's output and input widths), a Gram matrix of `--tokens` random
-activations (of uneven scales, as real ones are) and a random consumer weight; then, in this process, one
-after the other: the damped inverse (`damped_inverse`, which both of the others start with), the plan's
+activations (of uneven scales, as real ones are), timed as one full float32 product and as `add_gram`'s
+blocks on and below the diagonal (the faster of two runs each), and a random consumer weight; then, in
+this process, one after the other: the damped inverse (`damped_inverse`, which both of the others start with), the plan's
 whole elimination path (`mlp_path`: the inverse and every step down to `round_to` channels), the same path
 from the activations themselves where the plan keeps them instead of G (at most a quarter as many tokens as
 channels: `eliminate_from_rows`, no inverse of G) and the pruning pass's choice of the channels to keep
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from lmslice.calibration import add_gram
 from lmslice.prune.plan import mlp_path
 from lmslice.prune.solvers import DEFAULT_DAMPING, REFIT_DAMPING, InputRows, damped_inverse, keep_channels, refit
 
@@ -40,13 +42,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.tokens} tokens, {args.threads} threads, float32 eliminations, float64 refits")
-    print("| hidden | MLP | damped_inverse | plan: mlp_path | plan: mlp_path from the activations "
-          "| prune: keep_channels + refit |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print("| hidden | MLP | G: one full product | G: add_gram | damped_inverse | plan: mlp_path "
+          "| plan: mlp_path from the activations | prune: keep_channels + refit |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for pair in args.widths.split(","):
         hidden, width = map(int, pair.split(":"))
         generator = torch.Generator().manual_seed(0)
         activations = torch.randn(args.tokens, width, generator=generator) * torch.rand(width, generator=generator)
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        full = min(seconds(lambda: gram.add_(activations.T @ activations)) for _ in range(2))
+        lower = min(seconds(lambda: add_gram(gram, activations)) for _ in range(2))
         gram = (activations.T @ activations).double()
         weight = torch.randn(hidden, width, generator=generator, dtype=torch.float64) / width**0.5
         kept_width = int(args.keep * width) // 8 * 8
@@ -60,7 +65,8 @@ def main() -> None:
         kept: list[torch.Tensor] = []
         prune = seconds(lambda: kept.append(keep_channels(weight, gram, width, kept_width, "obs", DEFAULT_DAMPING)))
         prune += seconds(lambda: refit(weight, gram, kept[0], width, REFIT_DAMPING))
-        print(f"| {hidden} | {width} | {inverse:.1f} | {plan:.1f} | {from_rows} | {prune:.1f} |", flush=True)
+        print(f"| {hidden} | {width} | {full:.2f} | {lower:.2f} | {inverse:.1f} | {plan:.1f} | {from_rows} "
+              f"| {prune:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
