@@ -5,12 +5,12 @@
 For each `hidden:mlp` pair (the consumer's output and input widths), a Gram matrix of `--tokens` random
 activations (of uneven scales, as real ones are), timed as one full float32 product and as `add_gram`'s
 blocks on and below the diagonal (the faster of two runs each), and a random consumer weight; then, in
-this process, one after the other: the damped inverse (`damped_inverse`, which both of the others start with), the plan's
-whole elimination path (`mlp_path`: the inverse and every step down to `round_to` channels), the same path
-from the activations themselves where the plan keeps them instead of G (at most a quarter as many tokens as
-channels: `eliminate_from_rows`, no inverse of G) and the pruning pass's choice of the channels to keep
-(`keep_channels`, `--keep` of them) with the refit of the consumer (`refit`). Prints a markdown table of
-seconds. Random matrices measure cost, not quality; run it on an otherwise idle machine (LAPACK's threads
+this process, one after the other: the damped inverse (`damped_inverse`, which both of the others start
+with), the plan's whole elimination path (`mlp_path`: the inverse and every step down to `round_to`
+channels), the same path from the activations themselves where the plan keeps them instead of G (at most
+a quarter as many tokens as channels: `eliminate_from_rows`, no inverse of G) and the pruning pass's choice
+of the channels to keep (`keep_channels`, `--keep` of them) with the refit of the consumer (`refit`).
+Prints a markdown table of seconds. Random matrices measure cost, not quality; run it on an otherwise idle machine (LAPACK's threads
 slow down many times when the cores are oversubscribed).
 """
 
@@ -49,9 +49,10 @@ def main() -> None:
         hidden, width = map(int, pair.split(":"))
         generator = torch.Generator().manual_seed(0)
         activations = torch.randn(args.tokens, width, generator=generator) * torch.rand(width, generator=generator)
-        gram = torch.zeros(width, width, dtype=torch.float64)
-        full = min(seconds(lambda: gram.add_(activations.T @ activations)) for _ in range(2))
-        lower = min(seconds(lambda: add_gram(gram, activations)) for _ in range(2))
+        summed = torch.zeros(width, width, dtype=torch.float64)  # what the timed accumulations add to
+        full = min(seconds(lambda: summed.add_(activations.T @ activations)) for _ in range(2))
+        lower = min(seconds(lambda: add_gram(summed, activations)) for _ in range(2))
+        del summed
         gram = (activations.T @ activations).double()
         weight = torch.randn(hidden, width, generator=generator, dtype=torch.float64) / width**0.5
         kept_width = int(args.keep * width) // 8 * 8
