@@ -10,8 +10,8 @@ with), the plan's whole elimination path (`mlp_path`: the inverse and every step
 channels), the same path from the activations themselves where the plan keeps them instead of G (at most
 a quarter as many tokens as channels: `eliminate_from_rows`, no inverse of G) and the pruning pass's choice
 of the channels to keep (`keep_channels`, `--keep` of them) with the refit of the consumer (`refit`).
-Prints a markdown table of seconds. Random matrices measure cost, not quality; run it on an otherwise idle machine (LAPACK's threads
-slow down many times when the cores are oversubscribed).
+Prints a markdown table of seconds. Random matrices measure cost, not quality; run it on an otherwise idle
+machine (LAPACK's threads slow down many times when the cores are oversubscribed).
 """
 
 from __future__ import annotations

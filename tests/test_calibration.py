@@ -10,6 +10,7 @@ import torch
 
 import lmslice.slicing
 import tiny_models
+from lmslice.calibration import GRAM_BLOCKED_FROM, add_gram
 from lmslice.slicing import slice_model
 from test_adapters import SLICEABLE
 
@@ -94,11 +95,11 @@ def test_left_padding_gives_the_bases_of_the_unpadded_rows(family: str) -> None:
     assert (padded_logits - unpadded_logits).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("width", [lmslice.calibration.GRAM_BLOCKED_FROM - 1, lmslice.calibration.GRAM_BLOCKED_FROM + 5])
+@pytest.mark.parametrize("width", [GRAM_BLOCKED_FROM - 1, GRAM_BLOCKED_FROM + 5])
 def test_a_gram_matrix_from_its_lower_blocks_is_the_full_product(width: int) -> None:
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(64, width, generator=generator, dtype=torch.float64) * torch.rand(width, generator=generator,
                                                                                           dtype=torch.float64)
     matrix = torch.eye(width, dtype=torch.float64)  # what earlier batches added
-    lmslice.calibration.add_gram(matrix, rows)
+    add_gram(matrix, rows)
     torch.testing.assert_close(matrix, torch.eye(width, dtype=torch.float64) + rows.T @ rows, rtol=1e-12, atol=1e-12)
