@@ -24,7 +24,8 @@ import torch
 
 from lmslice.calibration import add_gram
 from lmslice.prune.plan import mlp_path
-from lmslice.prune.solvers import DEFAULT_DAMPING, REFIT_DAMPING, InputRows, damped_inverse, keep_channels, refit
+from lmslice.prune.solvers import (DEFAULT_DAMPING, REFIT_DAMPING, InputRows, damped_inverse, keep_channels, refit,
+                                   rows_are_cheaper)
 
 
 def seconds(work: Callable[[], object]) -> float:
@@ -59,7 +60,7 @@ def main() -> None:
         inverse = seconds(lambda: damped_inverse(gram, width, DEFAULT_DAMPING))
         plan = seconds(lambda: mlp_path(weight, gram, width, 8, 3 * hidden, DEFAULT_DAMPING))
         from_rows = "-"
-        if 4 * args.tokens <= width:  # where the plan keeps the activations instead of G
+        if rows_are_cheaper(args.tokens, width):  # where the plan keeps the activations instead of G
             rows = InputRows(activations)
             from_rows = f"{seconds(lambda: mlp_path(weight, rows, width, 8, 3 * hidden, DEFAULT_DAMPING)):.1f}"
         del activations

@@ -23,7 +23,7 @@ from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
 from lmslice.prune.measure import PLANNING_WINDOWS
 from lmslice.prune.shapes import attention_of, mlp_of
-from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse
+from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, rows_are_cheaper
 from lmslice.slicing import SliceConfig, count_parameters
 
 GIB = 2**30
@@ -173,7 +173,7 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
             consumers = mlp**3 + attention**3
             if config.widths == "measured":
                 # the MLP's path from its inputs where the plan keeps them (`eliminate_from_rows`), else from G
-                if 4 * planning <= mlp:
+                if rows_are_cheaper(planning, mlp):
                     mlp_path = 8 * planning**2 * mlp / speed.gemm64 + planning * mlp**2 / speed.gemm
                     plan_grams = gram(attention)
                 else:

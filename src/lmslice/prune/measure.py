@@ -16,7 +16,7 @@ from lmslice.calibration import (BlockInput, StopForward, add_gram, capture_bloc
                                  window_loss)
 from lmslice.modeling import get_module
 from lmslice.prune.shapes import mlp_of, mlp_writers
-from lmslice.prune.solvers import InputRows
+from lmslice.prune.solvers import InputRows, rows_are_cheaper
 from lmslice.walk import Run, walk_blocks
 
 
@@ -256,7 +256,7 @@ def consumer_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[
                         def add(args: tuple[Any, ...], mask: torch.Tensor, add_grams=add_grams) -> None:
                             add_grams(args, mask)
                             router_inputs.append(real_tokens(args[0], mask))
-                    elif path in rows and module.bias is None and 4 * tokens <= module.in_features:
+                    elif path in rows and module.bias is None and rows_are_cheaper(tokens, module.in_features):
                         kept = inputs.setdefault(path, [])
 
                         def add(args: tuple[Any, ...], mask: torch.Tensor, kept=kept) -> None:

@@ -151,6 +151,12 @@ class InputRows:
     rows: torch.Tensor
 
 
+def rows_are_cheaper(tokens: int, channels: int) -> bool:
+    """Whether eliminating from the inputs X themselves (`eliminate_from_rows`, tokens × channels² work)
+    beats eliminating from G (channels³): at most a quarter as many tokens as channels."""
+    return 4 * tokens <= channels
+
+
 def eliminate_from_rows(weight: torch.Tensor, inputs: InputRows, remove: int, step: int, damping: float,
                         ) -> list[float]:
     """`eliminate`'s errors on G = XᵀX + λI from X itself (no constant channel), in the dtype of `weight`
@@ -177,14 +183,16 @@ def eliminate_from_rows(weight: torch.Tensor, inputs: InputRows, remove: int, st
         source, target = _swaps(start, torch.topk(costs, count, largest=False).indices + start)
         rows[:, target], weight[:, target], explained[target] = rows[:, source], weight[:, source], explained[source]
         end = start + count
-        projected = within @ rows[:, start:end].double()  # P
+        removed_rows = rows[:, start:end].double()  # X_R
+        projected = within @ removed_rows  # P
         pivot = torch.linalg.inv(torch.eye(count, dtype=torch.float64, device=rows.device)
-                                 - rows[:, start:end].double().T @ projected)  # A⁻¹
+                                 - removed_rows.T @ projected)  # A⁻¹
         removed = weight[:, start:end].double()
-        error += shift * (removed @ pivot * removed).sum().item()
+        scaled = removed @ pivot
+        error += shift * (scaled * removed).sum().item()
         errors.append(error)
         reach = projected.T.to(rows.dtype) @ rows[:, end:]  # Pᵀ X_S = −λ (G_S + λI)⁻¹_RS
-        weight[:, end:].addmm_((removed @ pivot).to(weight.dtype), reach)
+        weight[:, end:].addmm_(scaled.to(weight.dtype), reach)
         wide_reach = reach.double()
         explained[end:] += (wide_reach * (pivot @ wide_reach)).sum(0)
         within.addmm_(projected @ pivot, projected.T)
