@@ -55,7 +55,7 @@ def main() -> None:
         lower = min(seconds(lambda: add_gram(summed, activations)) for _ in range(2))
         del summed
         gram = (activations.T @ activations).double()
-        weight = torch.randn(hidden, width, generator=generator, dtype=torch.float64) / width**0.5
+        weight = torch.randn(hidden, width, generator=generator) / width**0.5  # float32, as consumer_weight
         kept_width = int(args.keep * width) // 8 * 8
         inverse = seconds(lambda: damped_inverse(gram, width, DEFAULT_DAMPING))
         plan = seconds(lambda: mlp_path(weight, gram, width, 8, 3 * hidden, DEFAULT_DAMPING))
@@ -66,7 +66,7 @@ def main() -> None:
         del activations
         kept: list[torch.Tensor] = []
         prune = seconds(lambda: kept.append(keep_channels(weight, gram, width, kept_width, "obs", DEFAULT_DAMPING)))
-        prune += seconds(lambda: refit(weight, gram, kept[0], width, REFIT_DAMPING))
+        prune += seconds(lambda: refit(weight, gram, kept[0], width, REFIT_DAMPING))  # uses G up: the last
         print(f"| {hidden} | {width} | {full:.2f} | {lower:.2f} | {inverse:.1f} | {plan:.1f} | {from_rows} "
               f"| {prune:.1f} |", flush=True)
 

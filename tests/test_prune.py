@@ -119,7 +119,13 @@ def test_least_squares_refit_beats_deleting_the_same_channels(family: str, crite
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_refit_is_least_squares_pulled_toward_the_kept_weights(bias: bool) -> None:
+@pytest.mark.parametrize("banded", [False, True])
+def test_refit_is_least_squares_pulled_toward_the_kept_weights(bias: bool, banded: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also where W's rows are refit in bands (as at 70B widths: here two rows per band, the last one
+    short)."""
+    if banded:
+        monkeypatch.setattr("lmslice.prune.solvers.REFIT_ELEMENTS", 2 * 13)
     generator = torch.Generator().manual_seed(0)
     channels, kept = 12, torch.tensor([0, 2, 3, 7, 8, 11])
     inputs = torch.randn(200, channels, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 3, channels)
@@ -130,18 +136,22 @@ def test_refit_is_least_squares_pulled_toward_the_kept_weights(bias: bool) -> No
     columns = torch.cat([kept, torch.arange(channels, inputs.shape[1])])
     # λ = 0: plain least squares on the kept channels
     plain = torch.linalg.lstsq(inputs[:, columns], inputs @ weight.T).solution.T
-    torch.testing.assert_close(refit(weight, matrix, kept, channels, 0.0), plain, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(refit(weight, matrix.clone(), kept, channels, 0.0), plain, rtol=1e-9, atol=1e-9)
     # any λ: the minimiser of ‖W'X_S − WX‖² + λ‖W'_S − W_S‖² (its gradient is zero), λ = 0.3 mean diag G[S, S]
     shift = 0.3 * matrix.diagonal()[kept].mean()
-    pulled = refit(weight, matrix, kept, channels, 0.3)
+    pulled = refit(weight, matrix.clone(), kept, channels, 0.3)
     gradient = pulled @ matrix[columns][:, columns] - weight @ matrix[:, columns]
     gradient[:, :len(kept)] += shift * (pulled[:, :len(kept)] - weight[:, kept])
     assert gradient.abs().max() < 1e-9 * matrix.abs().max() * weight.abs().max()
     # λ → ∞: the kept columns as they were (deletion); the undamped bias is still refit
-    deleted = refit(weight, matrix, kept, channels, 1e9)
+    deleted = refit(weight, matrix.clone(), kept, channels, 1e9)
     torch.testing.assert_close(deleted[:, :len(kept)], weight[:, kept], rtol=0, atol=1e-6)
     if not bias:
         torch.testing.assert_close(deleted, weight[:, kept], rtol=0, atol=1e-6)
+    # a float32 W (what consumer_weight gives for a float32 model) is refit in float64 all the same
+    rounded = weight.float()
+    torch.testing.assert_close(refit(rounded, matrix.clone(), kept, channels, 0.3),
+                               refit(rounded.double(), matrix.clone(), kept, channels, 0.3), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", sorted(tiny_models.FACTORIES))

@@ -23,7 +23,7 @@ from lmslice.modeling import get_module
 from lmslice.prune.config import PruneConfig
 from lmslice.prune.measure import PLANNING_WINDOWS
 from lmslice.prune.shapes import attention_of, mlp_of
-from lmslice.prune.solvers import DEFAULT_DAMPING, damped_inverse, rows_are_cheaper
+from lmslice.prune.solvers import DEFAULT_DAMPING, REFIT_ELEMENTS, damped_inverse, rows_are_cheaper
 from lmslice.slicing import SliceConfig, count_parameters
 
 GIB = 2**30
@@ -187,7 +187,10 @@ def estimate(model: nn.Module, steps: list[object], placement: str, calibration:
             seconds["pruning"] = blocks * (2 * forward(tokens) + grams * tokens / speed.gemm + eliminate + refit)
             stream += tokens * mlp * width  # each window keeps the MLP consumer's input beside it
             fisher_inputs = (blocks + 1) * planning * hidden * width  # and the gradient flowing back
-            working = max(working, 8 * mlp**2 + 2 * 4 * mlp**2, 8 * mlp**2 + 8 * kept**2 + 16 * hidden * mlp)
+            consumer = max(width, 4) * hidden * mlp  # its weight, float32 or wider (`consumer_weight`)
+            working = max(working,
+                          8 * mlp**2 + 4 * mlp**2 + 3 * consumer,  # choosing: G, its float32 inverse, W and 2 copies
+                          8 * mlp**2 + 8 * hidden * kept + 2 * 8 * REFIT_ELEMENTS)  # refit: G (G[S, S] over it), W'
             # the tail's float32 logits, their log-softmax and both gradients, one planning window at a time
             working = max(working, 4 * calibration.seqlen * vocabulary * 4)
     if calibration.eval_tokens:

@@ -350,9 +350,18 @@ def _holds(block: nn.Module, path: str) -> bool:
 
 
 def consumer_weight(consumer: nn.Linear) -> torch.Tensor:
-    """[W b] in float64: the bias is the weight of the constant channel that `observe_consumer` appends."""
-    weight = consumer.weight.double()
-    return weight if consumer.bias is None else torch.cat([weight, consumer.bias.double()[:, None]], dim=1)
+    """[W b] in float32 (float64 where the consumer is): the bias is the weight of the constant channel that
+    `observe_consumer` appends. Its values are exact in the solvers' float64; at Llama-3-70B's widths a
+    float64 copy would be 1.9 GB per copy."""
+    dtype = torch.promote_types(consumer.weight.dtype, torch.float32)
+    weight = consumer.weight.detach().to(dtype)  # no copy of a float32 weight: no solver writes to it
+    return weight if consumer.bias is None else torch.cat([weight, consumer.bias.detach().to(dtype)[:, None]], dim=1)
+
+
+def sensitivity_weighted(weight: torch.Tensor, sensitivity: torch.Tensor | None) -> torch.Tensor:
+    """The consumer's weight with each output row scaled by the square root of its Fisher, where measured:
+    what channels and heads are chosen by (the refit is per output row and does not depend on it)."""
+    return weight if sensitivity is None else weight * sensitivity.sqrt()[:, None].to(weight)
 
 
 def silent_inputs(matrix: torch.Tensor, channels: int) -> bool:

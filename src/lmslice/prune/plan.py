@@ -15,7 +15,8 @@ from torch import nn
 from lmslice.adapters import Experts, Mlp, ModelAdapter, find_adapter
 from lmslice.errors import LmsliceError
 from lmslice.modeling import experts_of, get_module
-from lmslice.prune.measure import Sensitivities, consumer_sensitivity, consumer_weight, expert_removal
+from lmslice.prune.measure import (Sensitivities, consumer_sensitivity, consumer_weight, expert_removal,
+                                   sensitivity_weighted)
 from lmslice.slicing import count_parameters, layout_before, skeleton_of
 from lmslice.walk import Run
 from lmslice.prune.shapes import (HeadShape, attention_of, attention_removable, channel_cost, check_consumer, mlp_of,
@@ -230,7 +231,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         if attention is not None:
             shape = shapes[index]
             if shape.steps:
-                weight = _weighted(consumer_weight(get_module(block, attention.output)), sensitivity[attention.output])
+                weight = sensitivity_weighted(consumer_weight(get_module(block, attention.output)),
+                                              sensitivity[attention.output])
                 errors = head_elimination(weight, grams.pop(attention.output), shape, shape.steps, damping)[1]
                 head_paths[index] = CutPath(errors, shape.step_costs(block, attention), shape.path()[1:])
             else:  # no attention left to cut
@@ -239,8 +241,8 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         if experts is not None:  # every expert keeps the same width: the block's error is theirs summed
             consumer = getattr(experts, mlp.experts.consumer)
             matrices = grams.pop(mlp.experts.module)
-            paths = [mlp_path(_weighted(consumer[expert].double(), sensitivity[mlp.experts.module]), matrices[expert],
-                              consumer.shape[-1], round_to, channel_cost(block, mlp), damping)
+            paths = [mlp_path(sensitivity_weighted(consumer[expert].double(), sensitivity[mlp.experts.module]),
+                              matrices[expert], consumer.shape[-1], round_to, channel_cost(block, mlp), damping)
                      for expert in range(consumer.shape[0])]
             mlp_paths[index] = CutPath([sum(errors) for errors in zip(*(path.errors for path in paths))],
                                        paths[0].costs, paths[0].widths)
@@ -249,7 +251,7 @@ def plan_by_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                                                    sensitivity[mlp.experts.module])
             return
         consumer = get_module(block, mlp.consumer)
-        weight = _weighted(consumer_weight(consumer), sensitivity[mlp.consumer])
+        weight = sensitivity_weighted(consumer_weight(consumer), sensitivity[mlp.consumer])
         mlp_paths[index] = mlp_path(weight, grams.pop(mlp.consumer), consumer.in_features, round_to,
                                     channel_cost(block, mlp), damping, whole_mlps)
 
@@ -303,11 +305,6 @@ def experts_path(block: nn.Module, paths: Experts, tokens: torch.Tensor, sensiti
     cost = (getattr(experts, paths.producers)[0].numel() + getattr(experts, paths.consumer)[0].numel()
             + get_module(block, paths.router).weight.shape[1])
     return CutPath(errors, [cost] * len(errors), [count - removed for removed in range(1, len(errors) + 1)])
-
-
-def _weighted(weight: torch.Tensor, sensitivity: torch.Tensor | None) -> torch.Tensor:
-    """The consumer's weight with each output row scaled by the square root of its Fisher, where measured."""
-    return weight if sensitivity is None else weight * sensitivity.sqrt()[:, None].to(weight)
 
 
 def spend(paths: list[CutPath], excess: float, target_params: float) -> list[int]:

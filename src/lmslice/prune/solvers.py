@@ -51,10 +51,13 @@ def damped_inverse(matrix: torch.Tensor, channels: int, damping: float,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """(G + λI)⁻¹ in `dtype` (default ELIMINATION_DTYPE), λ on the first `channels` entries
     (`damping_shift`), through the Cholesky factor of one copy of G: besides G, no more than two matrices
-    of its size at a time."""
-    regularised = matrix.to(dtype or ELIMINATION_DTYPE, copy=True)
+    of its size: the factor and the inverse overwrite the copy. G is symmetric, so the copy is taken as its
+    transpose, column-major as LAPACK works, and the result's transpose is the (symmetric) inverse:
+    row-major, no temporary of G's size (at Llama-3-70B's MLP width one float32 copy is 3.3 GB)."""
+    regularised = matrix.to(dtype or ELIMINATION_DTYPE, copy=True).mT
     regularised.diagonal()[:channels] += damping_shift(regularised, channels, damping)
-    return torch.cholesky_inverse(torch.linalg.cholesky(regularised, out=regularised))
+    factor = torch.linalg.cholesky(regularised, out=regularised)
+    return torch.cholesky_inverse(factor, out=factor).mT
 
 
 def keep_channels(weight: torch.Tensor, matrix: torch.Tensor, channels: int, keep: int, criterion: str,
@@ -250,6 +253,10 @@ def head_costs(weight: torch.Tensor, inverse: torch.Tensor, shape: HeadShape, he
     return (columns * torch.linalg.solve(blocks, columns)).sum((1, 2))
 
 
+# The refit takes W's rows, and G's, in bands of about this many entries of W G (float64: 256 MB).
+REFIT_ELEMENTS = 2**25
+
+
 def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channels: int,
           damping: float) -> torch.Tensor:
     """W' = (W G[:, S] + λ W[:, S]) (G[S, S] + λI)⁻¹ = argmin ‖W'X_S − WX‖² + λ‖W' − W[:, S]‖²: the
@@ -260,15 +267,39 @@ def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channe
     the damped G + λI (there λ is from every channel's mean diagonal). The ridge toward zero,
     W G[:, S] (G[S, S] + λI)⁻¹, learns the calibration text instead: see REFIT_DAMPING.
 
+    `matrix` is used up (its storage holds the factor of G[S, S] afterwards); `kept` is ascending.
+
     The target is the block's own dense output on the stream it reads now: it generalises better than a
     target of the dense model's consumer output on the dense stream (which would also undo the earlier
     blocks' error; measured in docs/method.md)."""
     columns = torch.cat([kept, torch.arange(channels, len(matrix), device=kept.device)])
-    # one gathered copy of G[S, S], factorised in place, and W G[:, S] as (W G)[:, S]: at Llama-3-70B's MLP
-    # width G[S, S] alone is gigabytes
-    sub = matrix[columns[:, None], columns]
-    shift = damping_shift(sub, len(kept), damping)
-    rhs = (weight @ matrix)[:, columns]
-    rhs[:, :len(kept)] += shift * weight[:, kept]
+    shift = _shift(matrix.diagonal()[kept], damping)
+    # W G[:, S] + λ W[:, S] a band of W's rows at a time, into the output that will hold W' (W may be
+    # float32: its values are exact in float64, the products are taken there)
+    solution = matrix.new_empty(len(weight), len(columns))
+    step = max(1, REFIT_ELEMENTS // len(matrix))
+    for start in range(0, len(weight), step):
+        rows = weight[start:start + step].to(matrix.dtype)
+        solution[start:start + step] = (rows @ matrix)[:, columns]
+        solution[start:start + step, :len(kept)] += shift * rows[:, kept]
+    sub = _gather_over(matrix, columns)
     sub.diagonal()[:len(kept)] += shift
-    return torch.cholesky_solve(rhs.T, torch.linalg.cholesky(sub, out=sub)).T
+    factor = torch.linalg.cholesky(sub, out=sub)
+    for start in range(0, len(weight), step):
+        solution[start:start + step] = torch.cholesky_solve(solution[start:start + step].T, factor).T
+    return solution
+
+
+def _gather_over(matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """G[S, S] for ascending S, written over the start of G's own storage (at Llama-3-70B's MLP width G is
+    6.6 GB and G[S, S] 4.2 GB: no second matrix). Row i comes from row S_i ≥ i, at or after where it goes,
+    and every band of rows is read before it is written: nothing is overwritten before it is read."""
+    if len(columns) > 1 and not bool((columns[1:] > columns[:-1]).all()):
+        raise ValueError("the kept channels must be ascending")
+    size = len(columns)
+    flat = matrix.view(-1)
+    step = max(1, REFIT_ELEMENTS // len(matrix))
+    for start in range(0, size, step):
+        band = matrix[columns[start:start + step]][:, columns]
+        flat[start * size:(start + len(band)) * size] = band.reshape(-1)
+    return flat[:size * size].view(size, size)

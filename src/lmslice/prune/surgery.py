@@ -12,7 +12,7 @@ from lmslice.calibration import BlockInput, run_block
 from lmslice.modeling import (experts_of, get_module, remove_attention, set_expert_count, set_experts,
                               set_head_counts)
 from lmslice.prune.measure import (consumer_input, consumer_weight, expert_removal, observe_consumer, observe_experts,
-                                   observe_router_inputs, silent_inputs)
+                                   observe_router_inputs, sensitivity_weighted, silent_inputs)
 from lmslice.prune.shapes import HeadShape, check_consumer, spans
 from lmslice.prune.solvers import (DEFAULT_CRITERION, DEFAULT_DAMPING, REFIT_DAMPING, head_elimination,
                                    keep_channels, refit)
@@ -34,8 +34,8 @@ def prune_block_heads(block: nn.Module, attention: Attention, streams: list[Bloc
     matrix = observe_consumer(block, attention.output, streams, advance=False)
     weight = consumer_weight(output)
     channels = shape.heads * shape.head_dim
-    selection = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
-    kept = head_elimination(selection, matrix, shape, shape.steps_to(keep), damping)[0]
+    kept = head_elimination(sensitivity_weighted(weight, output_weights), matrix, shape, shape.steps_to(keep),
+                            damping)[0]
     if not kept:  # only a bias can be left: the refit makes it what the attention wrote on average
         nothing = torch.zeros(0, dtype=torch.long, device=weight.device)
         remove_attention(block, attention, None if output.bias is None else
@@ -98,8 +98,7 @@ def prune_block_mlp(block: nn.Module, mlp: Mlp, streams: list[BlockInput], keep:
     if keep >= channels:
         kept, new_weight = torch.arange(channels, device=weight.device), weight
     else:
-        selection_weight = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
-        kept = keep_channels(selection_weight, matrix, channels, keep, criterion, damping)
+        kept = keep_channels(sensitivity_weighted(weight, output_weights), matrix, channels, keep, criterion, damping)
         if refit_consumer:
             new_weight = refit(weight, matrix, kept, channels, refit_damping)
         else:
@@ -157,8 +156,8 @@ def prune_block_experts(block: nn.Module, paths: Experts, streams: list[BlockInp
     kept_rows, new_producers, new_consumers = [], [], []
     for expert in range(count):
         weight = consumer[expert].double()
-        selection = weight if output_weights is None else weight * output_weights.sqrt()[:, None].to(weight)
-        kept = keep_channels(selection, matrices[expert], channels, keep, criterion, damping)
+        kept = keep_channels(sensitivity_weighted(weight, output_weights), matrices[expert], channels, keep, criterion,
+                             damping)
         new_weight = refit(weight, matrices[expert], kept, channels, refit_damping) if refit_consumer \
             else weight[:, kept]
         kept = kept.to(consumer.device)
