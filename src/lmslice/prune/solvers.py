@@ -282,7 +282,7 @@ def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channe
         rows = weight[start:start + step].to(matrix.dtype)
         solution[start:start + step] = (rows @ matrix)[:, columns]
         solution[start:start + step, :len(kept)] += shift * rows[:, kept]
-    sub = _gather_over(matrix, columns)
+    sub = _gather_over(matrix, columns, step)
     sub.diagonal()[:len(kept)] += shift
     factor = torch.linalg.cholesky(sub, out=sub)
     for start in range(0, len(weight), step):
@@ -290,15 +290,15 @@ def refit(weight: torch.Tensor, matrix: torch.Tensor, kept: torch.Tensor, channe
     return solution
 
 
-def _gather_over(matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _gather_over(matrix: torch.Tensor, columns: torch.Tensor, step: int) -> torch.Tensor:
     """G[S, S] for ascending S, written over the start of G's own storage (at Llama-3-70B's MLP width G is
-    6.6 GB and G[S, S] 4.2 GB: no second matrix). Row i comes from row S_i ≥ i, at or after where it goes,
-    and every band of rows is read before it is written: nothing is overwritten before it is read."""
+    6.6 GB and G[S, S] 4.2 GB: no second matrix), `step` rows at a time. Row i comes from row S_i ≥ i, at or
+    after where it goes, and every band of rows is read before it is written: nothing is overwritten before
+    it is read."""
     if len(columns) > 1 and not bool((columns[1:] > columns[:-1]).all()):
         raise ValueError("the kept channels must be ascending")
     size = len(columns)
     flat = matrix.view(-1)
-    step = max(1, REFIT_ELEMENTS // len(matrix))
     for start in range(0, size, step):
         band = matrix[columns[start:start + step]][:, columns]
         flat[start * size:(start + len(band)) * size] = band.reshape(-1)
